@@ -1,0 +1,1489 @@
+"""Visual-only ablation of LoRA weight representations.
+
+Question: how much of what a LoRA adapter was trained on (its label) can a classifier read
+from its weights, and how much of that survives when only the visual (self-attention,
+`attn1`) layers are kept?  Every LoRA tensor of every adapter is turned into feature
+representations (statistics, quantiles, singular-value spectra, norms, FFT, histograms,
+raw weights); an MLP is trained on each representation for repeated seeded runs, once on
+all layers and once on the visual layers alone (and on any other layer group asked for).
+
+Run it:
+    python visual_ablation_experiment_optimized.py --dataset 50k --cache-features
+    python visual_ablation_experiment_optimized.py --dataset sanity-check --quick   # offline, minutes on a CPU
+
+It writes <output-dir>/visual_ablation_<dataset>/ with
+    results.json  every run's metrics, learning curves, confusion matrices and the configuration
+    results.txt   the comparison table: accuracy on all layers vs each group, drop, retention
+    summary.png   test accuracy per representation and layer group, with error bars
+
+Data flows one way, and the sections below follow it:
+    configuration -> data (resolve, load, split, layers) -> representations ->
+    feature extraction and cache -> model and training -> metrics and reports -> main
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import platform
+import re
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+# =============================================================================================
+# Configuration
+# =============================================================================================
+
+HUB_PRESETS = {
+    "1k": "jacekduszenko/lora-ws-1k",
+    "10k": "jacekduszenko/lora-ws-10k",
+    "50k": "jacekduszenko/lora-ws-50k",
+    "100k": "jacekduszenko/lora-ws-100k",
+    "small": "jacekduszenko/weights-dataset-small",
+}
+SANITY_CHECK = "sanity-check"
+
+REPRESENTATION_NAMES = (
+    "simple_stats", "rank_based", "stats", "spectral", "matrix_norms", "distribution",
+    "frequency", "flat_vec", "info_theoretic", "ensemble", "delta_spectral",
+)
+BUILTIN_GROUPS = ("all", "visual", "text")
+
+SPLIT_SEED = 42  # the published split; fixed so results stay comparable with the paper
+EPS = 1e-8       # the original's guard for divisions and standardisation
+FEATURE_FORMAT_VERSION = 1  # bump when any representation's output changes
+
+
+class ExperimentError(Exception):
+    """A problem the user can fix; `main` prints it as one line and exits with code 2."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything that decides what the experiment computes, built once from the command line."""
+
+    dataset: str = "1k"
+    """preset (1k, 10k, 50k, 100k, small), hub id owner/name, local path, or sanity-check"""
+    num_runs: int = 10
+    """seeded training runs per (representation, layer group); run k uses seed + k"""
+    output_dir: str = "visual-ablation-results-optimized"
+    """where visual_ablation_<dataset>/ is written"""
+    quick: bool = False
+    """3 runs instead of --num-runs, for development"""
+    cache_features: bool = False
+    """store computed features under --cache-dir and reuse them"""
+    cache_dir: str = ".feature_cache"
+    """feature cache directory"""
+    data_dir: str = "data"
+    """where generated datasets (sanity-check) are written"""
+    dropout: float = 0.5
+    """dropout after each hidden block"""
+    weight_decay: float = 1e-4
+    """Adam L2 penalty"""
+    hidden_dim: int = 512
+    """width of the three hidden layers"""
+    batch_size: int = 256
+    """training mini-batch size"""
+    sample_layers: float = 1.0
+    """fraction of LoRA modules to keep (seeded; down/up pairs stay together)"""
+    no_amp: bool = False
+    """train in full precision on CUDA too"""
+    num_workers: int = 4
+    """worker processes reading weight chunks (0 reads in the main process)"""
+    representations: tuple[str, ...] = REPRESENTATION_NAMES
+    """representations to evaluate"""
+    layer_groups: tuple[str, ...] = ("all", "visual")
+    """layer groups to evaluate: all, visual (attn1), text (attn2)"""
+    max_epochs: int = 200
+    """upper bound on training epochs"""
+    patience: int = 15
+    """epochs without a better validation accuracy before a run stops"""
+    lr: float = 1e-3
+    """Adam learning rate"""
+    seed: int = 42
+    """base seed of the runs and of --sample-layers"""
+    label_column: str = "category_label"
+    """column holding the class label"""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N"""
+    sequential_runs: bool = False
+    """train runs one at a time instead of as one batched ensemble (for comparison)"""
+    sanity_rows: int = 400
+    """rows of the generated sanity-check dataset"""
+
+    @property
+    def runs(self) -> int:
+        """Derived: the number of runs actually trained."""
+        return 3 if self.quick else self.num_runs
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in (0, 1]")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a probability in [0, 1)")
+    return value
+
+
+def _choice_list(allowed: tuple[str, ...]):
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+        unknown = [n for n in names if n not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(allowed)}")
+        return names
+    return parse
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text} is not one of auto, cpu, cuda, cuda:N")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = Config()
+    p = argparse.ArgumentParser(
+        description="Visual-only ablation of LoRA weight representations.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("--dataset", default=defaults.dataset,
+        help="preset (1k, 10k, 50k, 100k, small), hub id owner/name, local save_to_disk or parquet path, or sanity-check")
+    add("--num-runs", type=_positive_int, default=defaults.num_runs, help="training runs per representation and layer group")
+    add("--output-dir", default=defaults.output_dir, help="directory for results")
+    add("--quick", action="store_true", help="3 runs instead of --num-runs")
+    add("--cache-features", action="store_true", help="cache computed features on disk and reuse them")
+    add("--cache-dir", default=defaults.cache_dir, help="feature cache directory")
+    add("--data-dir", default=defaults.data_dir, help="directory for generated datasets (sanity-check)")
+    add("--dropout", type=_probability, default=defaults.dropout, help="dropout rate of the MLP")
+    add("--weight-decay", type=float, default=defaults.weight_decay, help="Adam weight decay (L2)")
+    add("--hidden-dim", type=_positive_int, default=defaults.hidden_dim, help="MLP hidden width")
+    add("--batch-size", type=_positive_int, default=defaults.batch_size, help="training mini-batch size")
+    add("--sample-layers", type=_fraction, default=defaults.sample_layers,
+        help="fraction of LoRA modules to use, seeded, down/up pairs kept together")
+    add("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    add("--num-workers", type=_non_negative_int, default=defaults.num_workers,
+        help="worker processes reading weight chunks (0: read in the main process)")
+    add("--representations", type=_choice_list(REPRESENTATION_NAMES), default=defaults.representations,
+        help="comma list of representations (default: all)")
+    add("--layer-groups", type=_choice_list(BUILTIN_GROUPS), default=defaults.layer_groups,
+        help="comma list of layer groups: all, visual (attn1), text (attn2)")
+    add("--max-epochs", type=_positive_int, default=defaults.max_epochs, help="maximum training epochs")
+    add("--patience", type=_positive_int, default=defaults.patience, help="early-stopping patience in epochs")
+    add("--lr", type=float, default=defaults.lr, help="Adam learning rate")
+    add("--seed", type=int, default=defaults.seed, help="base seed: run k uses seed + k")
+    add("--label-column", default=defaults.label_column, help="column holding the class label")
+    add("--device", type=_device, default=defaults.device, help="auto, cpu, cuda or cuda:N")
+    add("--sequential-runs", action="store_true",
+        help="train runs one at a time instead of as one batched ensemble (for comparison)")
+    add("--sanity-rows", type=_positive_int, default=defaults.sanity_rows,
+        help="rows of the generated sanity-check dataset")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    args = build_parser().parse_args(argv)
+    return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    """The one place that decides where tensors live."""
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ExperimentError(f"--device {cfg.device} asked for CUDA, but no CUDA device is available; use --device cpu")
+    return torch.device(cfg.device)
+
+
+def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """Mixed precision only on CUDA: bfloat16 where supported, else float16 (with loss scaling)."""
+    if cfg.no_amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def run_seed(cfg: Config, run: int) -> int:
+    """The one place that turns a run index into a seed."""
+    return cfg.seed + run
+
+
+# =============================================================================================
+# Data: resolve the dataset, load it, split it, find the LoRA layers
+# =============================================================================================
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+LORA_COLUMN = re.compile(r"(?P<module>.+)\.lora\.(?P<side>down|up)\.weight")
+
+
+@dataclass
+class LoadedDataset:
+    """A dataset resolved from --dataset, with what the cache key needs to know about it."""
+
+    dataset: "datasets.Dataset"
+    name: str          # short name used in the output directory
+    source: str        # what --dataset resolved to, for results.json
+    fingerprint: str   # changes whenever the data could have changed
+
+
+def dataset_fingerprint(ds) -> str:
+    """Identify the data behind a dataset: its Arrow files (name, size, mtime) or datasets' own fingerprint."""
+    files = sorted(f["filename"] for f in ds.cache_files)
+    if files:
+        parts = [(Path(f).name, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+        identity = json.dumps([files, parts, ds.num_rows, ds.column_names])
+    else:
+        identity = json.dumps([ds._fingerprint, ds.num_rows, ds.column_names])
+    return hashlib.sha256(identity.encode()).hexdigest()[:24]
+
+
+def load_hub_dataset(hub_id: str):
+    import datasets
+    try:
+        return datasets.load_dataset(hub_id, split="train")
+    except ConnectionError as err:
+        raise ExperimentError(
+            f"cannot reach the Hugging Face Hub for {hub_id} ({type(err).__name__}); "
+            "use --dataset sanity-check or a local dataset path") from None
+    except FileNotFoundError as err:
+        raise ExperimentError(f"{hub_id} was not found on the Hub ({err}); check the id") from None
+
+
+def load_local_dataset(path: Path):
+    """A save_to_disk directory (Dataset or DatasetDict, taking `train`), or parquet file(s)."""
+    import datasets
+    if path.is_file() and path.suffix == ".parquet":
+        return datasets.load_dataset("parquet", data_files=str(path), split="train")
+    if path.is_dir() and (path / "dataset_dict.json").exists():
+        splits = datasets.load_from_disk(str(path))
+        if "train" not in splits:
+            raise ExperimentError(f"{path} holds splits {list(splits)} but no 'train' split; save the adapters as 'train'")
+        return splits["train"]
+    if path.is_dir() and (path / "state.json").exists():
+        return datasets.load_from_disk(str(path))
+    if path.is_dir():
+        parquet = sorted(str(p) for p in path.rglob("*.parquet"))
+        if parquet:
+            return datasets.load_dataset("parquet", data_files=parquet, split="train")
+    raise ExperimentError(
+        f"{path} holds no dataset: expected a save_to_disk directory or parquet file(s)")
+
+
+def dataset_short_name(spec: str) -> str:
+    """Preset name, or the last component of a path or hub id (never a whole path)."""
+    name = Path(spec.rstrip("/\\")).name
+    return Path(name).stem if name.endswith(".parquet") else name
+
+
+def load_experiment_dataset(cfg: Config) -> LoadedDataset:
+    """Resolve --dataset to a Dataset: sanity-check, preset, local path, then hub id."""
+    spec = cfg.dataset
+    if spec == SANITY_CHECK:
+        path = write_sanity_check_dataset(Path(cfg.data_dir), rows=cfg.sanity_rows)
+        ds, source = load_local_dataset(path), f"generated {SANITY_CHECK} ({cfg.sanity_rows} rows)"
+    elif spec in HUB_PRESETS:
+        ds, source = load_hub_dataset(HUB_PRESETS[spec]), HUB_PRESETS[spec]
+    elif Path(spec).exists():
+        ds, source = load_local_dataset(Path(spec)), "local path"
+    elif HUB_ID.fullmatch(spec):
+        ds, source = load_hub_dataset(spec), spec
+    else:
+        raise ExperimentError(
+            f"--dataset {spec!r} is neither a preset ({', '.join([*HUB_PRESETS, SANITY_CHECK])}), "
+            "an existing path, nor a hub id owner/name")
+    if ds._indices is not None:  # the Arrow table ignores an indices mapping: materialise it
+        ds = ds.flatten_indices()
+    return LoadedDataset(ds, dataset_short_name(spec), source, dataset_fingerprint(ds))
+
+
+# --- the generated dataset ------------------------------------------------------------------
+
+SD15_BLOCKS = (  # (transformer block prefix, channels) of the Stable Diffusion v1.5 UNet
+    [(f"down_blocks.{b}.attentions.{a}", ch) for b, ch in ((0, 320), (1, 640), (2, 1280)) for a in (0, 1)]
+    + [("mid_block.attentions.0", 1280)]
+    + [(f"up_blocks.{b}.attentions.{a}", ch) for b, ch in ((1, 1280), (2, 640), (3, 320)) for a in (0, 1, 2)]
+)
+TEXT_CONTEXT_DIM = 768  # CLIP text features read by attn2 to_k / to_v
+CLASS_NAMES = ("airplane", "bird", "cat", "car", "dog", "fish", "fruit", "ship", "snake", "vegetable")
+
+
+def sd15_lora_shapes(rank: int = 1, projections: tuple[str, ...] = ("to_q", "to_v")) -> dict[str, tuple[int, int]]:
+    """Column name -> matrix shape for LoRA on the SD v1.5 attention projections, sorted by name."""
+    shapes = {}
+    for block, ch in SD15_BLOCKS:
+        for attn in ("attn1", "attn2"):
+            for proj in projections:
+                reads_text = attn == "attn2" and proj in ("to_k", "to_v")
+                in_features = TEXT_CONTEXT_DIM if reads_text else ch
+                module = f"{block}.transformer_blocks.0.{attn}.{proj}"
+                shapes[f"{module}.lora.down.weight"] = (rank, in_features)
+                shapes[f"{module}.lora.up.weight"] = (ch, rank)
+    return dict(sorted(shapes.items()))
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """A generated LoRA dataset in the published layout, with a class signal of known strength.
+
+    Each class shapes every tensor in three ways, each visible to different representations:
+    a gain on the tensor's scale (norms, spectra, statistics), a tail weight that makes its
+    values heavier-tailed (quantiles, kurtosis, histograms) and a prototype pattern added to
+    its values (raw weights).  Every adapter also has its own overall scale, hiding absolute
+    norms, and noise; self-attention (attn1) tensors get `visual_share` of the signal of
+    cross-attention (attn2) ones, so the visual-only ablation has something to find.
+    """
+
+    rows: int = 400
+    rank: int = 1
+    projections: tuple[str, ...] = ("to_q", "to_v")
+    num_classes: int = 10
+    seed: int = 0
+    gain_spread: float = 0.04
+    tail_spread: float = 0.2
+    prototype_strength: float = 0.08
+    visual_share: float = 0.7
+    array2d: bool = False
+
+    @cached_property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return sd15_lora_shapes(self.rank, self.projections)
+
+
+def synthetic_rows(spec: SyntheticSpec, start: int, stop: int) -> dict[str, np.ndarray]:
+    """Rows [start, stop) of the generated dataset, deterministic for a given (seed, start, stop)."""
+    block = np.random.default_rng([spec.seed, start, stop])
+    n = stop - start
+    labels = block.integers(spec.num_classes, size=n)
+    adapter_scale = np.exp(0.3 * block.standard_normal(n))[:, None, None]
+    columns: dict[str, np.ndarray] = {}
+    for t, (name, shape) in enumerate(spec.shapes.items()):
+        share = spec.visual_share if ".attn1." in name else 1.0
+        structure = np.random.default_rng([spec.seed, t])  # the same for every block: the class signal
+        gains = 1.0 + share * spec.gain_spread * structure.standard_normal(spec.num_classes)
+        tails = share * spec.tail_spread * structure.random(spec.num_classes)
+        prototypes = structure.standard_normal((spec.num_classes, *shape))
+        noise = np.random.default_rng([spec.seed, start, stop, t])
+        heavy = noise.standard_normal((n, *shape)) * np.exp(tails[labels][:, None, None] * noise.standard_normal((n, *shape)))
+        values = heavy + share * spec.prototype_strength * prototypes[labels]
+        scale = gains[labels][:, None, None] * adapter_scale * np.exp(0.1 * noise.standard_normal((n, 1, 1)))
+        columns[name] = (values * scale / np.sqrt(max(shape))).astype(np.float32)
+    columns["category_label"] = labels.astype(np.int64)
+    columns["category_name"] = np.array([CLASS_NAMES[i % len(CLASS_NAMES)] for i in labels])
+    return columns
+
+
+def synthetic_features(spec: SyntheticSpec):
+    from datasets import Array2D, Features, Sequence, Value
+    tensor = (lambda s: Array2D(s, "float32")) if spec.array2d else (lambda s: Sequence(Sequence(Value("float32"))))
+    feats = {name: tensor(shape) for name, shape in spec.shapes.items()}
+    feats.update(category_label=Value("int64"), category_name=Value("string"))
+    return Features(feats)
+
+
+def write_synthetic_dataset(spec: SyntheticSpec, path: Path, block_rows: int = 256) -> Path:
+    """Write the dataset with save_to_disk, block by block so memory stays bounded; reuse it if present."""
+    import datasets
+    if (path / "state.json").exists():
+        return path
+    features = synthetic_features(spec)
+
+    def blocks():
+        for start in range(0, spec.rows, block_rows):
+            cols = synthetic_rows(spec, start, min(start + block_rows, spec.rows))
+            for i in range(len(cols["category_label"])):
+                yield {k: v[i] for k, v in cols.items()}
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        ds = datasets.Dataset.from_generator(blocks, features=features, cache_dir=scratch)
+        ds.save_to_disk(str(path) + ".partial")
+        del ds
+    os.replace(str(path) + ".partial", path)
+    return path
+
+
+def write_sanity_check_dataset(data_dir: Path, rows: int) -> Path:
+    spec = SyntheticSpec(rows=rows)
+    return write_synthetic_dataset(spec, data_dir / f"{SANITY_CHECK}-{rows}")
+
+
+# --- split, labels and layers -----------------------------------------------------------------
+
+def split_indices(num_rows: int) -> dict[str, np.ndarray]:
+    """Row indices of train (70%), val (~10%) and test (~20%), exactly as the published split."""
+    from datasets import Dataset
+    rows = Dataset.from_dict({"row": np.arange(num_rows)})
+    try:
+        first = rows.train_test_split(test_size=0.3, seed=SPLIT_SEED)
+        second = first["test"].train_test_split(test_size=0.67, seed=SPLIT_SEED)
+    except ValueError as err:
+        raise ExperimentError(f"{num_rows} rows are too few to split 70/10/20 ({err}); use a larger dataset") from None
+    return {"train": np.asarray(first["train"]["row"]),
+            "val": np.asarray(second["train"]["row"]),
+            "test": np.asarray(second["test"]["row"])}
+
+
+@dataclass
+class Labels:
+    codes: np.ndarray           # (rows,) int64 in [0, num_classes)
+    class_names: list[str]      # name of each code
+    mapping: dict | None        # original label -> code, when labels were not already 0..K-1
+
+
+def encode_labels(ds, column: str) -> Labels:
+    if column not in ds.column_names:
+        raise ExperimentError(f"label column {column!r} not found; pass --label-column (columns: {', '.join(ds.column_names[:8])}, ...)")
+    raw = ds.data.table.column(column).to_numpy(zero_copy_only=False)
+    values, codes = np.unique(raw, return_inverse=True)
+    is_contiguous_int = np.issubdtype(values.dtype, np.integer) and np.array_equal(values, np.arange(len(values)))
+    mapping = None if is_contiguous_int else {str(v): i for i, v in enumerate(values.tolist())}
+    names = [str(v) for v in values.tolist()]
+    if "category_name" in ds.column_names and column != "category_name":
+        named = ds.data.table.column("category_name").to_numpy(zero_copy_only=False)
+        names = [str(named[np.argmax(codes == i)]) for i in range(len(values))]
+    return Labels(codes.astype(np.int64), names, mapping)
+
+
+@dataclass(frozen=True)
+class Module:
+    """One LoRA module: its down and/or up tensor columns (pairs stay together)."""
+
+    name: str
+    columns: tuple[str, ...]
+
+    @property
+    def down(self) -> str | None:
+        return next((c for c in self.columns if c.endswith(".lora.down.weight")), None)
+
+    @property
+    def up(self) -> str | None:
+        return next((c for c in self.columns if c.endswith(".lora.up.weight")), None)
+
+
+def lora_modules(column_names: list[str]) -> list[Module]:
+    """LoRA tensor columns found by name, grouped into modules, sorted."""
+    by_module = defaultdict(list)
+    for col in column_names:
+        match = LORA_COLUMN.fullmatch(col)
+        if match:
+            by_module[match["module"]].append(col)
+    if not by_module:
+        raise ExperimentError(
+            "no LoRA columns (names ending in .lora.down.weight / .lora.up.weight) found; columns: "
+            + ", ".join(column_names[:6]) + (" ..." if len(column_names) > 6 else ""))
+    return [Module(m, tuple(sorted(cols))) for m, cols in sorted(by_module.items())]
+
+
+def sample_modules(modules: list[Module], fraction: float, seed: int) -> list[Module]:
+    """A seeded sample of modules; down/up pairs stay together and every group uses this one sample."""
+    if fraction >= 1.0:
+        return modules
+    keep = max(1, round(fraction * len(modules)))
+    chosen = np.random.default_rng(seed).choice(len(modules), size=keep, replace=False)
+    return [modules[i] for i in sorted(chosen)]
+
+
+GROUP_PATTERNS = {"all": None, "visual": ".attn1.", "text": ".attn2."}
+
+
+def layer_groups(modules: list[Module], names: tuple[str, ...]) -> dict[str, list[Module]]:
+    """Each requested group's modules: visual = self-attention (attn1), text = cross-attention (attn2)."""
+    groups = {}
+    for name in names:
+        pattern = GROUP_PATTERNS[name]
+        groups[name] = [m for m in modules if pattern is None or pattern in m.name]
+    return groups
+
+
+# --- reading weights -----------------------------------------------------------------------
+
+def column_shape(table: pa.Table, column: str) -> tuple[int, int]:
+    """(rows, cols) of the matrices in a 2-D tensor column, checked to be the same in every row."""
+    chunked = table.column(column)
+    outer_lengths, inner_lengths = [], []
+    for chunk in chunked.chunks:
+        storage = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+        if storage.null_count:
+            raise ExperimentError(f"column {column} has missing values; every adapter needs every tensor")
+        outer_lengths.append(pc.list_value_length(storage).to_numpy(zero_copy_only=False))
+        inner_lengths.append(pc.list_value_length(storage.flatten()).to_numpy(zero_copy_only=False))
+    outer = np.concatenate(outer_lengths)
+    inner = np.concatenate(inner_lengths)
+    if len(outer) == 0 or len(inner) == 0:
+        raise ExperimentError(f"column {column} holds no matrices")
+    rows, cols = int(outer[0]), int(inner[0])
+    bad_outer = np.flatnonzero(outer != rows)
+    if bad_outer.size:
+        raise ExperimentError(
+            f"column {column}: row {bad_outer[0]} has {outer[bad_outer[0]]} matrix rows, row 0 has {rows}; "
+            "every adapter must have the same shape in a column")
+    bad_inner = np.flatnonzero(inner != cols)
+    if bad_inner.size:
+        row = int(bad_inner[0] // rows)
+        raise ExperimentError(
+            f"column {column}: row {row} has matrices of another width than row 0 ({cols}); "
+            "every adapter must have the same shape in a column")
+    return rows, cols
+
+
+def read_matrices(table: pa.Table, column: str, start: int, stop: int, shape: tuple[int, int]) -> np.ndarray:
+    """Rows [start, stop) of a 2-D tensor column as a float32 (n, rows, cols) array, without per-row objects."""
+    pieces = []
+    for chunk in table.column(column).slice(start, stop - start).chunks:
+        storage = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+        pieces.append(storage.flatten().flatten().to_numpy(zero_copy_only=False))  # flatten() honours slice offsets
+    flat = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+    return flat.astype(np.float32, copy=False).reshape(stop - start, *shape)
+
+
+# =============================================================================================
+# Representations: (N, rows, cols) matrices -> (N, F) features, batched, no loop over samples
+# =============================================================================================
+
+TOP_K = 10
+QUANTILES_RANK_BASED = (0.01, 0.05, 0.10, 0.25, 0.50, 0.75, 0.90, 0.95, 0.99)
+QUANTILES_DISTRIBUTION = (0.05, 0.10, 0.25, 0.50, 0.75, 0.90, 0.95)
+HISTOGRAM_BINS = 50
+GRAM_RELATIVE_FLOOR = 1e-5  # below s_max * this, Gram-derived singular values lose digits: use an SVD
+
+
+def singular_values(matrices: torch.Tensor) -> torch.Tensor:
+    """Exact singular values, descending, of a batch (N, a, b): (N, min(a, b)).
+
+    For a low-rank factor the k x k Gram matrix (k = min(a, b)) holds them exactly as the
+    square roots of its eigenvalues, at a fraction of an SVD's cost.  Forming it squares the
+    condition number, so it is done in float64 and matrices whose smallest value is tiny
+    relative to the largest are recomputed with a full SVD.
+    """
+    x = matrices.double()
+    gram = x @ x.mT if x.shape[-2] <= x.shape[-1] else x.mT @ x
+    values = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(-1)
+    ill = values[:, -1] < GRAM_RELATIVE_FLOOR * values[:, 0]
+    if ill.any():
+        values[ill] = torch.linalg.svdvals(x[ill])
+    return values.float()
+
+
+class MatrixBatch:
+    """A batch of matrices with the intermediates several representations share, computed once."""
+
+    def __init__(self, matrices: torch.Tensor):
+        self.matrices = matrices
+
+    @cached_property
+    def flat(self) -> torch.Tensor:
+        return self.matrices.flatten(1)
+
+    @cached_property
+    def mean(self) -> torch.Tensor:
+        return self.flat.mean(1)
+
+    @cached_property
+    def std(self) -> torch.Tensor:
+        return self.flat.std(1)  # unbiased, as the original
+
+    @cached_property
+    def skew_kurtosis(self) -> tuple[torch.Tensor, torch.Tensor]:
+        z = (self.flat - self.mean[:, None]) / (self.std[:, None] + EPS)
+        return (z ** 3).mean(1), (z ** 4).mean(1)
+
+    @cached_property
+    def sorted(self) -> torch.Tensor:
+        return self.flat.sort(dim=1).values
+
+    def quantiles(self, qs: tuple[float, ...]) -> torch.Tensor:
+        """Linearly interpolated quantiles from the sorted values (no torch.quantile size limit)."""
+        n = self.sorted.shape[1]
+        pos = torch.tensor(qs, dtype=torch.float64, device=self.flat.device) * (n - 1)
+        lo = pos.floor().long()
+        hi = (lo + 1).clamp_max(n - 1)
+        frac = (pos - lo).to(self.sorted.dtype)
+        low, high = self.sorted[:, lo], self.sorted[:, hi]
+        return low + frac * (high - low)
+
+    @cached_property
+    def median(self) -> torch.Tensor:
+        return self.sorted[:, (self.sorted.shape[1] - 1) // 2]  # the lower middle value
+
+    @cached_property
+    def singular_values(self) -> torch.Tensor:
+        return singular_values(self.matrices)
+
+    @cached_property
+    def frobenius(self) -> torch.Tensor:
+        return self.flat.square().sum(1).sqrt()
+
+    @cached_property
+    def fft_magnitude(self) -> torch.Tensor:
+        return torch.fft.fft2(self.matrices).abs().flatten(1)
+
+
+class PairBatch:
+    """A batch of LoRA modules: down (N, r, in) and up (N, out, r), the update being up @ down."""
+
+    def __init__(self, down: MatrixBatch, up: MatrixBatch, scale: torch.Tensor | None = None):
+        self.down, self.up, self.scale = down, up, scale
+
+    @cached_property
+    def delta_singular_values(self) -> torch.Tensor:
+        """Singular values of up @ down without forming it: QR of both factors, then the r x r core."""
+        _, r_up = torch.linalg.qr(self.up.matrices.double())
+        _, r_down = torch.linalg.qr(self.down.matrices.double().mT)
+        values = torch.linalg.svdvals(r_up @ r_down.mT).float()
+        return values if self.scale is None else values * self.scale.abs()[:, None]
+
+
+def top_k_padded(values: torch.Tensor, k: int = TOP_K) -> torch.Tensor:
+    """The first k columns of descending values, zero-padded to k."""
+    top = values[:, :k]
+    return F.pad(top, (0, k - top.shape[1]))
+
+
+def spectrum_features(values: torch.Tensor) -> torch.Tensor:
+    """32 features of a descending spectrum (N, k): top-10 values (zero-padded); the same divided
+    by their sum; 9 relative gaps (s_i - s_i+1)/s_i; entropy of the normalised values; condition
+    number over the true values (at most 10); nuclear norm (sum of all values)."""
+    top = top_k_padded(values)
+    normalised = top / (top.sum(1, keepdim=True) + EPS)
+    gaps = (top[:, :-1] - top[:, 1:]) / (top[:, :-1] + EPS)
+    entropy = -(normalised * torch.log(normalised + EPS)).sum(1)
+    true_top = values[:, :TOP_K]
+    condition = true_top[:, 0] / (true_top[:, -1] + EPS)  # corrected: the original divided by padding
+    nuclear = values.sum(1)
+    return torch.cat([top, normalised, gaps, entropy[:, None], condition[:, None], nuclear[:, None]], 1)
+
+
+def simple_stats(b: MatrixBatch) -> torch.Tensor:
+    """5: Frobenius norm, mean, std, max, min."""
+    return torch.stack([b.frobenius, b.mean, b.std, b.sorted[:, -1], b.sorted[:, 0]], 1)
+
+
+def rank_based(b: MatrixBatch) -> torch.Tensor:
+    """11: quantiles 1, 5, 10, 25, 50, 75, 90, 95, 99 %; IQR (75-25); range (99-1)."""
+    q = b.quantiles(QUANTILES_RANK_BASED)
+    return torch.cat([q, (q[:, 5] - q[:, 3])[:, None], (q[:, 8] - q[:, 0])[:, None]], 1)
+
+
+def stats(b: MatrixBatch) -> torch.Tensor:
+    """7: mean, std, median (lower middle), min, max, skewness, kurtosis."""
+    skew, kurt = b.skew_kurtosis
+    return torch.stack([b.mean, b.std, b.median, b.sorted[:, 0], b.sorted[:, -1], skew, kurt], 1)
+
+
+def spectral(b: MatrixBatch) -> torch.Tensor:
+    """32: spectrum_features of the matrix's singular values."""
+    return spectrum_features(b.singular_values)
+
+
+def matrix_norms(b: MatrixBatch) -> torch.Tensor:
+    """7: Frobenius, nuclear, spectral, max column abs-sum, max row abs-sum, nuclear/Frobenius, spectral/Frobenius."""
+    sv = b.singular_values
+    nuclear, spectral_norm = sv.sum(1), sv[:, 0]
+    absolute = b.matrices.abs()
+    max_col = absolute.sum(1).max(1).values
+    max_row = absolute.sum(2).max(1).values
+    fro = b.frobenius
+    return torch.stack([fro, nuclear, spectral_norm, max_col, max_row, nuclear / (fro + EPS), spectral_norm / (fro + EPS)], 1)
+
+
+def distribution(b: MatrixBatch) -> torch.Tensor:
+    """12: quantiles 5, 10, 25, 50, 75, 90, 95 %; IQR; mean absolute deviation; std/|mean|; skewness; kurtosis."""
+    q = b.quantiles(QUANTILES_DISTRIBUTION)
+    mad = (b.flat - b.mean[:, None]).abs().mean(1)
+    cv = b.std / (b.mean.abs() + EPS)
+    skew, kurt = b.skew_kurtosis
+    return torch.cat([q, torch.stack([q[:, 4] - q[:, 2], mad, cv, skew, kurt], 1)], 1)
+
+
+def frequency(b: MatrixBatch) -> torch.Tensor:
+    """14: 2-D FFT magnitudes: top 10 (zero-padded), mean, std, max, share of energy in the top 10."""
+    mag = b.fft_magnitude
+    top = top_k_padded(mag.topk(min(TOP_K, mag.shape[1]), dim=1).values)
+    energy_share = top.square().sum(1) / (mag.square().sum(1) + EPS)
+    return torch.cat([top, torch.stack([mag.mean(1), mag.std(1), mag.max(1).values, energy_share], 1)], 1)
+
+
+def flat_vec(b: MatrixBatch) -> torch.Tensor:
+    """rows*cols: the raw weights, row-major."""
+    return b.flat
+
+
+def info_theoretic(b: MatrixBatch) -> torch.Tensor:
+    """2: entropy of a 50-bin histogram over [min, max]; that entropy / ln 50."""
+    lo, hi = b.sorted[:, :1], b.sorted[:, -1:]
+    width = (hi - lo).clamp_min(torch.finfo(lo.dtype).tiny)
+    bins = ((b.flat - lo) / width * HISTOGRAM_BINS).long().clamp_(0, HISTOGRAM_BINS - 1)
+    n = bins.shape[0]
+    offsets = torch.arange(n, device=bins.device)[:, None] * HISTOGRAM_BINS
+    counts = torch.bincount((bins + offsets).flatten(), minlength=n * HISTOGRAM_BINS).view(n, HISTOGRAM_BINS)
+    p = counts.to(b.flat.dtype) / b.flat.shape[1]
+    entropy = -torch.special.xlogy(p, p).sum(1)
+    return torch.stack([entropy, entropy / math.log(HISTOGRAM_BINS)], 1)
+
+
+def ensemble(b: MatrixBatch) -> torch.Tensor:
+    """67: spectral (32) + matrix_norms (7) + distribution (12) + frequency (14) + info_theoretic (2)."""
+    return torch.cat([spectral(b), matrix_norms(b), distribution(b), frequency(b), info_theoretic(b)], 1)
+
+
+def delta_spectral(p: PairBatch) -> torch.Tensor:
+    """32: spectrum_features of the singular values of the weight update up @ down (times its scale)."""
+    return spectrum_features(p.delta_singular_values)
+
+
+# name -> function; per-matrix functions take a MatrixBatch, pair functions a PairBatch
+MATRIX_REPRESENTATIONS = {
+    "simple_stats": simple_stats, "rank_based": rank_based, "stats": stats, "spectral": spectral,
+    "matrix_norms": matrix_norms, "distribution": distribution, "frequency": frequency,
+    "flat_vec": flat_vec, "info_theoretic": info_theoretic, "ensemble": ensemble,
+}
+PAIR_REPRESENTATIONS = {"delta_spectral": delta_spectral}
+assert set(MATRIX_REPRESENTATIONS) | set(PAIR_REPRESENTATIONS) == set(REPRESENTATION_NAMES)
+
+# parameters that change a representation's output; part of the cache key
+REPRESENTATION_PARAMS = {
+    "top_k": TOP_K, "quantiles_rank_based": QUANTILES_RANK_BASED,
+    "quantiles_distribution": QUANTILES_DISTRIBUTION, "histogram_bins": HISTOGRAM_BINS, "eps": EPS,
+}
+
+
+# =============================================================================================
+# Feature extraction and cache
+# =============================================================================================
+
+class CacheError(Exception):
+    """A cache file that cannot be trusted (unreadable, truncated, tampered)."""
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and bytes only: any class or function reference is refused,
+    so a tampered file cannot run code."""
+
+    def find_class(self, module, name):
+        raise CacheError(f"refers to {module}.{name}, which a feature cache file never does")
+
+
+class FeatureCache:
+    """Per-(unit, representation) feature arrays as .pkl files holding only plain data plus a checksum."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def path(self, key: dict) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        return self.directory / f"{digest}.pkl"
+
+    def load(self, key: dict) -> np.ndarray | None:
+        path = self.path(key)
+        if not path.exists():
+            return None
+        try:
+            payload = _DataOnlyUnpickler(io.BytesIO(path.read_bytes())).load()
+            if not isinstance(payload, dict) or payload.get("key") != key:
+                raise CacheError("holds another entry")
+            data = payload["data"]
+            if hashlib.sha256(data).hexdigest() != payload["sha256"]:
+                raise CacheError("checksum mismatch")
+            return np.frombuffer(data, dtype=payload["dtype"]).reshape(payload["shape"]).copy()
+        except (CacheError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as err:
+            tqdm.write(f"warning: cache file {path.name} is unusable ({err}); removing it and recomputing")
+            path.unlink(missing_ok=True)
+            return None
+
+    def save(self, key: dict, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array)
+        data = array.tobytes()
+        payload = {"key": key, "dtype": array.dtype.str, "shape": array.shape,
+                   "sha256": hashlib.sha256(data).hexdigest(), "data": data}
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path(key))  # atomic: readers see the old file or the whole new one
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+@dataclass
+class FeatureStore:
+    """Features of the whole table, (rows, F) per (unit, representation); a unit is a column, or a
+    module for pair representations.  Backed by memory and, with --cache-features, by disk."""
+
+    fingerprint: str
+    cache: FeatureCache | None
+    arrays: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    computed: int = 0
+    loaded: int = 0
+
+    def key(self, unit: str, representation: str) -> dict:
+        return {"format": FEATURE_FORMAT_VERSION, "dataset": self.fingerprint, "unit": unit,
+                "representation": representation, "params": REPRESENTATION_PARAMS}
+
+    def has(self, unit: str, representation: str) -> bool:
+        if (unit, representation) in self.arrays:
+            return True
+        if self.cache is not None:
+            array = self.cache.load(self.key(unit, representation))
+            if array is not None:
+                self.arrays[unit, representation] = array
+                self.loaded += 1
+                return True
+        return False
+
+    def put(self, unit: str, representation: str, array: np.ndarray) -> None:
+        self.arrays[unit, representation] = array
+        self.computed += 1
+        if self.cache is not None:
+            self.cache.save(self.key(unit, representation), array)
+
+    def get(self, unit: str, representation: str) -> np.ndarray:
+        return self.arrays[unit, representation]
+
+
+def chunk_rows(shapes: list[tuple[int, int]], budget_bytes: int = 256 << 20) -> int:
+    """Rows per read so that one module's matrices (and their intermediates) stay near the budget."""
+    floats_per_row = sum(r * c for r, c in shapes)
+    return max(1, budget_bytes // (8 * 4 * floats_per_row))
+
+
+def pending_work(store: FeatureStore, modules: list[Module], representations: tuple[str, ...]):
+    """For each module, the (unit, representation) features not yet in the store."""
+    matrix_reps = [r for r in representations if r in MATRIX_REPRESENTATIONS]
+    pair_reps = [r for r in representations if r in PAIR_REPRESENTATIONS]
+    for module in modules:
+        todo = [(col, rep) for col in module.columns for rep in matrix_reps if not store.has(col, rep)]
+        if module.down and module.up:
+            todo += [(module.name, rep) for rep in pair_reps if not store.has(module.name, rep)]
+        if todo:
+            yield module, todo
+
+
+def module_features(table: pa.Table, module: Module, todo: list[tuple[str, str]], device: torch.device,
+                    shapes: dict[str, tuple[int, int]]) -> dict[tuple[str, str], np.ndarray]:
+    """Read each of a module's columns once, chunk by chunk, and compute every pending feature from that read."""
+    columns = [c for c in module.columns if any(unit == c for unit, _ in todo)]
+    if any(unit == module.name for unit, _ in todo):
+        columns = list(module.columns)
+    rows = chunk_rows([shapes[c] for c in columns])
+    parts: dict[tuple[str, str], list[torch.Tensor]] = defaultdict(list)
+    for start in range(0, table.num_rows, rows):
+        stop = min(start + rows, table.num_rows)
+        batches = {c: MatrixBatch(torch.from_numpy(read_matrices(table, c, start, stop, shapes[c])).to(device))
+                   for c in columns}
+        pair = PairBatch(batches[module.down], batches[module.up]) if module.down in batches and module.up in batches else None
+        for unit, rep in todo:
+            if rep in PAIR_REPRESENTATIONS:
+                out = PAIR_REPRESENTATIONS[rep](pair)
+            else:
+                out = MATRIX_REPRESENTATIONS[rep](batches[unit])
+            parts[unit, rep].append(out.float().cpu())
+    return {key: torch.cat(chunks).numpy() for key, chunks in parts.items()}
+
+
+def extract_features(loaded: LoadedDataset, modules: list[Module], cfg: Config, device: torch.device) -> FeatureStore:
+    """Compute (or load from the cache) every requested representation of every selected module."""
+    cache = FeatureCache(Path(cfg.cache_dir)) if cfg.cache_features else None
+    store = FeatureStore(loaded.fingerprint, cache)
+    table = loaded.dataset.data.table
+    shapes = {c: column_shape(table, c) for m in modules for c in m.columns}
+    work = list(pending_work(store, modules, cfg.representations))
+    for module, todo in tqdm(work, desc="features", unit="module", disable=not work):
+        for (unit, rep), array in module_features(table, module, todo, device, shapes).items():
+            store.put(unit, rep, array)
+    return store
+
+
+def feature_units(modules: list[Module], representation: str) -> list[str]:
+    """The store units whose features make up a representation for a set of modules, in order."""
+    if representation in PAIR_REPRESENTATIONS:
+        return [m.name for m in modules if m.down and m.up]
+    return [c for m in modules for c in m.columns]
+
+
+def group_feature_matrix(store: FeatureStore, modules: list[Module], representation: str) -> np.ndarray:
+    units = feature_units(modules, representation)
+    if not units:
+        raise ExperimentError(f"{representation} needs down/up pairs, and the selected layers have none")
+    return np.concatenate([store.get(u, representation) for u in units], axis=1)
+
+
+# =============================================================================================
+# Model and training: all runs of one (representation, group) trained as one batched ensemble
+# =============================================================================================
+
+BN_MOMENTUM, BN_EPS = 0.1, 1e-5          # nn.BatchNorm1d defaults
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam defaults
+LR_FACTOR, LR_PATIENCE, LR_THRESHOLD = 0.5, 10, 1e-4  # ReduceLROnPlateau(mode="max", factor=0.5, patience=10)
+NUM_HIDDEN = 3
+
+
+@dataclass
+class SplitData:
+    """Standardised features and labels of each split, on the training device."""
+
+    x: dict[str, torch.Tensor]
+    y: dict[str, torch.Tensor]
+    num_classes: int
+
+    @property
+    def feature_dim(self) -> int:
+        return self.x["train"].shape[1]
+
+
+def standardise(features: np.ndarray, labels: np.ndarray, splits: dict[str, np.ndarray],
+                num_classes: int, device: torch.device) -> SplitData:
+    """Move each split to the device and standardise it there with the training split's statistics.
+    A feature constant on the training split keeps a unit scale instead of dividing by zero."""
+    x = {s: torch.from_numpy(np.ascontiguousarray(features[idx])).to(device) for s, idx in splits.items()}
+    mean = x["train"].mean(0)
+    std = x["train"].std(0)
+    std = torch.where(std > 0, std, torch.ones_like(std)) + EPS
+    x = {s: (v - mean) / std for s, v in x.items()}
+    y = {s: torch.from_numpy(labels[idx]).to(device) for s, idx in splits.items()}
+    return SplitData(x, y, num_classes)
+
+
+def init_ensemble_params(seeds: list[int], in_dim: int, hidden: int, num_classes: int,
+                         device: torch.device) -> dict[str, torch.Tensor]:
+    """Stacked MLP parameters, one slice per run, each initialised as nn.Linear would with its run's seed."""
+    dims = [in_dim] + [hidden] * NUM_HIDDEN + [num_classes]
+    per_run = []
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(seed)
+        params = {}
+        for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:])):
+            bound = 1.0 / math.sqrt(fan_in)
+            params[f"w{i}"] = (torch.rand(fan_in, fan_out, generator=gen) * 2 - 1) * bound
+            params[f"b{i}"] = ((torch.rand(1, fan_out, generator=gen) * 2 - 1) * bound)
+        per_run.append(params)
+    stacked = {k: torch.stack([p[k] for p in per_run]).to(device) for k in per_run[0]}
+    runs = len(seeds)
+    for i in range(NUM_HIDDEN):
+        stacked[f"gamma{i}"] = torch.ones(runs, 1, hidden, device=device)
+        stacked[f"beta{i}"] = torch.zeros(runs, 1, hidden, device=device)
+    return stacked
+
+
+def ensemble_forward(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor,
+                     keep_masks: torch.Tensor | None, dropout: float, amp: torch.dtype | None) -> torch.Tensor:
+    """(runs, batch, features) -> (runs, batch, classes).  Linear -> BatchNorm -> ReLU -> Dropout, three
+    times, then Linear.  keep_masks (runs, batch, 3, hidden) means training mode: batch statistics
+    (running statistics updated in place) and dropout; None means evaluation mode."""
+    autocast = torch.autocast(x.device.type, dtype=amp) if amp is not None else nullcontext()
+    h = x
+    with autocast:
+        for i in range(NUM_HIDDEN):
+            h = torch.baddbmm(params[f"b{i}"], h, params[f"w{i}"]).float()  # normalise in float32
+            if keep_masks is not None:
+                mean = h.mean(1, keepdim=True)
+                var = h.var(1, unbiased=False, keepdim=True)
+                n = h.shape[1]
+                with torch.no_grad():
+                    buffers[f"mean{i}"].lerp_(mean, BN_MOMENTUM)
+                    buffers[f"var{i}"].lerp_(var * n / max(n - 1, 1), BN_MOMENTUM)
+            else:
+                mean, var = buffers[f"mean{i}"], buffers[f"var{i}"]
+            h = (h - mean) * torch.rsqrt(var + BN_EPS) * params[f"gamma{i}"] + params[f"beta{i}"]
+            h = torch.relu(h)
+            if keep_masks is not None and dropout > 0:
+                h = h * keep_masks[:, :, i] / (1.0 - dropout)
+        out = torch.baddbmm(params[f"b{NUM_HIDDEN}"], h, params[f"w{NUM_HIDDEN}"])
+    return out.float()
+
+
+class LossScaler:
+    """Dynamic loss scaling for float16 training, without a host sync: a step whose gradients are
+    not finite is skipped (inside `adam_step`) and the scale halves."""
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.enabled = enabled
+        self.scale = torch.tensor(2.0 ** 16 if enabled else 1.0, device=device)
+        self.good_steps = torch.zeros((), device=device)
+
+    def unscale(self, grads: list[torch.Tensor]) -> torch.Tensor | None:
+        """Divide gradients by the scale; return a 0-d 'gradients are finite' flag, or None when disabled."""
+        if not self.enabled:
+            return None
+        torch._foreach_mul_(grads, 1.0 / self.scale)
+        finite = torch.stack([g.isfinite().all() for g in grads]).all()
+        self.good_steps = torch.where(finite, self.good_steps + 1, torch.zeros_like(self.good_steps))
+        grow = self.good_steps >= 2000
+        self.scale = torch.where(finite, torch.where(grow, self.scale * 2, self.scale), self.scale * 0.5)
+        self.good_steps = torch.where(grow, torch.zeros_like(self.good_steps), self.good_steps)
+        return finite
+
+
+def adam_step(params: dict[str, torch.Tensor], state: dict[str, dict[str, torch.Tensor]], lr: torch.Tensor,
+              step: int, weight_decay: float, finite: torch.Tensor | None) -> None:
+    """torch.optim.Adam's update (L2 weight decay) with a learning rate per run (lr: (runs,)), in place
+    on stacked (runs, a, b) parameters.  With a loss scaler, a step whose gradients were not finite
+    leaves parameters and moments unchanged."""
+    beta1, beta2 = ADAM_BETAS
+    step_size = (lr / (1 - beta1 ** step)).view(-1, 1, 1)
+    root_bias2 = math.sqrt(1 - beta2 ** step)
+    with torch.no_grad():
+        for name, p in params.items():
+            g, m, v = p.grad, state[name]["m"], state[name]["v"]
+            before = (p.clone(), m.clone(), v.clone()) if finite is not None else None
+            if before is not None:
+                g.nan_to_num_(0.0, 0.0, 0.0)
+            g.add_(p, alpha=weight_decay)
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = v.sqrt().div_(root_bias2).add_(ADAM_EPS).div_(step_size)
+            p.addcdiv_(m, denom, value=-1.0)
+            if before is not None:
+                for new, old in zip((p, m, v), before):
+                    torch.where(finite, new, old, out=new)
+            p.grad = None
+
+
+@dataclass
+class RunHistory:
+    """What one run records while it trains."""
+
+    seed: int
+    val_acc: list[float] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+    epochs_since_best: int = 0
+    plateau_best: float = -math.inf
+    plateau_bad_epochs: int = 0
+    lr: float = 0.0
+    failed: str | None = None
+    stopped: bool = False
+
+
+def plateau_update(h: RunHistory, val_acc: float) -> None:
+    """ReduceLROnPlateau(mode='max', factor=0.5, patience=10, threshold=1e-4 relative) for one run."""
+    if val_acc > h.plateau_best * (1 + LR_THRESHOLD):
+        h.plateau_best, h.plateau_bad_epochs = val_acc, 0
+    else:
+        h.plateau_bad_epochs += 1
+        if h.plateau_bad_epochs > LR_PATIENCE:
+            h.lr *= LR_FACTOR
+            h.plateau_bad_epochs = 0
+
+
+def batch_accuracy(params, buffers, x: torch.Tensor, y: torch.Tensor, amp, chunk: int = 8192) -> torch.Tensor:
+    """Per-run accuracy on a whole split, (runs,), evaluation mode."""
+    return (predictions(params, buffers, x, amp, chunk) == y).float().mean(1)
+
+
+def predictions(params, buffers, x: torch.Tensor, amp, chunk: int = 8192) -> torch.Tensor:
+    """Per-run predicted classes on a whole split, (runs, N), evaluation mode, in row chunks."""
+    runs = params["w0"].shape[0]
+    out = [ensemble_forward(params, buffers, x[i:i + chunk].expand(runs, -1, -1), None, 0.0, amp).argmax(-1)
+           for i in range(0, x.shape[0], chunk)]
+    return torch.cat(out, 1)
+
+
+@dataclass
+class EnsembleResult:
+    histories: list[RunHistory]
+    best_params: dict[str, torch.Tensor]
+    best_buffers: dict[str, torch.Tensor]
+    seconds: float
+
+
+def train_ensemble(data: SplitData, cfg: Config, seeds: list[int], device: torch.device,
+                   progress_label: str = "") -> EnsembleResult:
+    """Train one MLP per seed, all at once as stacked weights, each with its own initialisation,
+    shuffling and dropout stream, learning-rate schedule, early stopping and best weights.
+    Runs that stop are dropped from the stack so the rest train at the cost of what is left."""
+    started = time.perf_counter()
+    amp = amp_dtype(cfg, device)
+    runs = len(seeds)
+    params = init_ensemble_params(seeds, data.feature_dim, cfg.hidden_dim, data.num_classes, device)
+    for p in params.values():
+        p.requires_grad_(True)
+    buffers = {}
+    for i in range(NUM_HIDDEN):
+        buffers[f"mean{i}"] = torch.zeros(runs, 1, cfg.hidden_dim, device=device)
+        buffers[f"var{i}"] = torch.ones(runs, 1, cfg.hidden_dim, device=device)
+    opt_state = {k: {"m": torch.zeros_like(p), "v": torch.zeros_like(p)} for k, p in params.items()}
+    best_params = {k: p.detach().clone() for k, p in params.items()}
+    best_buffers = {k: b.clone() for k, b in buffers.items()}
+    histories = [RunHistory(seed=s, lr=cfg.lr) for s in seeds]
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    scaler = LossScaler(device, enabled=amp == torch.float16)
+    active = list(range(runs))  # original run index of each slice of the stack
+    x_train, y_train = data.x["train"], data.y["train"]
+    n_train = x_train.shape[0]
+    batch = min(cfg.batch_size, n_train)
+    # BatchNorm cannot normalise a batch of one row: a trailing batch of one is dropped
+    steps = n_train // batch + (1 if n_train % batch > 1 else 0)
+    step_count = 0
+
+    epochs = tqdm(range(cfg.max_epochs), desc=f"epochs {progress_label}".strip(), leave=False, unit="ep")
+    for epoch in epochs:
+        lr = torch.tensor([histories[r].lr for r in active], device=device)
+        order = torch.stack([torch.randperm(n_train, generator=generators[r], device=device) for r in active])
+        loss_sum = torch.zeros(len(active), device=device)
+        for step in range(steps):
+            idx = order[:, step * batch:(step + 1) * batch]
+            keep = torch.stack([torch.rand(idx.shape[1], NUM_HIDDEN, cfg.hidden_dim, generator=generators[r], device=device)
+                                for r in active]) >= cfg.dropout
+            logits = ensemble_forward(params, buffers, x_train[idx], keep, cfg.dropout, amp)
+            losses = F.cross_entropy(logits.flatten(0, 1), y_train[idx].flatten(), reduction="none").view(len(active), -1).mean(1)
+            (losses.sum() * scaler.scale).backward()
+            finite = scaler.unscale([p.grad for p in params.values()])
+            step_count += 1
+            adam_step(params, opt_state, lr, step_count, cfg.weight_decay, finite)
+            loss_sum += losses.detach()
+        with torch.no_grad():
+            val_acc = batch_accuracy(params, buffers, data.x["val"], data.y["val"], amp).tolist()
+        epoch_loss = (loss_sum / steps).tolist()  # one host sync per epoch
+        improved, keep_slices = [], []
+        for slot, r in enumerate(active):
+            h = histories[r]
+            h.val_acc.append(val_acc[slot])
+            h.train_loss.append(epoch_loss[slot])
+            if not math.isfinite(epoch_loss[slot]):
+                h.failed = f"training loss became non-finite at epoch {epoch + 1}"
+                h.stopped = True
+                continue
+            if val_acc[slot] > h.best_val_acc:
+                h.best_val_acc, h.best_epoch, h.epochs_since_best = val_acc[slot], epoch + 1, 0
+                improved.append(slot)
+            else:
+                h.epochs_since_best += 1
+            plateau_update(h, val_acc[slot])
+            h.stopped = h.epochs_since_best >= cfg.patience
+            if not h.stopped:
+                keep_slices.append(slot)
+        if improved:
+            slots = torch.tensor(improved, device=device)
+            targets = torch.tensor([active[s] for s in improved], device=device)
+            for k, p in params.items():
+                best_params[k][targets] = p.detach()[slots]  # copies, not references
+            for k, b in buffers.items():
+                best_buffers[k][targets] = b[slots]
+        epochs.set_postfix(active=len(keep_slices), best=f"{max(h.best_val_acc for h in histories):.3f}")
+        if not keep_slices:
+            break
+        if len(keep_slices) < len(active):
+            params, buffers, opt_state = compact_ensemble(params, buffers, opt_state, keep_slices, device)
+            active = [active[s] for s in keep_slices]
+    epochs.close()
+    return EnsembleResult(histories, best_params, best_buffers, time.perf_counter() - started)
+
+
+def compact_ensemble(params, buffers, opt_state, keep_slices: list[int], device: torch.device):
+    """Keep only the slices of runs still training."""
+    keep = torch.tensor(keep_slices, device=device)
+    params = {k: p.detach()[keep].requires_grad_(True) for k, p in params.items()}
+    buffers = {k: b[keep] for k, b in buffers.items()}
+    opt_state = {k: {s: t[keep] for s, t in st.items()} for k, st in opt_state.items()}
+    return params, buffers, opt_state
+
+
+def train_runs(data: SplitData, cfg: Config, device: torch.device, label: str) -> EnsembleResult:
+    """All runs of one (representation, group): one ensemble, or one at a time with --sequential-runs."""
+    seeds = [run_seed(cfg, k) for k in range(cfg.runs)]
+    if not cfg.sequential_runs:
+        return train_ensemble(data, cfg, seeds, device, label)
+    parts = [train_ensemble(data, cfg, [s], device, f"{label} run {k + 1}") for k, s in enumerate(seeds)]
+    return EnsembleResult(
+        histories=[h for p in parts for h in p.histories],
+        best_params={k: torch.cat([p.best_params[k] for p in parts]) for k in parts[0].best_params},
+        best_buffers={k: torch.cat([p.best_buffers[k] for p in parts]) for k in parts[0].best_buffers},
+        seconds=sum(p.seconds for p in parts))
+
+
+# =============================================================================================
+# Metrics and reports
+# =============================================================================================
+
+GROUP_RESULT_KEYS = {"all": ("all_layers_results", "all_layers"),
+                     "visual": ("visual_only_results", "visual_only"),
+                     "text": ("text_only_results", "text_only")}
+
+
+def confusion_matrices(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(runs, N) predictions -> (runs, true class, predicted class) counts."""
+    runs = pred.shape[0]
+    flat = torch.arange(runs, device=pred.device)[:, None] * num_classes ** 2 + y[None] * num_classes + pred
+    return torch.bincount(flat.flatten(), minlength=runs * num_classes ** 2).view(runs, num_classes, num_classes)
+
+
+def classification_metrics(confusion: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Accuracy and macro precision, recall, F1 per run, over the classes present in truth or prediction
+    (a class never predicted has precision 0, as scikit-learn's default)."""
+    c = confusion.double()
+    tp = c.diagonal(dim1=1, dim2=2)
+    true_count, pred_count = c.sum(2), c.sum(1)
+    precision = torch.where(pred_count > 0, tp / pred_count.clamp_min(1), torch.zeros_like(tp))
+    recall = torch.where(true_count > 0, tp / true_count.clamp_min(1), torch.zeros_like(tp))
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-300), torch.zeros_like(tp))
+    present = ((true_count + pred_count) > 0).double()
+    macro = lambda m: (m * present).sum(1) / present.sum(1)
+    return {"acc": tp.sum(1) / c.sum((1, 2)), "precision": macro(precision), "recall": macro(recall), "f1": macro(f1)}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return (float(arr.mean()), float(arr.std())) if arr.size else (float("nan"), float("nan"))
+
+
+def evaluate_entry(result: EnsembleResult, data: SplitData, cfg: Config, device: torch.device,
+                   entry_name: str, num_layers: int) -> dict:
+    """One results.json entry: the best weights of every run evaluated on every split."""
+    amp = amp_dtype(cfg, device)
+    metrics, confusions = {}, {}
+    with torch.no_grad():
+        for split in ("train", "val", "test"):
+            pred = predictions(result.best_params, result.best_buffers, data.x[split], amp)
+            confusions[split] = confusion_matrices(pred, data.y[split], data.num_classes)
+            metrics[split] = {k: v.tolist() for k, v in classification_metrics(confusions[split]).items()}
+    runs = len(result.histories)
+    ok = [k for k, h in enumerate(result.histories) if h.failed is None]
+    per_run_time = result.seconds / runs  # runs train together: each is charged an equal share
+    per_run = []
+    for k, h in enumerate(result.histories):
+        row = {"run": k, "seed": h.seed, "training_time": per_run_time, "best_epoch": h.best_epoch,
+               "feature_dim": data.feature_dim, "failed": h.failed}
+        for split in ("train", "val", "test"):
+            row[f"{split}_acc"] = metrics[split]["acc"][k]
+        for split in ("val", "test"):
+            for m in ("f1", "precision", "recall"):
+                row[f"{split}_{m}"] = metrics[split][m][k]
+        per_run.append(row)
+
+    entry = {"representation": entry_name, "num_layers": num_layers, "feature_dim": data.feature_dim,
+             "num_successful_runs": len(ok), "failed_runs": [k for k in range(runs) if k not in ok]}
+    for split in ("train", "val", "test"):
+        entry[f"{split}_acc_mean"], entry[f"{split}_acc_std"] = mean_std([metrics[split]["acc"][k] for k in ok])
+    for split in ("val", "test"):
+        for m in ("f1", "precision", "recall"):
+            entry[f"{split}_{m}_mean"], entry[f"{split}_{m}_std"] = mean_std([metrics[split][m][k] for k in ok])
+    entry["training_time_mean"], entry["training_time_std"] = per_run_time, 0.0
+    entry["training_time_total"] = result.seconds
+    entry["best_epoch_mean"], entry["best_epoch_std"] = mean_std([result.histories[k].best_epoch for k in ok])
+    entry["per_run_results"] = per_run
+    entry["learning_curves"] = [{"val_acc_history": h.val_acc, "train_loss_history": h.train_loss,
+                                 "best_epoch": h.best_epoch} for h in result.histories]
+    entry["val_confusion_matrices"] = confusions["val"].tolist()
+    entry["test_confusion_matrices"] = confusions["test"].tolist()
+    for split in ("train", "val", "test"):
+        entry[f"{split}_acc_all_runs"] = metrics[split]["acc"]
+    entry["training_mode"] = "sequential" if cfg.sequential_runs else "ensemble"
+    return entry
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write to a temporary file beside the target, then rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def script_sha256() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import datasets
+    return {"python": platform.python_version(), "torch": torch.__version__, "datasets": datasets.__version__,
+            "numpy": np.__version__, "pyarrow": pa.__version__}
+
+
+def entry_accuracy(results: dict, group: str, representation: str) -> tuple[float, float] | None:
+    key, suffix = GROUP_RESULT_KEYS[group]
+    for entry in results.get(key, []):
+        if entry["representation"] == f"{representation}_{suffix}":
+            return entry["test_acc_mean"], entry["test_acc_std"]
+    return None
+
+
+def comparison_table(results: dict) -> str:
+    """Fixed-width table: test accuracy on all layers vs each other group, drop and retention."""
+    groups = [g for g in results["config"]["layer_groups"] if g != "all"]
+    header = f"{'representation':<16} {'all layers':>16}"
+    for g in groups:
+        header += f" {g:>16} {'drop':>8} {'retention':>10}"
+    lines = [f"Test accuracy, mean +- std over runs ({results['dataset']}, {results['num_runs']} runs, "
+             f"{results['num_classes']} classes, chance {1 / results['num_classes']:.3f})", header, "-" * len(header)]
+    for rep in results["config"]["representations"]:
+        base = entry_accuracy(results, "all", rep)
+        line = f"{rep:<16} {format_acc(base):>16}"
+        for g in groups:
+            acc = entry_accuracy(results, g, rep)
+            if base and acc:
+                line += f" {format_acc(acc):>16} {base[0] - acc[0]:>+8.3f} {100 * acc[0] / base[0]:>9.1f}%"
+            else:
+                line += f" {format_acc(acc):>16} {'':>8} {'':>10}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def format_acc(acc: tuple[float, float] | None) -> str:
+    return "-" if acc is None else f"{acc[0]:.3f} +- {acc[1]:.3f}"
+
+
+def plot_summary(results: dict, path: Path) -> None:
+    """Grouped bars: test accuracy per representation and layer group, error bars one std."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    reps = list(results["config"]["representations"])
+    groups = list(results["config"]["layer_groups"])
+    width = 0.8 / len(groups)
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(reps) + 2), 5))
+    for i, g in enumerate(groups):
+        accs = [entry_accuracy(results, g, r) or (np.nan, 0.0) for r in reps]
+        xs = np.arange(len(reps)) + (i - (len(groups) - 1) / 2) * width
+        ax.bar(xs, [a[0] for a in accs], width, yerr=[a[1] for a in accs], capsize=3, label=GROUP_RESULT_KEYS[g][1].replace("_", " "))
+    ax.axhline(1 / results["num_classes"], color="gray", linestyle="--", linewidth=1, label="chance")
+    ax.set_xticks(np.arange(len(reps)), reps, rotation=30, ha="right")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"LoRA representations: all layers vs layer groups ({results['dataset']}, {results['num_runs']} runs)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# =============================================================================================
+# Main
+# =============================================================================================
+
+def results_header(cfg: Config, loaded: LoadedDataset, labels: Labels, modules: list[Module],
+                   groups: dict[str, list[Module]], device: torch.device) -> dict:
+    count = lambda ms: sum(len(m.columns) for m in ms)
+    all_modules = groups.get("all", modules)
+    header = {
+        "dataset": loaded.name, "dataset_source": loaded.source, "dataset_fingerprint": loaded.fingerprint,
+        "num_rows": loaded.dataset.num_rows, "num_runs": cfg.runs, "num_classes": len(labels.class_names),
+        "class_names": labels.class_names,
+        "num_all_layers": count(all_modules),
+        "num_visual_layers": count(layer_groups(modules, ("visual",))["visual"]),
+        "num_text_layers": count(layer_groups(modules, ("text",))["text"]),
+        "optimizations": {"fast_svd": "exact: Gram eigenvalues / QR core", "gpu_normalization": True,
+                          "mixed_precision": str(amp_dtype(cfg, device)) if amp_dtype(cfg, device) else False,
+                          "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
+                          "sample_layers": cfg.sample_layers, "ensemble_training": not cfg.sequential_runs},
+        "device": str(device), "config": dataclasses.asdict(cfg), "versions": library_versions(),
+        "script_sha256": script_sha256(), "complete": False,
+    }
+    if labels.mapping is not None:
+        header["label_mapping"] = labels.mapping
+    for g in groups:
+        header[GROUP_RESULT_KEYS[g][0]] = []
+    return header
+
+
+def run_experiment(cfg: Config) -> Path:
+    device = resolve_device(cfg)
+    started = time.perf_counter()
+    loaded = load_experiment_dataset(cfg)
+    labels = encode_labels(loaded.dataset, cfg.label_column)
+    if len(labels.class_names) < 2:
+        raise ExperimentError(f"label column {cfg.label_column!r} holds a single class; a classifier needs two or more")
+    splits = split_indices(loaded.dataset.num_rows)
+    modules = sample_modules(lora_modules(loaded.dataset.column_names), cfg.sample_layers, cfg.seed)
+    groups = {g: ms for g, ms in layer_groups(modules, cfg.layer_groups).items() if ms}
+    if not groups:
+        raise ExperimentError(f"the layer groups {', '.join(cfg.layer_groups)} select no LoRA layers in this dataset")
+    for g in set(cfg.layer_groups) - set(groups):
+        tqdm.write(f"notice: layer group {g!r} selects no layers in this dataset; skipped")
+
+    out_dir = Path(cfg.output_dir) / f"visual_ablation_{loaded.name}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = results_header(cfg, loaded, labels, modules, groups, device)
+    print(f"dataset {loaded.name}: {loaded.dataset.num_rows} adapters, {results['num_classes']} classes, "
+          f"{results['num_all_layers']} LoRA tensors; device {device}; {cfg.runs} runs per entry")
+
+    extraction_started = time.perf_counter()
+    store = extract_features(loaded, modules, cfg, device)
+    results["feature_extraction"] = {"seconds": time.perf_counter() - extraction_started,
+                                     "computed": store.computed, "loaded_from_cache": store.loaded}
+
+    entries = [(rep, g) for rep in cfg.representations for g in groups]
+    for rep, group in tqdm(entries, desc="entries", unit="entry"):
+        key, suffix = GROUP_RESULT_KEYS[group]
+        name = f"{rep}_{suffix}"
+        features = group_feature_matrix(store, groups[group], rep)
+        data = standardise(features, labels.codes, splits, len(labels.class_names), device)
+        result = train_runs(data, cfg, device, name)
+        entry = evaluate_entry(result, data, cfg, device, name, sum(len(m.columns) for m in groups[group]))
+        results[key].append(entry)
+        tqdm.write(f"{name:<32} test acc {entry['test_acc_mean']:.3f} +- {entry['test_acc_std']:.3f}  "
+                   f"({result.seconds:.1f}s, best epoch {entry['best_epoch_mean']:.0f})")
+        write_json_atomic(out_dir / "results.json", results)
+
+    results["complete"] = True
+    results["total_seconds"] = time.perf_counter() - started
+    write_json_atomic(out_dir / "results.json", results)
+    table = comparison_table(results)
+    (out_dir / "results.txt").write_text(table + "\n")
+    plot_summary(results, out_dir / "summary.png")
+    print("\n" + table)
+    print(f"\nwrote {out_dir / 'results.json'}, results.txt, summary.png in {results['total_seconds']:.0f}s")
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(argv)
+    try:
+        run_experiment(cfg)
+    except ExperimentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
