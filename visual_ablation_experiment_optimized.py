@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import math
+import mmap
 import os
 import pickle
 import platform
@@ -36,7 +37,8 @@ import re
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -536,12 +538,16 @@ def layer_groups(modules: list[Module], names: tuple[str, ...]) -> dict[str, lis
 
 # --- reading weights -----------------------------------------------------------------------
 
+def _storage(chunk: pa.Array) -> pa.Array:
+    """The list<list<float>> storage of a chunk, whether nested lists or Array2D."""
+    return chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+
+
 def column_shape(table: pa.Table, column: str) -> tuple[int, int]:
     """(rows, cols) of the matrices in a 2-D tensor column, checked to be the same in every row."""
-    chunked = table.column(column)
     outer_lengths, inner_lengths = [], []
-    for chunk in chunked.chunks:
-        storage = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+    for chunk in table.column(column).chunks:
+        storage = _storage(chunk)
         if storage.null_count:
             raise ExperimentError(f"column {column} has missing values; every adapter needs every tensor")
         outer_lengths.append(pc.list_value_length(storage).to_numpy(zero_copy_only=False))
@@ -565,14 +571,89 @@ def column_shape(table: pa.Table, column: str) -> tuple[int, int]:
     return rows, cols
 
 
+def value_pieces(table: pa.Table, column: str, start: int, stop: int) -> list[pa.Array]:
+    """The flat values of rows [start, stop) of a 2-D tensor column, one zero-copy piece per Arrow
+    chunk (`flatten` honours slice offsets where `.values` would not)."""
+    return [_storage(c).flatten().flatten() for c in table.column(column).slice(start, stop - start).chunks]
+
+
 def read_matrices(table: pa.Table, column: str, start: int, stop: int, shape: tuple[int, int]) -> np.ndarray:
     """Rows [start, stop) of a 2-D tensor column as a float32 (n, rows, cols) array, without per-row objects."""
-    pieces = []
-    for chunk in table.column(column).slice(start, stop - start).chunks:
-        storage = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
-        pieces.append(storage.flatten().flatten().to_numpy(zero_copy_only=False))  # flatten() honours slice offsets
+    pieces = [p.to_numpy(zero_copy_only=False) for p in value_pieces(table, column, start, stop)]
     flat = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
     return flat.astype(np.float32, copy=False).reshape(stop - start, *shape)
+
+
+def _pread_into(fd: int, target: np.ndarray, offset: int) -> None:
+    view = memoryview(target).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise ExperimentError("a dataset file ended early: it is truncated or being rewritten; reload the dataset")
+        done += n
+
+
+class WeightReader:
+    """Reads row chunks of 2-D tensor columns into a caller's float32 buffer.
+
+    A dataset on disk is read with pread from its Arrow files, at the byte ranges the files' own
+    metadata gives: the weights go straight into the buffer (pinned memory on CUDA) and never stay
+    mapped, so resident memory is bounded by the chunks in flight, not by the dataset.  A table held
+    in memory, or a column stored in another float type, is copied from its Arrow buffers instead.
+    """
+
+    def __init__(self, ds):
+        self.table = ds.data.table
+        self._files: list[tuple[int, int, int, mmap.mmap]] = []  # base address, size, fd, map
+        paths = [f["filename"] for f in ds.cache_files]
+        if not paths or ds._indices is not None:
+            return
+        tables = []
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY)
+            mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)  # metadata and offsets only are touched
+            buffer = pa.py_buffer(mapped)
+            tables.append(pa.ipc.open_stream(buffer).read_all())
+            self._files.append((buffer.address, buffer.size, fd, mapped))
+        own = pa.concat_tables(tables)
+        if own.num_rows == self.table.num_rows and own.schema.names == self.table.schema.names:
+            self.table = own
+        else:  # the Dataset transformed its files' columns: read what it shows
+            self.close()
+
+    def _file_range(self, values: pa.Array) -> tuple[int, int] | None:
+        """(fd, byte offset) of a float32 piece that lies in one of our files, else None."""
+        if values.type != pa.float32():
+            return None
+        address = values.buffers()[1].address + values.offset * 4
+        for base, size, fd, _ in self._files:
+            if base <= address < base + size:
+                return fd, address - base
+        return None
+
+    def read(self, column: str, start: int, stop: int, out: np.ndarray) -> None:
+        """Fill the float32 array `out` (stop - start rows of the column's matrices) with those rows."""
+        flat = out.reshape(-1)
+        pos = 0
+        for values in value_pieces(self.table, column, start, stop):
+            target = flat[pos:pos + len(values)]
+            located = self._file_range(values)
+            if located is not None:
+                _pread_into(located[0], target, located[1])
+            else:
+                target[:] = values.to_numpy(zero_copy_only=False)
+            pos += len(values)
+
+    def close(self) -> None:
+        self.table = None
+        for _, _, fd, mapped in self._files:
+            try:
+                mapped.close()
+            except BufferError:  # a caller still holds an Arrow view of it: the OS unmaps it at exit
+                pass
+            os.close(fd)
+        self._files = []
 
 
 # =============================================================================================
@@ -805,8 +886,9 @@ class _DataOnlyUnpickler(pickle.Unpickler):
 class FeatureCache:
     """Per-(unit, representation) feature arrays as .pkl files holding only plain data plus a checksum."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, durable: bool = True):
         self.directory = directory
+        self.durable = durable  # fsync before the rename, so a crash never leaves a torn file
 
     def path(self, key: dict) -> Path:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
@@ -839,59 +921,90 @@ class FeatureCache:
         try:
             with os.fdopen(fd, "wb") as f:
                 pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
-                f.flush()
-                os.fsync(f.fileno())
+                if self.durable:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, self.path(key))  # atomic: readers see the old file or the whole new one
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
 
 
-@dataclass
 class FeatureStore:
-    """Features of the whole table, (rows, F) per (unit, representation); a unit is a column, or a
-    module for pair representations.  Backed by memory and, with --cache-features, by disk."""
+    """Features of every row of the table, (rows, F) per (unit, representation), where a unit is a
+    column, or a module for pair representations.  Kept on disk, not in memory: in the cache
+    directory with --cache-features, else in a temporary directory removed at exit.  flat_vec is
+    the weights themselves, so it is read from the dataset when a group needs it, never stored."""
 
-    fingerprint: str
-    cache: FeatureCache | None
-    arrays: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
-    computed: int = 0
-    loaded: int = 0
+    def __init__(self, fingerprint: str, cache_dir: Path, persistent: bool, reader: WeightReader,
+                 shapes: dict[str, tuple[int, int]]):
+        self.fingerprint, self.reader, self.shapes = fingerprint, reader, shapes
+        if persistent:
+            self.cache = FeatureCache(cache_dir, durable=True)
+        else:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            self._scratch = tempfile.TemporaryDirectory(dir=cache_dir, prefix="scratch-")
+            self.cache = FeatureCache(Path(self._scratch.name), durable=False)
+        self.computed = 0
+        self.loaded = 0
 
     def key(self, unit: str, representation: str) -> dict:
         return {"format": FEATURE_FORMAT_VERSION, "dataset": self.fingerprint, "unit": unit,
                 "representation": representation, "params": REPRESENTATION_PARAMS}
 
     def has(self, unit: str, representation: str) -> bool:
-        if (unit, representation) in self.arrays:
-            return True
-        if self.cache is not None:
-            array = self.cache.load(self.key(unit, representation))
-            if array is not None:
-                self.arrays[unit, representation] = array
-                self.loaded += 1
-                return True
-        return False
+        """True when a valid file holds these features (an invalid one is reported and removed)."""
+        if self.cache.load(self.key(unit, representation)) is None:
+            return False
+        self.loaded += 1
+        return True
 
     def put(self, unit: str, representation: str, array: np.ndarray) -> None:
-        self.arrays[unit, representation] = array
+        self.cache.save(self.key(unit, representation), array)
         self.computed += 1
-        if self.cache is not None:
-            self.cache.save(self.key(unit, representation), array)
 
     def get(self, unit: str, representation: str) -> np.ndarray:
-        return self.arrays[unit, representation]
+        array = self.cache.load(self.key(unit, representation))
+        if array is None:
+            raise ExperimentError(f"features of {unit} ({representation}) vanished from {self.cache.directory} "
+                                  "during the run; is another process clearing it? Run again")
+        return array
+
+    def raw_weights(self, columns: list[str]) -> np.ndarray:
+        """flat_vec: the columns' weights side by side, (rows, sum of rows*cols), read chunk by chunk."""
+        widths = [math.prod(self.shapes[c]) for c in columns]
+        n = self.reader.table.num_rows
+        out = np.empty((n, sum(widths)), dtype=np.float32)
+        offset = 0
+        for column, width in zip(columns, widths):
+            rows = max(1, CHUNK_BYTES // (4 * width))
+            buffer = np.empty((rows, width), dtype=np.float32)
+            for start in range(0, n, rows):
+                stop = min(start + rows, n)
+                self.reader.read(column, start, stop, buffer[:stop - start])
+                out[start:stop, offset:offset + width] = buffer[:stop - start]
+            offset += width
+        return out
 
 
-def chunk_rows(shapes: list[tuple[int, int]], budget_bytes: int = 256 << 20) -> int:
-    """Rows per read so that one module's matrices (and their intermediates) stay near the budget."""
-    floats_per_row = sum(r * c for r, c in shapes)
-    return max(1, budget_bytes // (8 * 4 * floats_per_row))
+CHUNK_BYTES = 32 << 20  # weights per read: large enough to amortise overheads, small enough to bound memory
+
+
+@dataclass
+class ChunkTask:
+    """Rows [start, stop) of one module's columns, and the features to compute from them."""
+
+    module: Module
+    columns: list[str]
+    todo: list[tuple[str, str]]
+    start: int
+    stop: int
+    last: bool  # the module's final chunk: its features are complete after it
 
 
 def pending_work(store: FeatureStore, modules: list[Module], representations: tuple[str, ...]):
     """For each module, the (unit, representation) features not yet in the store."""
-    matrix_reps = [r for r in representations if r in MATRIX_REPRESENTATIONS]
+    matrix_reps = [r for r in representations if r in MATRIX_REPRESENTATIONS and r != "flat_vec"]
     pair_reps = [r for r in representations if r in PAIR_REPRESENTATIONS]
     for module in modules:
         todo = [(col, rep) for col in module.columns for rep in matrix_reps if not store.has(col, rep)]
@@ -901,38 +1014,108 @@ def pending_work(store: FeatureStore, modules: list[Module], representations: tu
             yield module, todo
 
 
-def module_features(table: pa.Table, module: Module, todo: list[tuple[str, str]], device: torch.device,
-                    shapes: dict[str, tuple[int, int]]) -> dict[tuple[str, str], np.ndarray]:
-    """Read each of a module's columns once, chunk by chunk, and compute every pending feature from that read."""
-    columns = [c for c in module.columns if any(unit == c for unit, _ in todo)]
-    if any(unit == module.name for unit, _ in todo):
-        columns = list(module.columns)
-    rows = chunk_rows([shapes[c] for c in columns])
-    parts: dict[tuple[str, str], list[torch.Tensor]] = defaultdict(list)
-    for start in range(0, table.num_rows, rows):
-        stop = min(start + rows, table.num_rows)
-        batches = {c: MatrixBatch(torch.from_numpy(read_matrices(table, c, start, stop, shapes[c])).to(device))
-                   for c in columns}
-        pair = PairBatch(batches[module.down], batches[module.up]) if module.down in batches and module.up in batches else None
-        for unit, rep in todo:
-            if rep in PAIR_REPRESENTATIONS:
-                out = PAIR_REPRESENTATIONS[rep](pair)
-            else:
-                out = MATRIX_REPRESENTATIONS[rep](batches[unit])
-            parts[unit, rep].append(out.float().cpu())
-    return {key: torch.cat(chunks).numpy() for key, chunks in parts.items()}
+def chunk_tasks(work, num_rows: int, shapes: dict[str, tuple[int, int]], chunk_bytes: int) -> list[ChunkTask]:
+    """Split each module's pending work into row chunks of about chunk_bytes of weights."""
+    tasks = []
+    for module, todo in work:
+        needs_pair = any(unit == module.name for unit, _ in todo)
+        columns = [c for c in module.columns if needs_pair or any(unit == c for unit, _ in todo)]
+        rows = max(1, chunk_bytes // (4 * sum(math.prod(shapes[c]) for c in columns)))
+        for start in range(0, num_rows, rows):
+            stop = min(start + rows, num_rows)
+            tasks.append(ChunkTask(module, columns, todo, start, stop, last=stop == num_rows))
+    return tasks
+
+
+class ChunkLoader:
+    """Reads chunk tasks ahead of the computation into a ring of reusable buffers: with
+    --num-workers > 0 a pool of threads reads (pread releases the GIL, so reads overlap each other
+    and the compute); on CUDA the buffers are pinned, so copies to the device are asynchronous."""
+
+    def __init__(self, reader: WeightReader, tasks: list[ChunkTask], shapes: dict[str, tuple[int, int]],
+                 workers: int, device: torch.device):
+        self.reader, self.tasks, self.shapes, self.device = reader, tasks, shapes, device
+        self.depth = workers + 1
+        slot_floats = max((sum(math.prod(shapes[c]) for c in t.columns) * (t.stop - t.start) for t in tasks), default=0)
+        pinned = device.type == "cuda"
+        self.slots = [torch.empty(slot_floats, pin_memory=pinned) for _ in range(self.depth + 1)]
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="reader") if workers else None
+
+    def _read(self, task: ChunkTask, slot: int) -> dict[str, torch.Tensor]:
+        views, offset = {}, 0
+        n = task.stop - task.start
+        for column in task.columns:
+            size = n * math.prod(self.shapes[column])
+            view = self.slots[slot][offset:offset + size].view(n, *self.shapes[column])
+            self.reader.read(column, task.start, task.stop, view.numpy())
+            views[column] = view
+            offset += size
+        return views
+
+    def __iter__(self):
+        """Yield (task, host tensors by column) in order; a slot is reused only once the caller has
+        moved on and, on CUDA, its copy to the device has finished."""
+        free, pending, copied = deque(range(len(self.slots))), deque(), {}
+        remaining = iter(self.tasks)
+
+        def submit() -> None:
+            task = next(remaining, None)
+            if task is None:
+                return
+            slot = free.popleft()
+            if slot in copied:
+                copied.pop(slot).synchronize()
+            result = self.pool.submit(self._read, task, slot) if self.pool else self._read(task, slot)
+            pending.append((task, slot, result))
+
+        for _ in range(self.depth):
+            submit()
+        try:
+            while pending:
+                task, slot, result = pending.popleft()
+                yield task, (result.result() if self.pool else result)
+                if self.device.type == "cuda":
+                    copied[slot] = torch.cuda.Event()
+                    copied[slot].record()
+                free.append(slot)
+                submit()
+        finally:
+            if self.pool:
+                self.pool.shutdown(cancel_futures=True)
+
+
+def chunk_features(task: ChunkTask, host: dict[str, torch.Tensor], device: torch.device) -> dict[tuple[str, str], torch.Tensor]:
+    """Every pending feature of one chunk, computed on the device from one read of each column."""
+    batches = {c: MatrixBatch(t.to(device, non_blocking=True)) for c, t in host.items()}
+    module = task.module
+    pair = PairBatch(batches[module.down], batches[module.up]) if module.down in batches and module.up in batches else None
+    out = {}
+    for unit, rep in task.todo:
+        if rep in PAIR_REPRESENTATIONS:
+            out[unit, rep] = PAIR_REPRESENTATIONS[rep](pair)
+        else:
+            out[unit, rep] = MATRIX_REPRESENTATIONS[rep](batches[unit])
+    return out
 
 
 def extract_features(loaded: LoadedDataset, modules: list[Module], cfg: Config, device: torch.device) -> FeatureStore:
-    """Compute (or load from the cache) every requested representation of every selected module."""
-    cache = FeatureCache(Path(cfg.cache_dir)) if cfg.cache_features else None
-    store = FeatureStore(loaded.fingerprint, cache)
-    table = loaded.dataset.data.table
-    shapes = {c: column_shape(table, c) for m in modules for c in m.columns}
+    """Compute every requested representation of every selected module that the store lacks: one
+    pass over the weights, each column read once, all representations from that read."""
+    reader = WeightReader(loaded.dataset)
+    shapes = {c: column_shape(reader.table, c) for m in modules for c in m.columns}
+    store = FeatureStore(loaded.fingerprint, Path(cfg.cache_dir), cfg.cache_features, reader, shapes)
     work = list(pending_work(store, modules, cfg.representations))
-    for module, todo in tqdm(work, desc="features", unit="module", disable=not work):
-        for (unit, rep), array in module_features(table, module, todo, device, shapes).items():
-            store.put(unit, rep, array)
+    tasks = chunk_tasks(work, reader.table.num_rows, shapes, CHUNK_BYTES)
+    parts: dict[tuple[str, str], list[torch.Tensor]] = defaultdict(list)
+    progress = tqdm(total=len(work), desc="features", unit="module", disable=not work)
+    for task, host in ChunkLoader(reader, tasks, shapes, cfg.num_workers, device):
+        for key, features in chunk_features(task, host, device).items():
+            parts[key].append(features.float())
+        if task.last:
+            for key in task.todo:
+                store.put(*key, torch.cat(parts.pop(key)).cpu().numpy())
+            progress.update()
+    progress.close()
     return store
 
 
@@ -944,9 +1127,12 @@ def feature_units(modules: list[Module], representation: str) -> list[str]:
 
 
 def group_feature_matrix(store: FeatureStore, modules: list[Module], representation: str) -> np.ndarray:
+    """A layer group's features for one representation: its units' features side by side."""
     units = feature_units(modules, representation)
     if not units:
         raise ExperimentError(f"{representation} needs down/up pairs, and the selected layers have none")
+    if representation == "flat_vec":
+        return store.raw_weights(units)
     return np.concatenate([store.get(u, representation) for u in units], axis=1)
 
 

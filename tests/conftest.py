@@ -1,0 +1,29 @@
+"""Shared fixtures: the script imported as a module, and small generated datasets in the real format."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import visual_ablation_experiment_optimized as vae  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def script():
+    """The experiment script, imported as a module."""
+    return vae
+
+
+@pytest.fixture(scope="session")
+def tiny_spec():
+    """A small dataset in the published layout (to_q/to_v, rank 1, 128 tensors) with a strong class signal."""
+    return vae.SyntheticSpec(rows=120, num_classes=4, gain_spread=0.2, tail_spread=0.4, prototype_strength=0.2)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset_path(tmp_path_factory, tiny_spec):
+    """tiny_spec written with save_to_disk, as a user's local dataset would be."""
+    return vae.write_synthetic_dataset(tiny_spec, tmp_path_factory.mktemp("data") / "tiny")
