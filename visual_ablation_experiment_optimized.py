@@ -34,6 +34,7 @@ import os
 import pickle
 import platform
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -131,6 +132,12 @@ class Config:
     """train runs one at a time instead of as one batched ensemble (for comparison)"""
     sanity_rows: int = 400
     """rows of the generated sanity-check dataset"""
+    resume: bool = False
+    """continue an interrupted run in the same output directory, skipping finished entries"""
+    allow_nonfinite: bool = False
+    """zero NaN/Inf weights (recorded in results.json) instead of refusing the dataset"""
+    allow_missing_classes: bool = False
+    """run even when a split lacks a class (warned and recorded in results.json) instead of refusing"""
 
     @property
     def runs(self) -> int:
@@ -220,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="train runs one at a time instead of as one batched ensemble (for comparison)")
     add("--sanity-rows", type=_positive_int, default=defaults.sanity_rows,
         help="rows of the generated sanity-check dataset")
+    add("--resume", action="store_true",
+        help="continue an interrupted run in the same output directory, skipping finished entries")
+    add("--allow-nonfinite", action="store_true",
+        help="zero NaN/Inf weights (recorded in results.json) instead of refusing the dataset")
+    add("--allow-missing-classes", action="store_true",
+        help="run even when a split lacks a class (warned, recorded) instead of refusing")
     return p
 
 
@@ -472,8 +485,12 @@ class Labels:
 
 
 def encode_labels(ds, column: str) -> Labels:
+    if ds._indices is not None:  # read through the Arrow table, which ignores an indices mapping
+        ds = ds.flatten_indices()
     if column not in ds.column_names:
-        raise ExperimentError(f"label column {column!r} not found; pass --label-column (columns: {', '.join(ds.column_names[:8])}, ...)")
+        candidates = [c for c in ds.column_names if not LORA_COLUMN.fullmatch(c)]
+        raise ExperimentError(f"label column {column!r} not found; pass --label-column with one of: "
+                              + (", ".join(candidates[:10]) or "(no non-tensor columns)"))
     raw = ds.data.table.column(column).to_numpy(zero_copy_only=False)
     values, codes = np.unique(raw, return_inverse=True)
     is_contiguous_int = np.issubdtype(values.dtype, np.integer) and np.array_equal(values, np.arange(len(values)))
@@ -483,6 +500,16 @@ def encode_labels(ds, column: str) -> Labels:
         named = ds.data.table.column("category_name").to_numpy(zero_copy_only=False)
         names = [str(named[np.argmax(codes == i)]) for i in range(len(values))]
     return Labels(codes.astype(np.int64), names, mapping)
+
+
+def missing_classes(labels: Labels, splits: dict[str, np.ndarray]) -> dict[str, list[str]]:
+    """For each split, the classes it holds no example of."""
+    missing = {}
+    for split, idx in splits.items():
+        absent = sorted(set(range(len(labels.class_names))) - set(np.unique(labels.codes[idx]).tolist()))
+        if absent:
+            missing[split] = [labels.class_names[c] for c in absent]
+    return missing
 
 
 @dataclass(frozen=True)
@@ -937,8 +964,10 @@ class FeatureStore:
     the weights themselves, so it is read from the dataset when a group needs it, never stored."""
 
     def __init__(self, fingerprint: str, cache_dir: Path, persistent: bool, reader: WeightReader,
-                 shapes: dict[str, tuple[int, int]]):
+                 shapes: dict[str, tuple[int, int]], zero_nonfinite: bool):
         self.fingerprint, self.reader, self.shapes = fingerprint, reader, shapes
+        self.zero_nonfinite = zero_nonfinite
+        self.nonfinite: dict[str, int] = {}  # column -> NaN/Inf values found in it
         if persistent:
             self.cache = FeatureCache(cache_dir, durable=True)
         else:
@@ -946,18 +975,34 @@ class FeatureStore:
             self._scratch = tempfile.TemporaryDirectory(dir=cache_dir, prefix="scratch-")
             self.cache = FeatureCache(Path(self._scratch.name), durable=False)
         self.computed = 0
-        self.loaded = 0
 
     def key(self, unit: str, representation: str) -> dict:
         return {"format": FEATURE_FORMAT_VERSION, "dataset": self.fingerprint, "unit": unit,
-                "representation": representation, "params": REPRESENTATION_PARAMS}
+                "representation": representation, "params": REPRESENTATION_PARAMS,
+                "nonfinite": "zeroed" if self.zero_nonfinite else "refused"}
 
     def has(self, unit: str, representation: str) -> bool:
         """True when a valid file holds these features (an invalid one is reported and removed)."""
-        if self.cache.load(self.key(unit, representation)) is None:
-            return False
-        self.loaded += 1
-        return True
+        return self.cache.load(self.key(unit, representation)) is not None
+
+    def check_finite(self, column: str, weights: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """Count NaN/Inf weights of a column; zero them when allowed (features of a column that has
+        any are otherwise never stored, and the run is refused once all columns are counted)."""
+        finite = torch.isfinite(weights) if isinstance(weights, torch.Tensor) else np.isfinite(weights)
+        bad = int((~finite).sum())
+        if bad:
+            self.nonfinite[column] = self.nonfinite.get(column, 0) + bad
+            if self.zero_nonfinite:
+                weights[~finite] = 0
+        return weights
+
+    def refuse_nonfinite(self) -> None:
+        if self.nonfinite and not self.zero_nonfinite:
+            total = sum(self.nonfinite.values())
+            listed = ", ".join(f"{c} ({n})" for c, n in sorted(self.nonfinite.items())[:5])
+            more = f" and {len(self.nonfinite) - 5} more" if len(self.nonfinite) > 5 else ""
+            raise ExperimentError(f"the weights hold {total} NaN/Inf values in {len(self.nonfinite)} columns: "
+                                  f"{listed}{more}; fix the dataset or pass --allow-nonfinite to zero them")
 
     def put(self, unit: str, representation: str, array: np.ndarray) -> None:
         self.cache.save(self.key(unit, representation), array)
@@ -982,12 +1027,15 @@ class FeatureStore:
             for start in range(0, n, rows):
                 stop = min(start + rows, n)
                 self.reader.read(column, start, stop, buffer[:stop - start])
-                out[start:stop, offset:offset + width] = buffer[:stop - start]
+                out[start:stop, offset:offset + width] = self.check_finite(column, buffer[:stop - start])
             offset += width
+        self.refuse_nonfinite()
         return out
 
 
 CHUNK_BYTES = 32 << 20  # weights per read: large enough to amortise overheads, small enough to bound memory
+CUDA_CHUNK_BYTES = 256 << 20  # on a GPU larger chunks keep it busy; halved on out-of-memory
+MIN_CHUNK_BYTES = 1 << 20
 
 
 @dataclass
@@ -1084,9 +1132,10 @@ class ChunkLoader:
                 self.pool.shutdown(cancel_futures=True)
 
 
-def chunk_features(task: ChunkTask, host: dict[str, torch.Tensor], device: torch.device) -> dict[tuple[str, str], torch.Tensor]:
+def chunk_features(task: ChunkTask, host: dict[str, torch.Tensor], store: FeatureStore,
+                   device: torch.device) -> dict[tuple[str, str], torch.Tensor]:
     """Every pending feature of one chunk, computed on the device from one read of each column."""
-    batches = {c: MatrixBatch(t.to(device, non_blocking=True)) for c, t in host.items()}
+    batches = {c: MatrixBatch(store.check_finite(c, t.to(device, non_blocking=True))) for c, t in host.items()}
     module = task.module
     pair = PairBatch(batches[module.down], batches[module.up]) if module.down in batches and module.up in batches else None
     out = {}
@@ -1098,24 +1147,47 @@ def chunk_features(task: ChunkTask, host: dict[str, torch.Tensor], device: torch
     return out
 
 
+def compute_pending(store: FeatureStore, work: list, cfg: Config, device: torch.device, chunk_bytes: int) -> None:
+    """Read every pending module chunk by chunk and store its features once its last chunk is done."""
+    tasks = chunk_tasks(work, store.reader.table.num_rows, store.shapes, chunk_bytes)
+    parts: dict[tuple[str, str], list[torch.Tensor]] = defaultdict(list)
+    with tqdm(total=len(work), desc="features", unit="module") as progress:
+        for task, host in ChunkLoader(store.reader, tasks, store.shapes, cfg.num_workers, device):
+            for key, features in chunk_features(task, host, store, device).items():
+                parts[key].append(features.float())
+            if task.last:
+                clean = [k for k in task.todo if not any(c in store.nonfinite for c in task.columns) or store.zero_nonfinite]
+                for key in task.todo:
+                    features = torch.cat(parts.pop(key)).cpu().numpy()
+                    if key in clean:
+                        store.put(*key, features)
+                progress.update()
+
+
 def extract_features(loaded: LoadedDataset, modules: list[Module], cfg: Config, device: torch.device) -> FeatureStore:
     """Compute every requested representation of every selected module that the store lacks: one
-    pass over the weights, each column read once, all representations from that read."""
+    pass over the weights, each column read once, all representations from that read.  On CUDA
+    out-of-memory the row chunk is halved and the pass goes on from the first unfinished module."""
     reader = WeightReader(loaded.dataset)
     shapes = {c: column_shape(reader.table, c) for m in modules for c in m.columns}
-    store = FeatureStore(loaded.fingerprint, Path(cfg.cache_dir), cfg.cache_features, reader, shapes)
+    store = FeatureStore(loaded.fingerprint, Path(cfg.cache_dir), cfg.cache_features, reader, shapes,
+                         zero_nonfinite=cfg.allow_nonfinite)
+    chunk_bytes = CUDA_CHUNK_BYTES if device.type == "cuda" else CHUNK_BYTES
     work = list(pending_work(store, modules, cfg.representations))
-    tasks = chunk_tasks(work, reader.table.num_rows, shapes, CHUNK_BYTES)
-    parts: dict[tuple[str, str], list[torch.Tensor]] = defaultdict(list)
-    progress = tqdm(total=len(work), desc="features", unit="module", disable=not work)
-    for task, host in ChunkLoader(reader, tasks, shapes, cfg.num_workers, device):
-        for key, features in chunk_features(task, host, device).items():
-            parts[key].append(features.float())
-        if task.last:
-            for key in task.todo:
-                store.put(*key, torch.cat(parts.pop(key)).cpu().numpy())
-            progress.update()
-    progress.close()
+    store.loaded = sum(len(feature_units(modules, r)) for r in cfg.representations if r != "flat_vec") \
+        - sum(len(todo) for _, todo in work)
+    while work:
+        try:
+            compute_pending(store, work, cfg, device, chunk_bytes)
+            break
+        except torch.OutOfMemoryError:
+            if chunk_bytes <= MIN_CHUNK_BYTES:
+                raise ExperimentError("out of GPU memory even with 1 MB chunks; free the GPU or use --device cpu") from None
+            chunk_bytes //= 2
+            torch.cuda.empty_cache()
+            tqdm.write(f"notice: out of GPU memory during feature extraction; continuing with {chunk_bytes >> 20} MB chunks")
+            work = list(pending_work(store, modules, cfg.representations))
+    store.refuse_nonfinite()
     return store
 
 
@@ -1408,17 +1480,37 @@ def compact_ensemble(params, buffers, opt_state, keep_slices: list[int], device:
     return params, buffers, opt_state
 
 
-def train_runs(data: SplitData, cfg: Config, device: torch.device, label: str) -> EnsembleResult:
-    """All runs of one (representation, group): one ensemble, or one at a time with --sequential-runs."""
-    seeds = [run_seed(cfg, k) for k in range(cfg.runs)]
-    if not cfg.sequential_runs:
-        return train_ensemble(data, cfg, seeds, device, label)
-    parts = [train_ensemble(data, cfg, [s], device, f"{label} run {k + 1}") for k, s in enumerate(seeds)]
+def merge_results(parts: list[EnsembleResult]) -> EnsembleResult:
+    """Runs trained in separate parts, as if trained together (run order kept)."""
     return EnsembleResult(
         histories=[h for p in parts for h in p.histories],
         best_params={k: torch.cat([p.best_params[k] for p in parts]) for k in parts[0].best_params},
         best_buffers={k: torch.cat([p.best_buffers[k] for p in parts]) for k in parts[0].best_buffers},
         seconds=sum(p.seconds for p in parts))
+
+
+def train_fitting(data: SplitData, cfg: Config, seeds: list[int], device: torch.device, label: str) -> EnsembleResult:
+    """train_ensemble, splitting the ensemble in halves for as long as it runs out of GPU memory."""
+    try:
+        return train_ensemble(data, cfg, seeds, device, label)
+    except torch.OutOfMemoryError:
+        if len(seeds) == 1:
+            raise ExperimentError(f"out of GPU memory training one run of {label}; "
+                                  "lower --batch-size or --hidden-dim, or free the GPU") from None
+        torch.cuda.empty_cache()
+        half = len(seeds) // 2
+        tqdm.write(f"notice: out of GPU memory training {len(seeds)} runs of {label} together; "
+                   f"training {half} and {len(seeds) - half} at a time")
+        return merge_results([train_fitting(data, cfg, seeds[:half], device, label),
+                              train_fitting(data, cfg, seeds[half:], device, label)])
+
+
+def train_runs(data: SplitData, cfg: Config, device: torch.device, label: str) -> EnsembleResult:
+    """All runs of one (representation, group): one ensemble, or one at a time with --sequential-runs."""
+    seeds = [run_seed(cfg, k) for k in range(cfg.runs)]
+    if not cfg.sequential_runs:
+        return train_fitting(data, cfg, seeds, device, label)
+    return merge_results([train_fitting(data, cfg, [s], device, f"{label} run {k + 1}") for k, s in enumerate(seeds)])
 
 
 # =============================================================================================
@@ -1611,63 +1703,162 @@ def results_header(cfg: Config, loaded: LoadedDataset, labels: Labels, modules: 
     return header
 
 
-def run_experiment(cfg: Config) -> Path:
-    device = resolve_device(cfg)
-    started = time.perf_counter()
+def check_writable(directory: Path, flag: str) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise ExperimentError(f"cannot write to {flag} {directory} ({err.strerror or err}); "
+                              "choose a writable directory") from None
+
+
+# settings that may change between an interrupted run and its --resume without changing results
+RESUME_MAY_DIFFER = {"resume", "num_workers", "cache_features", "cache_dir", "data_dir", "output_dir", "device"}
+
+
+def previous_results(path: Path, header: dict, cfg: Config) -> dict | None:
+    """The results an interrupted run left, when resuming; refuses a mismatched configuration, and
+    refuses to overwrite an interrupted run unless asked to resume it."""
+    if not path.exists():
+        return None
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ExperimentError(f"{path} is unreadable ({err}); move it away to start afresh") from None
+    if not cfg.resume:
+        if previous.get("complete") is False:
+            raise ExperimentError(f"{path} holds an interrupted run: continue it with --resume, "
+                                  "or move it away / choose another --output-dir to start afresh")
+        return None
+    old, new = previous.get("config", {}), json.loads(json.dumps(header["config"]))  # tuples as JSON lists
+    changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in RESUME_MAY_DIFFER and old.get(k) != v]
+    if previous.get("dataset_fingerprint") != header["dataset_fingerprint"]:
+        changed.append("the dataset's data")
+    if changed:
+        raise ExperimentError(f"--resume: {path} was made with another configuration ({'; '.join(changed)}); "
+                              "rerun with its flags or choose another --output-dir")
+    return previous
+
+
+def finished_entries(results: dict) -> set[str]:
+    return {e["representation"] for key, _ in GROUP_RESULT_KEYS.values() for e in results.get(key, [])}
+
+
+def write_reports(out_dir: Path, results: dict) -> str:
+    """results.txt and summary.png from whatever entries have finished; returns the table."""
+    table = comparison_table(results)
+    (out_dir / "results.txt").write_text(table + "\n")
+    plot_summary(results, out_dir / "summary.png")
+    return table
+
+
+@dataclass
+class Experiment:
+    """Everything resolved and checked before any feature is computed."""
+
+    loaded: LoadedDataset
+    labels: Labels
+    splits: dict[str, np.ndarray]
+    modules: list[Module]
+    groups: dict[str, list[Module]]
+    out_dir: Path
+    warnings: list[str]
+
+
+def prepare_experiment(cfg: Config, device: torch.device) -> Experiment:
+    """Resolve and check everything that can be checked before computing: one clear error each."""
+    check_writable(Path(cfg.output_dir), "--output-dir")
+    check_writable(Path(cfg.cache_dir), "--cache-dir")
     loaded = load_experiment_dataset(cfg)
     labels = encode_labels(loaded.dataset, cfg.label_column)
     if len(labels.class_names) < 2:
         raise ExperimentError(f"label column {cfg.label_column!r} holds a single class; a classifier needs two or more")
     splits = split_indices(loaded.dataset.num_rows)
+    warnings = []
+    missing = missing_classes(labels, splits)
+    if missing:
+        detail = "; ".join(f"{split} lacks {', '.join(names[:5])}" for split, names in missing.items())
+        if not cfg.allow_missing_classes:
+            raise ExperimentError(f"the split is too small to hold every class ({detail}); use more adapters "
+                                  "per class, or pass --allow-missing-classes to run anyway")
+        warnings.append(f"split lacks classes: {detail}")
+        tqdm.write(f"WARNING: {warnings[-1]}; metrics on those splits are not comparable")
     modules = sample_modules(lora_modules(loaded.dataset.column_names), cfg.sample_layers, cfg.seed)
     groups = {g: ms for g, ms in layer_groups(modules, cfg.layer_groups).items() if ms}
     if not groups:
         raise ExperimentError(f"the layer groups {', '.join(cfg.layer_groups)} select no LoRA layers in this dataset")
-    for g in set(cfg.layer_groups) - set(groups):
-        tqdm.write(f"notice: layer group {g!r} selects no layers in this dataset; skipped")
-
+    for g in cfg.layer_groups:
+        if g not in groups:
+            tqdm.write(f"notice: layer group {g!r} selects no layers in this dataset; skipped")
     out_dir = Path(cfg.output_dir) / f"visual_ablation_{loaded.name}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = results_header(cfg, loaded, labels, modules, groups, device)
-    print(f"dataset {loaded.name}: {loaded.dataset.num_rows} adapters, {results['num_classes']} classes, "
-          f"{results['num_all_layers']} LoRA tensors; device {device}; {cfg.runs} runs per entry")
+    return Experiment(loaded, labels, splits, modules, groups, out_dir, warnings)
 
-    extraction_started = time.perf_counter()
-    store = extract_features(loaded, modules, cfg, device)
-    results["feature_extraction"] = {"seconds": time.perf_counter() - extraction_started,
-                                     "computed": store.computed, "loaded_from_cache": store.loaded}
 
-    entries = [(rep, g) for rep in cfg.representations for g in groups]
-    for rep, group in tqdm(entries, desc="entries", unit="entry"):
-        key, suffix = GROUP_RESULT_KEYS[group]
-        name = f"{rep}_{suffix}"
-        features = group_feature_matrix(store, groups[group], rep)
-        data = standardise(features, labels.codes, splits, len(labels.class_names), device)
-        result = train_runs(data, cfg, device, name)
-        entry = evaluate_entry(result, data, cfg, device, name, sum(len(m.columns) for m in groups[group]))
-        results[key].append(entry)
-        tqdm.write(f"{name:<32} test acc {entry['test_acc_mean']:.3f} +- {entry['test_acc_std']:.3f}  "
-                   f"({result.seconds:.1f}s, best epoch {entry['best_epoch_mean']:.0f})")
-        write_json_atomic(out_dir / "results.json", results)
+def run_experiment(cfg: Config) -> Path:
+    device = resolve_device(cfg)
+    started = time.perf_counter()
+    exp = prepare_experiment(cfg, device)
+    results = results_header(cfg, exp.loaded, exp.labels, exp.modules, exp.groups, device)
+    results["warnings"] = exp.warnings
+    results_path = exp.out_dir / "results.json"
+    previous = previous_results(results_path, results, cfg)
+    if previous is not None:
+        results.update({k: v for k, v in previous.items() if k.endswith("_results")})
+    done = finished_entries(results)
+    print(f"dataset {exp.loaded.name}: {exp.loaded.dataset.num_rows} adapters, {results['num_classes']} classes, "
+          f"{results['num_all_layers']} LoRA tensors; device {device}; {cfg.runs} runs per entry"
+          + (f"; resuming with {len(done)} entries done" if previous is not None else ""))
 
-    results["complete"] = True
-    results["total_seconds"] = time.perf_counter() - started
-    write_json_atomic(out_dir / "results.json", results)
-    table = comparison_table(results)
-    (out_dir / "results.txt").write_text(table + "\n")
-    plot_summary(results, out_dir / "summary.png")
+    entries = [(rep, g) for rep in cfg.representations for g in exp.groups
+               if f"{rep}_{GROUP_RESULT_KEYS[g][1]}" not in done]
+    try:
+        extraction_started = time.perf_counter()
+        needed = tuple(dict.fromkeys(rep for rep, _ in entries))
+        store = extract_features(exp.loaded, exp.modules, dataclasses.replace(cfg, representations=needed), device)
+        results["feature_extraction"] = {"seconds": time.perf_counter() - extraction_started,
+                                         "computed": store.computed, "loaded_from_cache": store.loaded}
+        results["nonfinite_weights"] = {"zeroed": cfg.allow_nonfinite, "counts": store.nonfinite}
+        for rep, group in tqdm(entries, desc="entries", unit="entry"):
+            key, suffix = GROUP_RESULT_KEYS[group]
+            name = f"{rep}_{suffix}"
+            features = group_feature_matrix(store, exp.groups[group], rep)
+            data = standardise(features, exp.labels.codes, exp.splits, len(exp.labels.class_names), device)
+            result = train_runs(data, cfg, device, name)
+            entry = evaluate_entry(result, data, cfg, device, name, sum(len(m.columns) for m in exp.groups[group]))
+            results[key].append(entry)
+            tqdm.write(f"{name:<32} test acc {entry['test_acc_mean']:.3f} +- {entry['test_acc_std']:.3f}  "
+                       f"({result.seconds:.1f}s, best epoch {entry['best_epoch_mean']:.0f})"
+                       + (f"  {len(entry['failed_runs'])} runs failed" if entry["failed_runs"] else ""))
+            write_json_atomic(results_path, results)
+        results["complete"] = True
+    finally:
+        results["total_seconds"] = time.perf_counter() - started
+        write_json_atomic(results_path, results)
+        if finished_entries(results):
+            table = write_reports(exp.out_dir, results)
     print("\n" + table)
-    print(f"\nwrote {out_dir / 'results.json'}, results.txt, summary.png in {results['total_seconds']:.0f}s")
-    return out_dir
+    print(f"\nwrote {results_path}, results.txt, summary.png in {results['total_seconds']:.0f}s")
+    return exp.out_dir
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM ends the run like Ctrl-C: results kept
     try:
         run_experiment(cfg)
     except ExperimentError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished entries are in {cfg.output_dir} (results.json, \"complete\": false); "
+              "continue with the same command and --resume", file=sys.stderr)
+        return 130
     return 0
 
 

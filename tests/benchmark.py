@@ -5,26 +5,31 @@ script's own generator, saved with save_to_disk under --workdir and reused), the
 side by side on the same data:
 
 1. Feature extraction of the ten original representations (delta_spectral is ours only and
-   is left out), all layers: the script's `extract_features` (cache off) against a reference
-   extractor written below the way the original worked -- for every representation, for
-   every layer column, re-read the column from the Dataset, then loop over the samples in
-   Python: `torch.svd_lowrank` per matrix, numpy FFT on the CPU, `torch.histc`,
-   `torch.quantile`.  The reference is slow, so it is timed on a sample of columns spread
-   over the layout and the first rows, and scaled linearly to all columns x all rows (the
-   scaling is printed).  Both extractors' features are compared on that sample.
+   is left out), all layers: the script's `extract_features` (cache off) plus building
+   flat_vec for all layers (the script reads the raw weights on demand instead of storing
+   them), against a reference extractor written below the way the original worked -- for
+   every representation, for every layer column, re-read the column from the Dataset, then
+   loop over the samples in Python: `torch.svd_lowrank` per matrix, numpy FFT on the CPU,
+   `torch.histc`, `torch.quantile`.  The reference is slow, so it is timed on a sample
+   (--reference-columns 8 columns spread evenly over the sorted column list, the first
+   --reference-rows 100 rows) and scaled linearly to all columns x all rows; the scaling is
+   printed.  Both extractors' features are compared value by value on that sample.
 2. Throughput: dataset weight bytes / extraction seconds, and that rate as a fraction of the
    machine's plain memory-copy rate measured in the same run: `np.copyto` of a float32 buffer
    of min(dataset weight bytes, 256 MiB), repeated until the dataset's byte count has been
-   copied, best of three passes (bytes copied per second, each byte read once and written once).
-3. Peak resident memory: the script's extraction run again in a fresh subprocess
-   (`--_extract-only`), which reports VmHWM from /proc/self/status at the end and VmRSS just
-   before extraction.  Note that flat_vec is the raw weights, so the features of all ten
-   representations alone are as large as the dataset's weights; at small sizes the
-   interpreter's own few hundred MB dominate.
+   copied, best of three passes (bytes copied per second, each byte read once and written once;
+   host memory, also with --device cuda).
+3. Peak resident memory: `extract_features` run again in a fresh subprocess (`--_extract-only`),
+   which reports VmHWM from /proc/self/status at the end and VmRSS just before extraction
+   (after imports and opening the dataset).  At small sizes the interpreter's own few hundred
+   MB dominate the fraction; rss_growth_fraction leaves them out.
 4. Training: the 10 runs as one batched ensemble against 10 runs one at a time
    (`sequential_runs=True`), same features (`stats`, all layers, by default), default MLP,
    default max_epochs / patience.
 5. Cached rerun: extraction with the feature cache into a fresh directory, then again.
+
+Timings on a machine shared with other work are noisy: the load average at the start is
+recorded with the results.
 
 Run it (from the repository root):
     python tests/benchmark.py                                # published 500 rows + heavy 250 rows, CPU, a few minutes
@@ -38,7 +43,9 @@ Output: progress on stderr, a fixed-width table on stdout, and per layout one li
 `BENCH_JSON {...}` (also written to <workdir>/benchmark_results.json).  Its keys:
     layout, rows, device         what was measured
     dataset_bytes                float32 bytes of all LoRA weights (rows x floats per row x 4)
-    extraction_speedup           scaled reference seconds / our extraction seconds
+    extraction_speedup           scaled reference seconds / our seconds, where ours = extract_features
+                                 (cache off) + building flat_vec for all layers with group_feature_matrix
+                                 (the script reads flat_vec from the dataset on demand instead of storing it)
     ours_gb_per_s                dataset_bytes / our extraction seconds / 1e9
     copy_gb_per_s                plain memory-copy rate of the same machine, same run
     bandwidth_fraction           ours_gb_per_s / copy_gb_per_s
@@ -114,17 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="features the training comparison uses (all layers)")
     p.add_argument("--reference-columns", type=int, default=8,
                    help="layer columns the reference extractor is timed on, spread over the layout")
-    p.add_argument("--reference-rows", type=int, default=200,
+    p.add_argument("--reference-rows", type=int, default=100,
                    help="rows the reference extractor is timed on (the first ones)")
     p.add_argument("--_extract-only", dest="extract_only", type=Path, default=None, help=argparse.SUPPRESS)
     return p
 
 
-def benchmark_config(args: argparse.Namespace, **changes) -> vae.Config:
-    """The script's configuration for our side: the ten original representations, cache off, defaults elsewhere."""
-    base = vae.Config(representations=ORIGINAL_REPRESENTATIONS, cache_features=False, num_workers=args.num_workers,
+def benchmark_config(args: argparse.Namespace) -> vae.Config:
+    """The script's configuration for our side: the ten original representations, cache off (its
+    scratch files under the workdir), defaults elsewhere."""
+    return vae.Config(representations=ORIGINAL_REPRESENTATIONS, cache_features=False,
+                      cache_dir=str(args.workdir / "feature-scratch"), num_workers=args.num_workers,
                       device=args.device, num_runs=args.runs)
-    return dataclasses.replace(base, **changes)
 
 
 # =============================================================================================
@@ -214,12 +222,13 @@ def layout_spec(layout: str, rows: int) -> vae.SyntheticSpec:
     return vae.SyntheticSpec(rows=rows, **LAYOUTS[layout])
 
 
-def ensure_dataset(spec: vae.SyntheticSpec, workdir: Path, layout: str) -> tuple[Path, float]:
-    """The generated dataset's path (written now unless already there) and the seconds writing took."""
+def ensure_dataset(spec: vae.SyntheticSpec, workdir: Path, layout: str) -> tuple[Path, bool, float]:
+    """The generated dataset's path, whether an earlier run had written it, and the seconds this call took."""
     path = workdir / f"{layout}-{spec.rows}"
+    reused = path.exists()
     started = time.perf_counter()
     vae.write_synthetic_dataset(spec, path)
-    return path, time.perf_counter() - started
+    return path, reused, time.perf_counter() - started
 
 
 def load_dataset(path: Path) -> vae.LoadedDataset:
@@ -228,10 +237,8 @@ def load_dataset(path: Path) -> vae.LoadedDataset:
 
 
 def first_rows(loaded: vae.LoadedDataset, rows: int) -> vae.LoadedDataset:
-    """The first rows as a dataset of their own, indices materialised (the script reads the Arrow table)."""
-    ds = loaded.dataset.select(range(min(rows, loaded.dataset.num_rows)))
-    if ds._indices is not None:
-        ds = ds.flatten_indices()
+    """The first rows as an in-memory dataset of their own (a slice of the saved one would share its files)."""
+    ds = loaded.dataset.select(range(min(rows, loaded.dataset.num_rows))).flatten_indices(keep_in_memory=True)
     return vae.LoadedDataset(ds, f"{loaded.name}-first{ds.num_rows}", loaded.source, vae.dataset_fingerprint(ds))
 
 
@@ -347,17 +354,23 @@ REFERENCE_REPRESENTATIONS = {
 assert tuple(REFERENCE_REPRESENTATIONS) == ORIGINAL_REPRESENTATIONS
 
 
+def reference_representation(torch_view, columns: list[str], per_matrix, device: torch.device) -> dict[str, np.ndarray]:
+    """One representation of the columns: each column re-read from the Dataset, then one matrix at a time."""
+    out = {}
+    for col in columns:
+        matrices = torch_view[col][:].to(device)
+        out[col] = torch.stack([per_matrix(matrices[i]) for i in range(len(matrices))]).cpu().numpy()
+    return out
+
+
 def reference_extract(ds, columns: list[str], device: torch.device):
     """Features {(column, representation): (rows, F)} and seconds per representation, the original's way:
     every representation re-reads every column from the Dataset and loops over the samples."""
     torch_view = ds.with_format("torch")
     features, seconds = {}, {}
     for rep, per_matrix in REFERENCE_REPRESENTATIONS.items():
-        def one_representation():
-            for col in columns:
-                matrices = torch_view[col][:].to(device)
-                features[col, rep] = torch.stack([per_matrix(matrices[i]) for i in range(len(matrices))]).cpu().numpy()
-        _, seconds[rep] = timed(one_representation, device)
+        by_column, seconds[rep] = timed(lambda: reference_representation(torch_view, columns, per_matrix, device), device)
+        features.update({(col, rep): values for col, values in by_column.items()})
     return features, seconds
 
 
@@ -367,11 +380,16 @@ def spread_sample(items: list[str], count: int) -> list[str]:
     return [items[i] for i in positions]
 
 
+def our_column_features(store, column: str, representation: str) -> np.ndarray:
+    """One column's features from our store, through group_feature_matrix (flat_vec is read on demand)."""
+    return vae.group_feature_matrix(store, [vae.Module(column, (column,))], representation)
+
+
 def feature_agreement(reference: dict, store, rows: int) -> dict[str, float]:
     """Per representation, the share of the reference's feature values that match ours on the sampled rows."""
     matches, totals = {}, {}
     for (col, rep), ref_values in reference.items():
-        ours = store.get(col, rep)[:rows]
+        ours = our_column_features(store, col, rep)[:rows]
         close = np.isclose(ref_values, ours, rtol=AGREEMENT_RTOL, atol=AGREEMENT_ATOL)
         matches[rep] = matches.get(rep, 0) + int(close.sum())
         totals[rep] = totals.get(rep, 0) + close.size
@@ -411,9 +429,13 @@ def sample_size_ratio(spec: vae.SyntheticSpec, sample_columns: list[str]) -> flo
 # =============================================================================================
 
 def time_ours(loaded: vae.LoadedDataset, modules, cfg: vae.Config, device: torch.device):
-    """(store, seconds) of our extraction, cache off, after a warm-up on a few rows."""
+    """(store, extraction seconds, flat_vec seconds) of our side, cache off, after a warm-up on a few rows.
+    The script reads flat_vec (the raw weights) from the dataset when a group needs it instead of
+    storing it, so building it for all layers is timed too: the reference produces it as well."""
     vae.extract_features(first_rows(loaded, 8), modules, cfg, device)
-    return timed(lambda: vae.extract_features(loaded, modules, cfg, device), device)
+    store, extraction_seconds = timed(lambda: vae.extract_features(loaded, modules, cfg, device), device)
+    _, flat_vec_seconds = timed(lambda: vae.group_feature_matrix(store, modules, "flat_vec"), device)
+    return store, extraction_seconds, flat_vec_seconds
 
 
 def extract_only(path: Path, args) -> None:
@@ -425,17 +447,15 @@ def extract_only(path: Path, args) -> None:
     before = process_memory()
     store, seconds = timed(lambda: vae.extract_features(loaded, modules, cfg, device), device)
     after = process_memory()
-    children_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     print("EXTRACT_JSON " + json.dumps({
         "seconds": seconds, "computed": store.computed, "rss_before": before.get("VmRSS"),
         "peak_before": before.get("VmHWM"), "peak_rss": after.get("VmHWM"), "rss_after": after.get("VmRSS"),
-        "rss_anon_after": after.get("RssAnon"), "rss_file_after": after.get("RssFile"),
-        "children_peak_rss": children_peak}), flush=True)
+        "rss_anon_after": after.get("RssAnon"), "rss_file_after": after.get("RssFile")}), flush=True)
 
 
 def measure_peak_memory(path: Path, args) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--_extract-only", str(path),
-               "--device", args.device, "--num-workers", str(args.num_workers)]
+               "--device", args.device, "--num-workers", str(args.num_workers), "--workdir", str(args.workdir)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     lines = [l for l in done.stdout.splitlines() if l.startswith("EXTRACT_JSON ")]
     if done.returncode != 0 or not lines:
@@ -492,7 +512,7 @@ def log(message: str) -> None:
 
 def benchmark_layout(layout: str, rows: int, args, machine: dict) -> dict:
     spec = layout_spec(layout, rows)
-    path, write_seconds = ensure_dataset(spec, args.workdir, layout)
+    path, reused, write_seconds = ensure_dataset(spec, args.workdir, layout)
     loaded = load_dataset(path)
     modules = vae.lora_modules(loaded.dataset.column_names)
     columns = weight_columns(modules)
@@ -504,7 +524,8 @@ def benchmark_layout(layout: str, rows: int, args, machine: dict) -> dict:
     log(f"[{layout}] peak memory: our extraction in a fresh subprocess")
     memory = measure_peak_memory(path, args)
     log(f"[{layout}] our extraction, timed")
-    store, ours_seconds = time_ours(loaded, modules, cfg, device)
+    store, extraction_seconds, flat_vec_seconds = time_ours(loaded, modules, cfg, device)
+    ours_seconds = extraction_seconds + flat_vec_seconds
     log(f"[{layout}] reference extraction on {min(args.reference_columns, len(columns))} columns x "
         f"{min(args.reference_rows, rows)} rows")
     reference = time_reference(loaded, columns, args, device)
@@ -520,7 +541,7 @@ def benchmark_layout(layout: str, rows: int, args, machine: dict) -> dict:
     ours_rate = dataset_bytes / ours_seconds
     return {
         "layout": layout, "rows": rows, "device": str(device), "num_tensor_columns": len(columns),
-        "dataset_bytes": dataset_bytes,
+        "dataset_bytes": dataset_bytes, "dataset_path": str(path), "dataset_reused": reused,
         "extraction_speedup": reference["scaled_seconds"] / ours_seconds,
         "ours_gb_per_s": ours_rate / 1e9,
         "copy_gb_per_s": copy_rate / 1e9,
@@ -533,6 +554,7 @@ def benchmark_layout(layout: str, rows: int, args, machine: dict) -> dict:
         "cache_speedup": cache["first_seconds"] / cache["second_seconds"],
         "seconds": {
             "dataset_write": write_seconds, "ours_extraction": ours_seconds,
+            "ours_extract_features": extraction_seconds, "ours_flat_vec_all_layers": flat_vec_seconds,
             "ours_extraction_subprocess": memory["seconds"], "reference_sample": reference["sample_seconds"],
             "reference_scaled": reference["scaled_seconds"], "memory_copy_of_dataset_bytes": dataset_bytes / copy_rate,
             "ensemble_training": training["ensemble"]["seconds"], "sequential_training": training["sequential"]["seconds"],
@@ -561,6 +583,8 @@ TABLE_ROWS = (  # (label, function of a result -> text)
     ("rows", lambda r: f"{r['rows']}"),
     ("weights MB", lambda r: f"{r['dataset_bytes'] / 1e6:.1f}"),
     ("ours extraction s", lambda r: f"{r['seconds']['ours_extraction']:.2f}"),
+    ("  extract_features s", lambda r: f"{r['seconds']['ours_extract_features']:.2f}"),
+    ("  flat_vec all layers s", lambda r: f"{r['seconds']['ours_flat_vec_all_layers']:.2f}"),
     ("reference s (scaled)", lambda r: f"{r['seconds']['reference_scaled']:.1f}"),
     ("  reference sample s", lambda r: f"{r['seconds']['reference_sample']:.2f}"),
     ("  reference scale", lambda r: f"x{r['reference']['column_scale']:.1f} x{r['reference']['row_scale']:.2f}"),
@@ -615,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda, but no CUDA device is available", file=sys.stderr)
         return 2
+    args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
     machine = machine_info(torch.device(args.device))
     results = []

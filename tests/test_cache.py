@@ -2,7 +2,6 @@
 removed and recomputed, never executed."""
 
 import pickle
-import types
 from pathlib import Path
 
 import numpy as np
@@ -122,23 +121,25 @@ def test_writes_leave_no_temporary_files(cache):
 
 # --- keys of the feature store ----------------------------------------------------------------
 
-def store_key(fingerprint, unit, representation):
-    """FeatureStore.key for a store over a dataset with this fingerprint (the key reads only that)."""
-    return vae.FeatureStore.key(types.SimpleNamespace(fingerprint=fingerprint), unit, representation)
+def store(fingerprint, tmp_path):
+    """A persistent feature store over a dataset with this fingerprint (no weights are read here)."""
+    return vae.FeatureStore(fingerprint, tmp_path / "cache", persistent=True, reader=None, shapes={},
+                            zero_nonfinite=False)
 
 
-def test_store_key_is_the_same_for_the_same_features():
-    assert store_key("fp1", "blk.attn1.to_q", "spectral") == store_key("fp1", "blk.attn1.to_q", "spectral")
+def test_store_key_is_the_same_for_the_same_features(tmp_path):
+    assert store("fp1", tmp_path).key("blk.attn1.to_q", "spectral") == store("fp1", tmp_path).key("blk.attn1.to_q", "spectral")
 
 
-@pytest.mark.parametrize("changed", [
+@pytest.mark.parametrize("fingerprint, unit, representation", [
     ("fp2", "blk.attn1.to_q", "spectral"),
     ("fp1", "blk.attn2.to_q", "spectral"),
     ("fp1", "blk.attn1.to_q", "simple_stats"),
 ], ids=["dataset_fingerprint", "unit", "representation"])
-def test_store_key_and_cache_file_differ_when_anything_they_depend_on_differs(tmp_path, changed):
-    base = store_key("fp1", "blk.attn1.to_q", "spectral")
-    other = store_key(*changed)
+def test_store_key_and_cache_file_differ_when_anything_they_depend_on_differs(tmp_path, fingerprint, unit,
+                                                                              representation):
+    base = store("fp1", tmp_path).key("blk.attn1.to_q", "spectral")
+    other = store(fingerprint, tmp_path).key(unit, representation)
     cache = vae.FeatureCache(tmp_path)
     assert base != other
     assert cache.path(base) != cache.path(other)

@@ -311,7 +311,8 @@ def update_spectrum(down, up):
     """Singular values of the formed update up @ down, cut to its rank r: the remaining
     min(out, in) - r are exactly zero (numerically ~1e-16 * s0), checked here."""
     r = down.shape[0]
-    s = np.linalg.svd(up.astype(np.float64) @ down.astype(np.float64), compute_uv=False)
+    update = up.astype(np.float64) @ down.astype(np.float64)
+    s = torch.linalg.svdvals(torch.from_numpy(update)).numpy()
     assert np.all(s[r:] < 1e-10 * s[0])
     return s[:r]
 
