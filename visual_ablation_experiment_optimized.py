@@ -116,6 +116,8 @@ class Config:
     """representations to evaluate"""
     layer_groups: tuple[str, ...] = ("all", "visual")
     """layer groups to evaluate: all, visual (attn1), text (attn2)"""
+    custom_groups: tuple[tuple[str, str], ...] = ()
+    """extra groups (name, regex on the module name), for any architecture; evaluated too"""
     max_epochs: int = 200
     """upper bound on training epochs"""
     patience: int = 15
@@ -143,6 +145,11 @@ class Config:
     def runs(self) -> int:
         """Derived: the number of runs actually trained."""
         return 3 if self.quick else self.num_runs
+
+    @property
+    def group_names(self) -> tuple[str, ...]:
+        """Derived: every group evaluated, built-in ones first."""
+        return self.layer_groups + tuple(name for name, _ in self.custom_groups)
 
 
 def _fraction(text: str) -> float:
@@ -184,6 +191,19 @@ def _choice_list(allowed: tuple[str, ...]):
     return parse
 
 
+def _group_definition(text: str) -> tuple[str, str]:
+    name, _, pattern = text.partition("=")
+    if not re.fullmatch(r"[A-Za-z][\w-]*", name) or not pattern:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=REGEX (e.g. attn=q_proj|k_proj|v_proj|o_proj)")
+    if name in BUILTIN_GROUPS:
+        raise argparse.ArgumentTypeError(f"{name} is a built-in group; choose it with --layer-groups")
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise argparse.ArgumentTypeError(f"{pattern!r} is not a regular expression ({err})") from None
+    return name, pattern
+
+
 def _device(text: str) -> str:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"{text} is not one of auto, cpu, cuda, cuda:N")
@@ -217,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of representations (default: all)")
     add("--layer-groups", type=_choice_list(BUILTIN_GROUPS), default=defaults.layer_groups,
         help="comma list of layer groups: all, visual (attn1), text (attn2)")
+    add("--group", dest="custom_groups", type=_group_definition, action="append", default=[], metavar="NAME=REGEX",
+        help="define and evaluate a layer group: modules whose name matches REGEX (repeatable)")
     add("--max-epochs", type=_positive_int, default=defaults.max_epochs, help="maximum training epochs")
     add("--patience", type=_positive_int, default=defaults.patience, help="early-stopping patience in epochs")
     add("--lr", type=float, default=defaults.lr, help="Adam learning rate")
@@ -237,7 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.custom_groups = tuple(dict(args.custom_groups).items())
+    clash = [name for name, _ in args.custom_groups if name in args.layer_groups]
+    if clash:
+        parser.error(f"--group {clash[0]} is defined twice")
     return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
 
 
@@ -551,16 +578,16 @@ def sample_modules(modules: list[Module], fraction: float, seed: int) -> list[Mo
     return [modules[i] for i in sorted(chosen)]
 
 
-GROUP_PATTERNS = {"all": None, "visual": ".attn1.", "text": ".attn2."}
+BUILTIN_GROUP_PATTERNS = {"all": None, "visual": r"\.attn1\.", "text": r"\.attn2\."}
 
 
-def layer_groups(modules: list[Module], names: tuple[str, ...]) -> dict[str, list[Module]]:
-    """Each requested group's modules: visual = self-attention (attn1), text = cross-attention (attn2)."""
-    groups = {}
-    for name in names:
-        pattern = GROUP_PATTERNS[name]
-        groups[name] = [m for m in modules if pattern is None or pattern in m.name]
-    return groups
+def layer_groups(modules: list[Module], names: tuple[str, ...],
+                 custom: tuple[tuple[str, str], ...] = ()) -> dict[str, list[Module]]:
+    """Each requested group's modules: visual = self-attention (attn1), text = cross-attention (attn2),
+    a custom group = modules whose name matches its regex."""
+    patterns = {**BUILTIN_GROUP_PATTERNS, **dict(custom)}
+    return {name: [m for m in modules if patterns[name] is None or re.search(patterns[name], m.name)]
+            for name in names}
 
 
 # --- reading weights -----------------------------------------------------------------------
@@ -1522,6 +1549,11 @@ GROUP_RESULT_KEYS = {"all": ("all_layers_results", "all_layers"),
                      "text": ("text_only_results", "text_only")}
 
 
+def group_result_key(group: str) -> tuple[str, str]:
+    """(results.json list, entry-name suffix) of a group: the original's names for built-in groups."""
+    return GROUP_RESULT_KEYS.get(group, (f"{group}_results", group))
+
+
 def confusion_matrices(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(runs, N) predictions -> (runs, true class, predicted class) counts."""
     runs = pred.shape[0]
@@ -1617,17 +1649,37 @@ def library_versions() -> dict[str, str]:
             "numpy": np.__version__, "pyarrow": pa.__version__}
 
 
+def find_entry(results: dict, group: str, representation: str) -> dict | None:
+    key, suffix = group_result_key(group)
+    return next((e for e in results.get(key, []) if e["representation"] == f"{representation}_{suffix}"), None)
+
+
 def entry_accuracy(results: dict, group: str, representation: str) -> tuple[float, float] | None:
-    key, suffix = GROUP_RESULT_KEYS[group]
-    for entry in results.get(key, []):
-        if entry["representation"] == f"{representation}_{suffix}":
-            return entry["test_acc_mean"], entry["test_acc_std"]
-    return None
+    entry = find_entry(results, group, representation)
+    return None if entry is None else (entry["test_acc_mean"], entry["test_acc_std"])
+
+
+def retention_interval(results: dict, group: str, representation: str, resamples: int = 2000) -> tuple[float, float, float] | None:
+    """A group's test accuracy as a fraction of all layers', with a 95% bootstrap interval over runs
+    (run k of both shares its seed, so ratios are paired by run; failed runs are left out)."""
+    base, entry = find_entry(results, "all", representation), find_entry(results, group, representation)
+    if base is None or entry is None:
+        return None
+    failed = set(base["failed_runs"]) | set(entry["failed_runs"])
+    pairs = [(a, b) for k, (a, b) in enumerate(zip(entry["test_acc_all_runs"], base["test_acc_all_runs"])) if k not in failed]
+    if not pairs:
+        return None
+    group_acc, base_acc = np.array(pairs).T
+    rng = np.random.default_rng(0)
+    picks = rng.integers(len(pairs), size=(resamples, len(pairs)))
+    ratios = group_acc[picks].mean(1) / np.maximum(base_acc[picks].mean(1), EPS)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(group_acc.mean() / max(base_acc.mean(), EPS)), float(low), float(high)
 
 
 def comparison_table(results: dict) -> str:
     """Fixed-width table: test accuracy on all layers vs each other group, drop and retention."""
-    groups = [g for g in results["config"]["layer_groups"] if g != "all"]
+    groups = [g for g in results["groups"] if g != "all"]
     header = f"{'representation':<16} {'all layers':>16}"
     for g in groups:
         header += f" {g:>16} {'drop':>8} {'retention':>10}"
@@ -1639,10 +1691,12 @@ def comparison_table(results: dict) -> str:
         for g in groups:
             acc = entry_accuracy(results, g, rep)
             if base and acc:
-                line += f" {format_acc(acc):>16} {base[0] - acc[0]:>+8.3f} {100 * acc[0] / base[0]:>9.1f}%"
+                line += f" {format_acc(acc):>16} {base[0] - acc[0]:>+8.3f} {100 * acc[0] / max(base[0], EPS):>9.1f}%"
             else:
                 line += f" {format_acc(acc):>16} {'':>8} {'':>10}"
         lines.append(line)
+    if not results.get("complete"):
+        lines.append("(partial: the run did not finish; continue it with --resume)")
     return "\n".join(lines)
 
 
@@ -1650,25 +1704,87 @@ def format_acc(acc: tuple[float, float] | None) -> str:
     return "-" if acc is None else f"{acc[0]:.3f} +- {acc[1]:.3f}"
 
 
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # headless: no display on servers
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def grouped_bars(ax, reps: list[str], groups: list[str], values) -> None:
+    """Bars per representation, one per group; values(group, rep) -> (height, (err_low, err_high)) or None."""
+    width = 0.8 / len(groups)
+    for i, g in enumerate(groups):
+        points = [values(g, r) or (np.nan, (0.0, 0.0)) for r in reps]
+        xs = np.arange(len(reps)) + (i - (len(groups) - 1) / 2) * width
+        errors = np.array([p[1] for p in points]).T
+        ax.bar(xs, [p[0] for p in points], width, yerr=errors, capsize=3, label=group_result_key(g)[1].replace("_", " "))
+    ax.set_xticks(np.arange(len(reps)), reps, rotation=30, ha="right")
+
+
 def plot_summary(results: dict, path: Path) -> None:
     """Grouped bars: test accuracy per representation and layer group, error bars one std."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     reps = list(results["config"]["representations"])
-    groups = list(results["config"]["layer_groups"])
-    width = 0.8 / len(groups)
     fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(reps) + 2), 5))
-    for i, g in enumerate(groups):
-        accs = [entry_accuracy(results, g, r) or (np.nan, 0.0) for r in reps]
-        xs = np.arange(len(reps)) + (i - (len(groups) - 1) / 2) * width
-        ax.bar(xs, [a[0] for a in accs], width, yerr=[a[1] for a in accs], capsize=3, label=GROUP_RESULT_KEYS[g][1].replace("_", " "))
+
+    def accuracy(g, r):
+        acc = entry_accuracy(results, g, r)
+        return acc and (acc[0], (acc[1], acc[1]))
+    grouped_bars(ax, reps, list(results["groups"]), accuracy)
     ax.axhline(1 / results["num_classes"], color="gray", linestyle="--", linewidth=1, label="chance")
-    ax.set_xticks(np.arange(len(reps)), reps, rotation=30, ha="right")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
-    ax.set_title(f"LoRA representations: all layers vs layer groups ({results['dataset']}, {results['num_runs']} runs)")
+    ax.set_title(f"Test accuracy per representation and layer group ({results['dataset']}, {results['num_runs']} runs)")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_retention(results: dict, path: Path) -> None:
+    """Grouped bars: each group's accuracy as a fraction of all layers', with 95% intervals over runs."""
+    plt = _pyplot()
+    reps = list(results["config"]["representations"])
+    groups = [g for g in results["groups"] if g != "all"]
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(reps) + 2), 5))
+
+    def retention(g, r):
+        ratio = retention_interval(results, g, r)
+        return ratio and (ratio[0], (ratio[0] - ratio[1], ratio[2] - ratio[0]))
+    grouped_bars(ax, reps, groups, retention)
+    ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="all layers")
+    ax.set_ylabel("accuracy / all-layers accuracy")
+    ax.set_title(f"Retention of each layer group, 95% bootstrap intervals over runs ({results['dataset']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def best_entry(results: dict) -> dict | None:
+    entries = [e for g in results["groups"] for e in results.get(group_result_key(g)[0], [])]
+    return max(entries, key=lambda e: e["test_acc_mean"], default=None)
+
+
+def plot_confusion(results: dict, entry: dict, path: Path) -> None:
+    """The test confusion matrix of one entry, summed over runs, each true class's row normalised."""
+    plt = _pyplot()
+    counts = np.asarray(entry["test_confusion_matrices"]).sum(0)
+    rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    names = results["class_names"]
+    size = max(5, 0.5 * len(names) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(np.arange(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(np.arange(len(names)), names)
+    if len(names) <= 20:
+        for (i, j), rate in np.ndenumerate(rates):
+            ax.text(j, i, f"{rate:.2f}", ha="center", va="center", fontsize=7, color="white" if rate > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{entry['representation']}: test accuracy {entry['test_acc_mean']:.3f} (rows sum to 1, all runs)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -1698,8 +1814,10 @@ def results_header(cfg: Config, loaded: LoadedDataset, labels: Labels, modules: 
     }
     if labels.mapping is not None:
         header["label_mapping"] = labels.mapping
+    header["groups"] = list(groups)
+    header["group_patterns"] = {g: {**BUILTIN_GROUP_PATTERNS, **dict(cfg.custom_groups)}[g] for g in groups}
     for g in groups:
-        header[GROUP_RESULT_KEYS[g][0]] = []
+        header[group_result_key(g)[0]] = []
     return header
 
 
@@ -1742,14 +1860,20 @@ def previous_results(path: Path, header: dict, cfg: Config) -> dict | None:
 
 
 def finished_entries(results: dict) -> set[str]:
-    return {e["representation"] for key, _ in GROUP_RESULT_KEYS.values() for e in results.get(key, [])}
+    return {e["representation"] for g in results["groups"] for e in results.get(group_result_key(g)[0], [])}
 
 
 def write_reports(out_dir: Path, results: dict) -> str:
-    """results.txt and summary.png from whatever entries have finished; returns the table."""
+    """results.txt and the plots, from whatever entries have finished; returns the table."""
     table = comparison_table(results)
     (out_dir / "results.txt").write_text(table + "\n")
     plot_summary(results, out_dir / "summary.png")
+    if "all" in results["groups"] and len(results["groups"]) > 1:
+        plot_retention(results, out_dir / "retention.png")
+    best = best_entry(results)
+    for old in out_dir.glob("confusion_*.png"):
+        old.unlink()
+    plot_confusion(results, best, out_dir / f"confusion_{best['representation']}.png")
     return table
 
 
@@ -1785,10 +1909,10 @@ def prepare_experiment(cfg: Config, device: torch.device) -> Experiment:
         warnings.append(f"split lacks classes: {detail}")
         tqdm.write(f"WARNING: {warnings[-1]}; metrics on those splits are not comparable")
     modules = sample_modules(lora_modules(loaded.dataset.column_names), cfg.sample_layers, cfg.seed)
-    groups = {g: ms for g, ms in layer_groups(modules, cfg.layer_groups).items() if ms}
+    groups = {g: ms for g, ms in layer_groups(modules, cfg.group_names, cfg.custom_groups).items() if ms}
     if not groups:
-        raise ExperimentError(f"the layer groups {', '.join(cfg.layer_groups)} select no LoRA layers in this dataset")
-    for g in cfg.layer_groups:
+        raise ExperimentError(f"the layer groups {', '.join(cfg.group_names)} select no LoRA layers in this dataset")
+    for g in cfg.group_names:
         if g not in groups:
             tqdm.write(f"notice: layer group {g!r} selects no layers in this dataset; skipped")
     out_dir = Path(cfg.output_dir) / f"visual_ablation_{loaded.name}"
@@ -1812,7 +1936,7 @@ def run_experiment(cfg: Config) -> Path:
           + (f"; resuming with {len(done)} entries done" if previous is not None else ""))
 
     entries = [(rep, g) for rep in cfg.representations for g in exp.groups
-               if f"{rep}_{GROUP_RESULT_KEYS[g][1]}" not in done]
+               if f"{rep}_{group_result_key(g)[1]}" not in done]
     try:
         extraction_started = time.perf_counter()
         needed = tuple(dict.fromkeys(rep for rep, _ in entries))
@@ -1821,7 +1945,7 @@ def run_experiment(cfg: Config) -> Path:
                                          "computed": store.computed, "loaded_from_cache": store.loaded}
         results["nonfinite_weights"] = {"zeroed": cfg.allow_nonfinite, "counts": store.nonfinite}
         for rep, group in tqdm(entries, desc="entries", unit="entry"):
-            key, suffix = GROUP_RESULT_KEYS[group]
+            key, suffix = group_result_key(group)
             name = f"{rep}_{suffix}"
             features = group_feature_matrix(store, exp.groups[group], rep)
             data = standardise(features, exp.labels.codes, exp.splits, len(exp.labels.class_names), device)

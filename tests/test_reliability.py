@@ -1,0 +1,697 @@
+"""Reliability: a mistake the user can make is reported in the first second as one line and exit
+code 2; numbers that are wrong say so; an interrupted run loses nothing and can be resumed; the
+feature cache cannot be read half-written or poisoned; running out of GPU memory slows a run
+down instead of ending it."""
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+
+import visual_ablation_experiment_optimized as vae
+
+SCRIPT = Path(vae.__file__).resolve()
+CPU = torch.device("cpu")
+GROUP_KEYS = ("all_layers_results", "visual_only_results", "text_only_results")
+TINY_TRAINING = ["--num-runs", "2", "--max-epochs", "6", "--patience", "3", "--hidden-dim", "32",
+                 "--batch-size", "32", "--num-workers", "0", "--device", "cpu"]
+VISUAL_MODULE, TEXT_MODULE = "blk.attn1.to_q", "blk.attn2.to_q"
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def keep_sigterm_handler():
+    """main() installs a SIGTERM handler; the test process gets its own back afterwards."""
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)
+
+
+@pytest.fixture
+def no_computing(monkeypatch):
+    """Fail the test if any feature is computed or any model trained: the check must come first."""
+    def computed(*args, **kwargs):
+        raise AssertionError("features were computed or a model trained before the input was checked")
+
+    monkeypatch.setattr(vae, "compute_pending", computed)
+    monkeypatch.setattr(vae, "train_runs", computed)
+
+
+def cli_args(tmp_path, dataset, *extra):
+    """A tiny CPU run of one representation on a dataset; later flags override earlier ones."""
+    return ["--dataset", str(dataset), "--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
+            *TINY_TRAINING, "--representations", "simple_stats", *extra]
+
+
+def user_error(capsys, argv) -> str:
+    """Run main, check it reported one line 'error: ...' on stderr with exit code 2, and return that line."""
+    code = vae.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), err[-2000:]
+    return lines[0]
+
+
+def error_line(err: str) -> str:
+    """The one 'error:' line of a run whose stderr also holds progress bars."""
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err[-2000:]
+    return lines[0]
+
+
+def results_of(tmp_path, name):
+    return json.loads((tmp_path / "out" / f"visual_ablation_{name}" / "results.json").read_text())
+
+
+def balanced_labels(rows, classes):
+    """Labels that put every class in each split of the published split."""
+    labels = np.empty(rows, dtype=np.int64)
+    for idx in vae.split_indices(rows).values():
+        labels[idx] = np.arange(len(idx)) % classes
+    return labels
+
+
+def lora_weights(rows, modules=(VISUAL_MODULE, TEXT_MODULE), seed=0):
+    """Rank-1 down (1, 8) and up (8, 1) factors of each module, as float32 arrays."""
+    rng = np.random.default_rng(seed)
+    columns = {}
+    for module in modules:
+        columns[f"{module}.lora.down.weight"] = rng.standard_normal((rows, 1, 8)).astype(np.float32)
+        columns[f"{module}.lora.up.weight"] = rng.standard_normal((rows, 8, 1)).astype(np.float32)
+    return columns
+
+
+def save_dataset(path, columns) -> Path:
+    Dataset.from_dict(columns).save_to_disk(str(path))
+    return path
+
+
+def adapters(path, rows=60, modules=(VISUAL_MODULE, TEXT_MODULE), labels=None, **extra) -> Path:
+    """A small save_to_disk dataset of rank-1 LoRA modules whose splits hold both classes."""
+    columns = lora_weights(rows, modules)
+    columns["category_label"] = balanced_labels(rows, 2) if labels is None else labels
+    columns.update(extra)
+    return save_dataset(path, columns)
+
+
+# --- check before computing: one line, exit code 2 ---------------------------------------------
+
+@pytest.mark.usefixtures("no_computing")
+def test_unknown_preset_is_an_error_listing_the_presets(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    message = user_error(capsys, cli_args(tmp_path, "5k"))
+    assert "5k" in message
+    assert "1k" in message and "sanity-check" in message
+
+
+@pytest.mark.usefixtures("no_computing")
+@pytest.mark.parametrize("dataset", ["someone/lora-weights", "1k"], ids=["hub_id", "preset"])
+def test_unreachable_hub_is_an_error_suggesting_an_offline_dataset(dataset, tmp_path, monkeypatch, capsys):
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the Hub")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    message = user_error(capsys, cli_args(tmp_path, dataset))
+    assert "sanity-check" in message
+
+
+def empty_directory(tmp_path):
+    (tmp_path / "empty").mkdir()
+    return tmp_path / "empty"
+
+
+def directory_of_notes(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.txt").write_text("adapters will go here")
+    return tmp_path / "notes"
+
+
+def text_file(tmp_path):
+    (tmp_path / "adapters.txt").write_text("not a dataset")
+    return tmp_path / "adapters.txt"
+
+
+def parquet_name_without_parquet_data(tmp_path):
+    (tmp_path / "adapters.parquet").write_text("not parquet")
+    return tmp_path / "adapters.parquet"
+
+
+def saved_dataset_missing_its_data_file(tmp_path):
+    path = adapters(tmp_path / "half-copied")
+    for arrow in path.glob("*.arrow"):
+        arrow.unlink()
+    return path
+
+
+@pytest.mark.usefixtures("no_computing")
+@pytest.mark.parametrize("make", [empty_directory, directory_of_notes, text_file, parquet_name_without_parquet_data,
+                                  saved_dataset_missing_its_data_file], ids=lambda make: make.__name__)
+def test_path_holding_no_dataset_is_an_error_naming_the_path(make, tmp_path, capsys):
+    path = make(tmp_path)
+    message = user_error(capsys, cli_args(tmp_path, path))
+    assert path.name in message
+
+
+@pytest.mark.usefixtures("no_computing")
+def test_dataset_without_lora_columns_is_an_error_listing_columns_found(tmp_path, capsys):
+    path = save_dataset(tmp_path / "no-lora", {"category_label": balanced_labels(60, 2),
+                                                "folder": [f"adapter-{i}" for i in range(60)],
+                                                "num_images": np.arange(60)})
+    message = user_error(capsys, cli_args(tmp_path, path))
+    assert "LoRA" in message
+    assert "folder" in message and "num_images" in message
+
+
+@pytest.mark.usefixtures("no_computing")
+def test_missing_label_column_is_an_error_listing_candidate_columns(tmp_path, capsys):
+    path = adapters(tmp_path / "adapters", folder=[f"adapter-{i}" for i in range(60)])
+    message = user_error(capsys, cli_args(tmp_path, path, "--label-column", "kind"))
+    assert "kind" in message
+    assert "category_label" in message and "folder" in message
+    assert ".lora." not in message  # tensors are no candidates
+
+
+@pytest.mark.usefixtures("no_computing")
+def test_label_column_with_a_single_class_is_an_error(tmp_path, capsys):
+    path = adapters(tmp_path / "adapters", labels=np.zeros(60, dtype=np.int64))
+    message = user_error(capsys, cli_args(tmp_path, path))
+    assert "category_label" in message and "single class" in message
+
+
+@pytest.mark.usefixtures("no_computing")
+def test_lora_column_whose_matrices_differ_in_shape_is_an_error_naming_column_and_row(tmp_path, capsys):
+    column = f"{VISUAL_MODULE}.lora.down.weight"
+    columns = {name: array.tolist() for name, array in lora_weights(60).items()}
+    columns[column][7] = [[0.5] * 6]  # one adapter with a narrower factor
+    columns["category_label"] = balanced_labels(60, 2)
+    path = save_dataset(tmp_path / "ragged", columns)
+
+    message = user_error(capsys, cli_args(tmp_path, path))
+    assert column in message
+    assert "row 7" in message
+
+
+@pytest.fixture
+def visual_only_dataset(tmp_path):
+    """Adapters whose LoRA layers are all self-attention (attn1): the text group selects nothing."""
+    return adapters(tmp_path / "visual-only", modules=(VISUAL_MODULE, "blk.attn1.to_v"))
+
+
+def test_layer_group_selecting_nothing_is_skipped_with_a_notice_when_another_group_runs(
+        visual_only_dataset, tmp_path, capsys):
+    code = vae.main(cli_args(tmp_path, visual_only_dataset, "--layer-groups", "all,text"))
+    out, err = capsys.readouterr()
+    assert code == 0, err[-2000:]
+    assert "notice" in out and "'text'" in out and "skipped" in out
+    results = results_of(tmp_path, "visual-only")
+    assert [e["representation"] for e in results["all_layers_results"]] == ["simple_stats_all_layers"]
+    assert not results.get("text_only_results")
+
+
+@pytest.mark.usefixtures("no_computing")
+def test_layer_groups_selecting_nothing_at_all_are_an_error(visual_only_dataset, tmp_path, capsys):
+    message = user_error(capsys, cli_args(tmp_path, visual_only_dataset, "--layer-groups", "text"))
+    assert "text" in message and "no LoRA layers" in message
+
+
+@pytest.mark.usefixtures("no_computing")
+def test_representation_needing_down_up_pairs_on_layers_without_pairs_is_an_error(tmp_path, capsys):
+    columns = {c: w for c, w in lora_weights(60).items() if c.endswith(".lora.down.weight")}
+    columns["category_label"] = balanced_labels(60, 2)
+    path = save_dataset(tmp_path / "down-only", columns)
+
+    message = user_error(capsys, cli_args(tmp_path, path, "--representations", "simple_stats,delta_spectral"))
+    assert "delta_spectral" in message
+
+
+@pytest.fixture
+def class_only_in_training_split(tmp_path):
+    """Two classes in every split, and a third only in two training rows."""
+    labels = balanced_labels(60, 2)
+    labels[vae.split_indices(60)["train"][:2]] = 2
+    return adapters(tmp_path / "rare-class", labels=labels)
+
+
+@pytest.mark.usefixtures("no_computing")
+def test_split_lacking_a_class_is_an_error_suggesting_the_flag(class_only_in_training_split, tmp_path, capsys):
+    message = user_error(capsys, cli_args(tmp_path, class_only_in_training_split))
+    assert "val" in message and "test" in message
+    assert "--allow-missing-classes" in message
+
+
+def test_split_lacking_a_class_runs_with_the_flag_and_records_a_warning(class_only_in_training_split, tmp_path,
+                                                                        capsys):
+    code = vae.main(cli_args(tmp_path, class_only_in_training_split, "--allow-missing-classes"))
+    out, err = capsys.readouterr()
+    assert code == 0, err[-2000:]
+    assert "WARNING" in out + err
+    results = results_of(tmp_path, "rare-class")
+    assert results["complete"] is True
+    [warning] = results["warnings"]
+    assert "val" in warning and "test" in warning
+
+
+@pytest.mark.usefixtures("no_computing")
+@pytest.mark.parametrize("flag", ["--output-dir", "--cache-dir"])
+@pytest.mark.parametrize("where", ["a_regular_file", "under_a_regular_file"])
+def test_directory_that_cannot_be_written_is_an_error_naming_the_flag(flag, where, tiny_dataset_path, tmp_path,
+                                                                      capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a directory")
+    target = blocker if where == "a_regular_file" else blocker / "sub"
+    message = user_error(capsys, cli_args(tmp_path, tiny_dataset_path, flag, str(target)))
+    assert flag in message and str(target) in message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.usefixtures("no_computing")
+def test_cuda_device_without_cuda_is_an_error(tiny_dataset_path, tmp_path, capsys):
+    message = user_error(capsys, cli_args(tmp_path, tiny_dataset_path, "--device", "cuda"))
+    assert "CUDA" in message and "--device cpu" in message
+
+
+# --- numbers that are wrong say so ------------------------------------------------------------
+
+NAN_COLUMN, INF_COLUMN = f"{VISUAL_MODULE}.lora.down.weight", f"{TEXT_MODULE}.lora.up.weight"
+
+
+@pytest.fixture
+def nonfinite_dataset(tmp_path):
+    """2 NaN in a visual column, 1 NaN and 2 Inf in a text column, 5 in all."""
+    columns = lora_weights(60)
+    columns[NAN_COLUMN][[3, 8], 0, 2] = np.nan
+    columns[INF_COLUMN][[10, 11, 12], [0, 4, 7], 0] = [np.inf, -np.inf, np.nan]
+    columns["category_label"] = balanced_labels(60, 2)
+    return save_dataset(tmp_path / "nonfinite", columns)
+
+
+def test_nonfinite_weights_are_an_error_counting_them_per_column_and_suggesting_the_flag(
+        nonfinite_dataset, tmp_path, capsys):
+    code = vae.main(cli_args(tmp_path, nonfinite_dataset))
+    message = error_line(capsys.readouterr().err)
+    assert code == 2
+    assert "5 NaN/Inf" in message
+    assert f"{NAN_COLUMN} (2)" in message and f"{INF_COLUMN} (3)" in message
+    assert "--allow-nonfinite" in message
+
+
+def test_allowed_nonfinite_weights_are_zeroed_and_counted_per_column_in_results_json(
+        nonfinite_dataset, tmp_path, capsys):
+    code = vae.main(cli_args(tmp_path, nonfinite_dataset, "--allow-nonfinite"))
+    assert code == 0, capsys.readouterr().err[-2000:]
+    results = results_of(tmp_path, "nonfinite")
+    assert results["nonfinite_weights"] == {"zeroed": True, "counts": {NAN_COLUMN: 2, INF_COLUMN: 3}}
+    assert np.isfinite(results["all_layers_results"][0]["test_acc_mean"])
+
+
+def test_nonfinite_counts_stay_exact_when_raw_weights_of_several_groups_are_read(nonfinite_dataset, tmp_path,
+                                                                                 capsys):
+    code = vae.main(cli_args(tmp_path, nonfinite_dataset, "--allow-nonfinite",
+                             "--representations", "simple_stats,flat_vec", "--layer-groups", "all,visual"))
+    assert code == 0, capsys.readouterr().err[-2000:]
+    counts = results_of(tmp_path, "nonfinite")["nonfinite_weights"]["counts"]
+    assert counts == {NAN_COLUMN: 2, INF_COLUMN: 3}
+
+
+def test_nonfinite_counts_are_recorded_when_the_features_come_from_the_cache(nonfinite_dataset, tmp_path, capsys):
+    args = cli_args(tmp_path, nonfinite_dataset, "--allow-nonfinite", "--cache-features")
+    assert vae.main(args) == 0
+    assert vae.main(args) == 0, capsys.readouterr().err[-2000:]
+    results = results_of(tmp_path, "nonfinite")
+    assert results["feature_extraction"]["computed"] == 0  # the second run read every feature from the cache
+    assert results["nonfinite_weights"] == {"zeroed": True, "counts": {NAN_COLUMN: 2, INF_COLUMN: 3}}
+
+
+def test_feature_constant_on_the_training_split_standardises_to_finite_values_on_every_split():
+    features = np.column_stack([np.full(10, 0.3, dtype=np.float32), np.arange(10, dtype=np.float32)])
+    features[8, 0] = 5.0  # the validation row holds another value
+    splits = {"train": np.arange(0, 7), "val": np.array([7, 8]), "test": np.array([9])}
+
+    data = vae.standardise(features, np.arange(10) % 2, splits, 2, CPU)
+
+    for split, x in data.x.items():
+        assert torch.isfinite(x).all(), split
+    assert torch.equal(data.x["train"][:, 0], torch.zeros(7))
+    assert data.x["val"][1, 0].item() == pytest.approx(5.0 - 0.3, rel=1e-5)  # unit scale, not divided by ~0
+
+
+def tiny_split_data(rows=60, features=6, classes=3):
+    rng = np.random.default_rng(0)
+    labels = np.arange(rows) % classes
+    x = (rng.standard_normal((rows, features)) + labels[:, None]).astype(np.float32)
+    splits = {"train": np.arange(0, 40), "val": np.arange(40, 50), "test": np.arange(50, 60)}
+    return vae.standardise(x, labels, splits, classes, CPU)
+
+
+TINY_CONFIG = vae.Config(num_runs=3, max_epochs=6, patience=3, hidden_dim=16, batch_size=16, num_workers=0,
+                         device="cpu")
+
+
+@pytest.fixture(scope="module")
+def diverged_entry():
+    """A results entry of 3 runs where run 1 starts from NaN weights, so its loss is NaN at once."""
+    real_init = vae.init_ensemble_params
+
+    def nan_in_run_1(seeds, *args, **kwargs):
+        params = real_init(seeds, *args, **kwargs)
+        if vae.run_seed(TINY_CONFIG, 1) in seeds:
+            params["w0"][seeds.index(vae.run_seed(TINY_CONFIG, 1))] = float("nan")
+        return params
+
+    data = tiny_split_data()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vae, "init_ensemble_params", nan_in_run_1)
+        result = vae.train_runs(data, TINY_CONFIG, CPU, "diverging")
+    return vae.evaluate_entry(result, data, TINY_CONFIG, CPU, "simple_stats_all_layers", num_layers=4)
+
+
+def test_run_whose_loss_becomes_nonfinite_is_reported_as_failed(diverged_entry):
+    assert diverged_entry["failed_runs"] == [1]
+    assert diverged_entry["num_successful_runs"] == 2
+    assert "non-finite" in diverged_entry["per_run_results"][1]["failed"]
+    assert diverged_entry["per_run_results"][0]["failed"] is None
+    assert diverged_entry["per_run_results"][2]["failed"] is None
+
+
+def test_run_whose_loss_becomes_nonfinite_stops_training_at_once(diverged_entry):
+    epochs = [len(curve["train_loss_history"]) for curve in diverged_entry["learning_curves"]]
+    assert epochs[1] == 1
+    assert epochs[0] > 1 and epochs[2] > 1
+
+
+def test_means_and_spreads_are_over_the_successful_runs_only(diverged_entry):
+    ok = [0, 2]
+    runs = diverged_entry["per_run_results"]
+    for metric in ("train_acc", "val_acc", "test_acc", "val_f1", "test_f1", "val_precision", "test_precision",
+                   "val_recall", "test_recall", "best_epoch"):
+        values = np.array([runs[k][metric] for k in ok], dtype=np.float64)
+        assert diverged_entry[f"{metric}_mean"] == pytest.approx(values.mean()), metric
+        assert diverged_entry[f"{metric}_std"] == pytest.approx(values.std()), metric
+
+
+def test_entry_with_a_failed_run_is_standard_json_without_nan(diverged_entry):
+    json.dumps(diverged_entry, allow_nan=False)
+
+
+# --- nothing lost: atomic results, a real interruption, --resume --------------------------------
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk_full", "ctrl_c"])
+def test_results_json_interrupted_mid_write_keeps_the_previous_file_and_leaves_no_temporary(
+        failure, tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    vae.write_json_atomic(path, {"complete": False, "all_layers_results": [{"representation": "spectral"}]})
+    before = path.read_bytes()
+
+    def write_half_then_fail(obj, f, **kwargs):
+        f.write('{"complete": tr')
+        raise failure
+
+    monkeypatch.setattr(vae.json, "dump", write_half_then_fail)
+    with pytest.raises(type(failure)):
+        vae.write_json_atomic(path, {"complete": True})
+
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+# enough entries (8 representations x 3 groups) that the run is still training when it is interrupted
+INTERRUPTED_REPRESENTATIONS = "simple_stats,rank_based,stats,matrix_norms,distribution,info_theoretic,spectral,delta_spectral"
+
+
+def interruptible_args(dataset, output_dir):
+    return ["--dataset", str(dataset), "--output-dir", str(output_dir), "--cache-dir", str(output_dir.parent / "cache"),
+            *TINY_TRAINING, "--representations", INTERRUPTED_REPRESENTATIONS, "--layer-groups", "all,visual,text"]
+
+
+def cli_env():
+    # One BLAS/OpenMP thread: the machine is small and shared; results do not depend on it.
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def finished_entries(results_path) -> list[dict]:
+    """The entries results.json holds now (it is written atomically, so it always parses)."""
+    if not results_path.exists():
+        return []
+    results = json.loads(results_path.read_text())
+    return [e for key in GROUP_KEYS for e in results.get(key, [])]
+
+
+def interrupt_after_first_entry(args, workdir, signum) -> dict:
+    """Start the CLI, send signum as soon as results.json holds a finished entry, and wait for it to end."""
+    results_path = Path(args[args.index("--output-dir") + 1]) / "visual_ablation_tiny" / "results.json"
+    with open(workdir / "stdout.txt", "w") as out, open(workdir / "stderr.txt", "w") as err:
+        process = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=workdir, env=cli_env(),
+                                   stdout=out, stderr=err)
+        try:
+            deadline = time.monotonic() + 180
+            while not finished_entries(results_path):
+                assert process.poll() is None, f"the run ended before an entry was written: {process.returncode}"
+                assert time.monotonic() < deadline, "no entry was written in 180 s"
+                time.sleep(0.02)
+            process.send_signal(signum)
+            code = process.wait(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return {"code": code, "stderr": (workdir / "stderr.txt").read_text(), "results_path": results_path,
+            "results": json.loads(results_path.read_text())}
+
+
+@pytest.fixture(scope="module")
+def interrupted(tiny_dataset_path, tmp_path_factory):
+    """A run of 24 entries on the tiny dataset, stopped with Ctrl-C (SIGINT) after its first entry."""
+    workdir = tmp_path_factory.mktemp("interrupted")
+    args = interruptible_args(tiny_dataset_path, workdir / "out")
+    return dict(interrupt_after_first_entry(args, workdir, signal.SIGINT), args=args, output_dir=workdir / "out")
+
+
+def copy_of(interrupted, tmp_path) -> tuple[list[str], Path]:
+    """The interrupted run's output in a fresh directory, and its arguments pointed there."""
+    output_dir = tmp_path / "out"
+    shutil.copytree(interrupted["output_dir"], output_dir)
+    args = list(interrupted["args"])
+    args[args.index("--output-dir") + 1] = str(output_dir)
+    return args, output_dir / "visual_ablation_tiny" / "results.json"
+
+
+def test_ctrl_c_exits_130_saying_how_to_resume(interrupted):
+    assert interrupted["code"] == 130, interrupted["stderr"][-2000:]
+    assert "Traceback" not in interrupted["stderr"]
+    assert "--resume" in interrupted["stderr"]
+
+
+def test_ctrl_c_leaves_a_valid_incomplete_results_json_with_the_finished_entries(interrupted):
+    results = json.loads(interrupted["results_path"].read_text(), parse_constant=pytest.fail)
+    assert results["complete"] is False
+    names = [e["representation"] for e in finished_entries(interrupted["results_path"])]
+    assert 1 <= len(names) < 24
+    assert names[0] == "simple_stats_all_layers"
+
+
+def test_ctrl_c_leaves_results_txt_of_the_finished_entries(interrupted):
+    table = (interrupted["results_path"].parent / "results.txt").read_text()
+    assert "simple_stats" in table
+
+
+@pytest.mark.usefixtures("no_computing")
+def test_rerun_of_an_interrupted_run_without_resume_is_refused_mentioning_resume(interrupted, tmp_path, capsys):
+    args, results_path = copy_of(interrupted, tmp_path)
+    before = results_path.read_bytes()
+    message = user_error(capsys, args)
+    assert "--resume" in message
+    assert results_path.read_bytes() == before
+
+
+@pytest.mark.usefixtures("no_computing")
+def test_resume_with_another_configuration_is_refused_naming_the_changed_setting(interrupted, tmp_path, capsys):
+    args, results_path = copy_of(interrupted, tmp_path)
+    message = user_error(capsys, [*args, "--resume", "--num-runs", "3"])
+    assert "--resume" in message
+    assert "num_runs" in message or "--num-runs" in message
+
+
+@pytest.fixture(scope="module")
+def resumed(interrupted, tmp_path_factory):
+    """The interrupted run continued with --resume, as a new process."""
+    args, results_path = copy_of(interrupted, tmp_path_factory.mktemp("resumed"))
+    process = subprocess.run([sys.executable, str(SCRIPT), *args, "--resume"], cwd=results_path.parents[2],
+                             env=cli_env(), capture_output=True, text=True, timeout=300)
+    return {"process": process, "results_path": results_path}
+
+
+def test_resume_finishes_the_run_with_every_entry(resumed):
+    assert resumed["process"].returncode == 0, resumed["process"].stderr[-2000:]
+    results = json.loads(resumed["results_path"].read_text())
+    assert results["complete"] is True
+    for key, suffix in zip(GROUP_KEYS, ("all_layers", "visual_only", "text_only")):
+        assert [e["representation"] for e in results[key]] == [
+            f"{rep}_{suffix}" for rep in INTERRUPTED_REPRESENTATIONS.split(",")]
+
+
+def test_resume_keeps_entries_finished_before_the_interruption_unchanged(interrupted, resumed):
+    assert resumed["process"].returncode == 0, resumed["process"].stderr[-2000:]
+    after = {e["representation"]: e for e in finished_entries(resumed["results_path"])}
+    for entry in finished_entries(interrupted["results_path"]):
+        assert after[entry["representation"]]["per_run_results"] == entry["per_run_results"]
+        assert after[entry["representation"]] == entry
+
+
+def test_sigterm_ends_the_run_like_ctrl_c_keeping_finished_entries(tiny_dataset_path, tmp_path):
+    run = interrupt_after_first_entry(interruptible_args(tiny_dataset_path, tmp_path / "out"), tmp_path,
+                                      signal.SIGTERM)
+    assert run["code"] == 130, run["stderr"][-2000:]
+    assert "Traceback" not in run["stderr"]
+    assert run["results"]["complete"] is False
+    assert finished_entries(run["results_path"])
+
+
+# --- the cache: never half-written, never poisoned ---------------------------------------------
+
+def test_concurrent_writers_of_one_key_never_expose_a_half_written_file(tmp_path, capsys):
+    cache = vae.FeatureCache(tmp_path / "cache")
+    key = {"format": 1, "dataset": "abc", "unit": f"{VISUAL_MODULE}.lora.down.weight", "representation": "spectral"}
+    array = np.arange(256 * 1024, dtype=np.float32).reshape(1024, 256)  # 1 MB: a write takes a while
+    cache.save(key, array)
+
+    def write_repeatedly():
+        for _ in range(40):
+            cache.save(key, array)
+
+    writers = [threading.Thread(target=write_repeatedly) for _ in range(2)]
+    for writer in writers:
+        writer.start()
+    loads = []
+    while any(writer.is_alive() for writer in writers):
+        loads.append(cache.load(key))
+    for writer in writers:
+        writer.join()
+
+    assert loads
+    assert all(loaded is not None and np.array_equal(loaded, array) for loaded in loads)
+    assert "unusable" not in capsys.readouterr().out
+    assert sorted(p.name for p in cache.directory.iterdir()) == [cache.path(key).name]
+
+
+class _CreatesFile:
+    """Unpickling this creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_tampered_cache_file_is_refused_during_a_run_and_its_feature_recomputed(tiny_dataset_path, tiny_spec,
+                                                                                   tmp_path, capsys):
+    args = cli_args(tmp_path, tiny_dataset_path, "--cache-features", "--layer-groups", "all")
+    assert vae.main(args) == 0
+    loaded = vae.load_experiment_dataset(vae.Config(dataset=str(tiny_dataset_path)))
+    store = vae.FeatureStore(loaded.fingerprint, tmp_path / "cache", persistent=True, reader=None, shapes={},
+                             zero_nonfinite=False)
+    key = store.key(next(iter(tiny_spec.shapes)), "simple_stats")
+    path = store.cache.path(key)
+    assert path.exists(), "the first run should have cached this feature"
+    marker = tmp_path / "pwned"
+    path.write_bytes(pickle.dumps({"key": key, "data": _CreatesFile(marker)}))
+    capsys.readouterr()
+
+    code = vae.main(args)
+    out, err = capsys.readouterr()
+
+    assert code == 0, err[-2000:]
+    assert not marker.exists()
+    assert path.name in out + err
+    assert results_of(tmp_path, "tiny")["feature_extraction"]["computed"] == 1
+    assert store.cache.load(key) is not None  # the recomputed features replaced the tampered file
+
+
+# --- out of GPU memory: smaller pieces, and the run goes on ----------------------------------
+
+def test_training_out_of_memory_splits_the_ensemble_keeps_every_run_and_says_so(monkeypatch, capsys):
+    real_train = vae.train_ensemble
+
+    def fits_one_run_at_a_time(data, cfg, seeds, device, label=""):
+        if len(seeds) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_train(data, cfg, seeds, device, label)
+
+    monkeypatch.setattr(vae, "train_ensemble", fits_one_run_at_a_time)
+    cfg = vae.Config(num_runs=4, max_epochs=3, patience=3, hidden_dim=16, batch_size=16, num_workers=0)
+    result = vae.train_runs(tiny_split_data(), cfg, CPU, "spectral_all_layers")
+
+    assert [h.seed for h in result.histories] == [vae.run_seed(cfg, k) for k in range(4)]
+    assert all(h.val_acc and h.failed is None for h in result.histories)
+    assert result.best_params["w0"].shape[0] == 4
+    out = capsys.readouterr().out
+    assert "out of GPU memory" in out and "2 and 2 at a time" in out
+
+
+@pytest.fixture
+def tiny_loaded(tiny_dataset_path):
+    loaded = vae.load_experiment_dataset(vae.Config(dataset=str(tiny_dataset_path)))
+    return loaded, vae.lora_modules(loaded.dataset.column_names)
+
+
+def test_extraction_out_of_memory_continues_with_smaller_chunks_and_says_so(tiny_loaded, tmp_path, monkeypatch,
+                                                                             capsys):
+    loaded, modules = tiny_loaded
+    real_compute = vae.compute_pending
+    chunk_sizes = []
+
+    def out_of_memory_once(store, work, cfg, device, chunk_bytes):
+        chunk_sizes.append(chunk_bytes)
+        if len(chunk_sizes) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_compute(store, work, cfg, device, chunk_bytes)
+
+    monkeypatch.setattr(vae, "compute_pending", out_of_memory_once)
+    cfg = vae.Config(representations=("simple_stats",), cache_dir=str(tmp_path / "cache"), num_workers=0)
+    store = vae.extract_features(loaded, modules, cfg, CPU)
+
+    for unit in vae.feature_units(modules, "simple_stats"):
+        assert store.get(unit, "simple_stats").shape == (120, 5)
+    assert chunk_sizes == [vae.CHUNK_BYTES, vae.CHUNK_BYTES // 2]
+    out = capsys.readouterr().out
+    assert "out of GPU memory" in out and f"{vae.CHUNK_BYTES // 2 >> 20} MB chunks" in out
+
+
+def test_features_finished_before_an_extraction_out_of_memory_are_not_recomputed(tiny_loaded, tmp_path,
+                                                                                 monkeypatch):
+    loaded, modules = tiny_loaded
+    real_compute = vae.compute_pending
+    calls = []
+
+    def out_of_memory_after_three_modules(store, work, cfg, device, chunk_bytes):
+        calls.append(len(work))
+        if len(calls) == 1:
+            real_compute(store, work[:3], cfg, device, chunk_bytes)
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_compute(store, work, cfg, device, chunk_bytes)
+
+    monkeypatch.setattr(vae, "compute_pending", out_of_memory_after_three_modules)
+    cfg = vae.Config(representations=("simple_stats",), cache_dir=str(tmp_path / "cache"), num_workers=0)
+    store = vae.extract_features(loaded, modules, cfg, CPU)
+
+    units = vae.feature_units(modules, "simple_stats")
+    assert calls == [len(modules), len(modules) - 3]
+    assert store.computed == len(units)  # each feature stored once
