@@ -24,7 +24,9 @@ Data flows one way, and the sections below follow it:
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -34,15 +36,17 @@ import os
 import pickle
 import platform
 import re
+import shutil
 import signal
 import sys
 import tempfile
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -128,10 +132,20 @@ class Config:
     """base seed of the runs and of --sample-layers"""
     label_column: str = "category_label"
     """column holding the class label"""
+    labels: str | None = None
+    """for a folder of adapters: CSV of `adapter path, label` rows (else metadata.json or folder names)"""
+    skip_mismatched: bool = False
+    """for a folder of adapters: leave out adapters whose tensors differ from the others (else stop)"""
+    export_dataset: str | None = None
+    """for a folder of adapters: also save the table built from it here with save_to_disk"""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N"""
     sequential_runs: bool = False
     """train runs one at a time instead of as one batched ensemble (for comparison)"""
+    compile: str = "auto"
+    """torch.compile the training step: auto (on CUDA only, where it pays), on, off"""
+    max_resident_features_gb: float = 0.0
+    """features larger than this are streamed from disk during training (0: half the free device memory)"""
     sanity_rows: int = 400
     """rows of the generated sanity-check dataset"""
     resume: bool = False
@@ -244,9 +258,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lr", type=float, default=defaults.lr, help="Adam learning rate")
     add("--seed", type=int, default=defaults.seed, help="base seed: run k uses seed + k")
     add("--label-column", default=defaults.label_column, help="column holding the class label")
+    add("--labels", default=None, metavar="CSV",
+        help="folder of adapters: CSV of `adapter path, label` rows (default: metadata.json, else parent folder names)")
+    add("--skip-mismatched", action="store_true",
+        help="folder of adapters: leave out adapters whose tensors differ from the others instead of stopping")
+    add("--export-dataset", default=None, metavar="DIR",
+        help="folder of adapters: also save the table built from it with save_to_disk, for sharing")
     add("--device", type=_device, default=defaults.device, help="auto, cpu, cuda or cuda:N")
     add("--sequential-runs", action="store_true",
         help="train runs one at a time instead of as one batched ensemble (for comparison)")
+    add("--compile", choices=("auto", "on", "off"), default=defaults.compile,
+        help="torch.compile the training step: auto = on CUDA only, where compilation pays for itself")
+    add("--max-resident-features-gb", type=float, default=defaults.max_resident_features_gb,
+        help="stream features larger than this from disk during training (0: half the free device memory)")
     add("--sanity-rows", type=_positive_int, default=defaults.sanity_rows,
         help="rows of the generated sanity-check dataset")
     add("--resume", action="store_true",
@@ -282,6 +306,27 @@ def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     if cfg.no_amp or device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory free on the device now: the GPU's, or the host's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def compile_available(device: torch.device) -> str | None:
+    """None when torch.compile can be used on this device, else why not."""
+    if not torch._dynamo.is_dynamo_supported():
+        return f"torch.compile does not support this Python/platform ({platform.python_version()})"
+    if device.type == "cuda" and not torch.utils._triton.has_triton():
+        return "torch.compile needs Triton for CUDA, and it is not installed"
+    return None
 
 
 def run_seed(cfg: Config, run: int) -> int:
@@ -348,33 +393,6 @@ def load_local_dataset(path: Path):
             return datasets.load_dataset("parquet", data_files=parquet, split="train")
     raise ExperimentError(
         f"{path} holds no dataset: expected a save_to_disk directory or parquet file(s)")
-
-
-def dataset_short_name(spec: str) -> str:
-    """Preset name, or the last component of a path or hub id (never a whole path)."""
-    name = Path(spec.rstrip("/\\")).name
-    return Path(name).stem if name.endswith(".parquet") else name
-
-
-def load_experiment_dataset(cfg: Config) -> LoadedDataset:
-    """Resolve --dataset to a Dataset: sanity-check, preset, local path, then hub id."""
-    spec = cfg.dataset
-    if spec == SANITY_CHECK:
-        path = write_sanity_check_dataset(Path(cfg.data_dir), rows=cfg.sanity_rows)
-        ds, source = load_local_dataset(path), f"generated {SANITY_CHECK} ({cfg.sanity_rows} rows)"
-    elif spec in HUB_PRESETS:
-        ds, source = load_hub_dataset(HUB_PRESETS[spec]), HUB_PRESETS[spec]
-    elif Path(spec).exists():
-        ds, source = load_local_dataset(Path(spec)), "local path"
-    elif HUB_ID.fullmatch(spec):
-        ds, source = load_hub_dataset(spec), spec
-    else:
-        raise ExperimentError(
-            f"--dataset {spec!r} is neither a preset ({', '.join([*HUB_PRESETS, SANITY_CHECK])}), "
-            "an existing path, nor a hub id owner/name")
-    if ds._indices is not None:  # the Arrow table ignores an indices mapping: materialise it
-        ds = ds.flatten_indices()
-    return LoadedDataset(ds, dataset_short_name(spec), source, dataset_fingerprint(ds))
 
 
 # --- the generated dataset ------------------------------------------------------------------
@@ -486,6 +504,691 @@ def write_synthetic_dataset(spec: SyntheticSpec, path: Path, block_rows: int = 2
 def write_sanity_check_dataset(data_dir: Path, rows: int) -> Path:
     spec = SyntheticSpec(rows=rows)
     return write_synthetic_dataset(spec, data_dir / f"{SANITY_CHECK}-{rows}")
+
+
+# --- adapter folders: one vocabulary of tensor names, then one table row per adapter ---------
+#
+# PATH/<adapter>/pytorch_lora_weights.safetensors   diffusers (optional metadata.json beside it)
+# PATH/<adapter>/adapter_model.safetensors          PEFT, with adapter_config.json
+# PATH/<name>.safetensors                           one file per adapter, as kohya-style trainers write
+#                                                   (optional <name>.metadata.json beside it)
+# Any of these may sit one level deeper, PATH/<label>/..., which gives the label.
+
+FOLDER_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
+TABLE_INFO_FILE = "adapter_table.json"  # label source and skipped adapters, kept beside the Arrow files
+ADAPTER_TABLE_VERSION = 1  # bump when the table built from the same files would change
+WRITER_BATCH_BYTES = 64 << 20  # weights per Arrow batch written: bounds the memory a batch takes
+
+# kohya flattens a module path by turning every "." into "_"; these names keep their "_" when it
+# is turned back (diffusers UNet, the original SD/SDXL UNet kohya uses for SDXL, CLIP text encoders,
+# common language models).  A name missing here is split at each "_": still one name per module,
+# consistent between kohya files, but it would not line up with the same module from another trainer.
+KOHYA_COMPOUND_NAMES = frozenset({
+    "down_blocks", "mid_block", "up_blocks", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
+    "proj_in", "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "conv_norm_out",
+    "time_embedding", "linear_1", "linear_2", "add_embedding",
+    "input_blocks", "middle_block", "output_blocks", "in_layers", "out_layers", "emb_layers",
+    "skip_connection", "time_embed", "label_emb",
+    "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "text_projection",
+    "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head", "self_attention",
+    "query_key_value", "dense_h_to_4h", "dense_4h_to_h", "c_attn", "c_proj", "c_fc",
+})
+KOHYA_LONGEST_NAME = max(name.count("_") + 1 for name in KOHYA_COMPOUND_NAMES)
+KOHYA_COMPONENTS = {"lora_unet": "", "lora_te": "text_encoder.", "lora_te1": "text_encoder.", "lora_te2": "text_encoder_2."}
+KOHYA_KINDS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+
+KOHYA_KEY = re.compile(r"(?P<component>lora_unet|lora_te[12]?)_(?P<flat>[^.]+)\.(?P<suffix>lora_down\.weight|lora_up\.weight|alpha)")
+# diffusers' attention-processor era: attn1.processor.to_q_lora.down.weight (unet), self_attn.to_q_lora.down.weight (text encoder)
+PROCESSOR_KEY = re.compile(r"(?P<parent>.+?)(?:\.processor)?\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<side>down|up)\.weight")
+DOTTED_KEY = re.compile(
+    r"(?P<module>.+?)\.(?:"
+    r"lora\.(?P<legacy>down|up)\.weight"                 # diffusers: to_q.lora.down.weight
+    r"|lora_linear_layer\.(?P<linear>down|up)\.weight"   # diffusers text encoder: q_proj.lora_linear_layer.down.weight
+    r"|lora_(?P<peft>A|B)(?:\.[\w-]+)?\.weight"         # PEFT, optionally with the adapter name: lora_A.default.weight
+    r"|lora_embedding_(?P<embedding>A|B)(?:\.[\w-]+)?"  # PEFT embedding layers
+    r"|(?P<alpha>alpha))")
+SIDES = {"down": "down", "A": "down", "up": "up", "B": "up"}
+WRAPPER_PREFIXES = ("base_model.model.", "unet.")  # PeftModel's wrapper, diffusers' save_lora_weights component
+PROCESSOR_TEXT_PROJECTIONS = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+
+
+def dotted_module_path(flat: str) -> str:
+    """A kohya module name (dots flattened to "_") back as the dotted module path of the model."""
+    tokens = flat.split("_")
+    parts, i = [], 0
+    while i < len(tokens):
+        for width in range(min(KOHYA_LONGEST_NAME, len(tokens) - i), 0, -1):
+            name = "_".join(tokens[i:i + width])
+            if width == 1 or name in KOHYA_COMPOUND_NAMES:
+                parts.append(name)
+                i += width
+                break
+    return ".".join(parts)
+
+
+def lora_column_name(module: str, kind: str) -> str:
+    """The canonical column of a module's tensor: the published tables' `<module>.lora.down.weight`."""
+    return f"{module}.alpha" if kind == "alpha" else f"{module}.lora.{kind}.weight"
+
+
+def canonical_lora_key(key: str) -> tuple[str, str]:
+    """(canonical name, kind) of a tensor key from any trainer; kind is down, up, alpha or other.
+
+    Every naming becomes the published tables' `<module>.lora.{down,up}.weight` (alpha scalars:
+    `<module>.alpha`), the module path dotted and without the `unet.` / `base_model.model.`
+    wrappers; text-encoder modules keep `text_encoder.` (or `text_encoder_2.`) in front so they
+    never mix with UNet modules.  A key that is no LoRA down/up/alpha tensor comes back, without
+    those wrappers, as kind other.
+    """
+    kohya = KOHYA_KEY.fullmatch(key)
+    if kohya:
+        module = KOHYA_COMPONENTS[kohya["component"]] + dotted_module_path(kohya["flat"])
+        kind = KOHYA_KINDS[kohya["suffix"]]
+        return lora_column_name(module, kind), kind
+    for prefix in WRAPPER_PREFIXES:
+        key = key.removeprefix(prefix)
+    processor = PROCESSOR_KEY.fullmatch(key)
+    if processor:
+        parent, proj = processor["parent"], processor["proj"]
+        if parent.startswith("text_encoder"):
+            module = f"{parent}.{PROCESSOR_TEXT_PROJECTIONS[proj]}"
+        else:
+            module = f"{parent}.to_out.0" if proj == "to_out" else f"{parent}.{proj}"
+        return lora_column_name(module, processor["side"]), processor["side"]
+    dotted = DOTTED_KEY.fullmatch(key)
+    if dotted:
+        side = dotted["legacy"] or dotted["linear"] or dotted["peft"] or dotted["embedding"]
+        kind = SIDES[side] if side else "alpha"
+        return lora_column_name(dotted["module"], kind), kind
+    return key, "other"
+
+
+# --- what one adapter holds ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AdapterFile:
+    """One adapter found in a folder: its weights file and its name, the path relative to the folder."""
+
+    weights: Path
+    name: str  # its sub-folder for the diffusers / PEFT layouts, its file for one-file adapters
+
+    @property
+    def has_own_folder(self) -> bool:
+        """Whether the adapter is a folder (diffusers / PEFT layout) rather than one loose file."""
+        return self.weights.name in FOLDER_WEIGHT_NAMES
+
+    @property
+    def metadata_path(self) -> Path:
+        """Where its label metadata would be: metadata.json in its folder, <name>.metadata.json beside a loose file."""
+        if self.has_own_folder:
+            return self.weights.parent / "metadata.json"
+        return self.weights.with_name(self.weights.stem + ".metadata.json")  # a shared folder needs one per file
+
+    @property
+    def config_path(self) -> Path | None:
+        """Where PEFT's adapter_config.json would be (loose files have none)."""
+        return self.weights.parent / "adapter_config.json" if self.has_own_folder else None
+
+    @property
+    def label_folder(self) -> str | None:
+        """The folder directly above the adapter, inside the folder of adapters."""
+        parent = Path(self.name).parent
+        return None if parent == Path(".") else parent.name
+
+
+@dataclass(frozen=True)
+class AdapterLayout:
+    """The LoRA tensors a file holds, shared by every adapter written with the same keys and shapes."""
+
+    tensors: tuple[tuple[str, str, tuple[int, int]], ...]  # (column, key in the file, 2-D shape), by column
+    alphas: tuple[tuple[str, str], ...]                     # (module, key of its alpha scalar)
+    ranks: tuple[tuple[str, int], ...]                      # (module, LoRA rank)
+    ignored: tuple[str, ...]                                # keys that are no LoRA down/up/alpha tensor
+    problem: str | None                                     # why these tensors cannot form a table row
+
+    @property
+    def signature(self) -> dict[str, tuple[int, int]]:
+        """Column -> shape: what adapters must share to be rows of one table."""
+        return {column: shape for column, _, shape in self.tensors}
+
+
+@functools.lru_cache(maxsize=256)  # thousands of adapters share a handful of layouts: keep one of each
+def adapter_layout(key_shapes: tuple[tuple[str, tuple[int, ...]], ...]) -> AdapterLayout:
+    """The canonical tensors of a file from its keys and shapes (no tensor data needed).
+
+    Convolution LoRA weights (rank, in, kh, kw) / (out, rank, 1, 1) are kept as the 2-D matrices
+    (rank, in*kh*kw) / (out, rank) whose product is the update, as for linear layers.
+    """
+    tensors, alphas, ignored, problems, seen = {}, [], [], [], set()
+    for key, shape in key_shapes:
+        column, kind = canonical_lora_key(key)
+        if kind == "other":
+            ignored.append(key)
+        elif column in seen:
+            problems.append(f"two keys name {column}")
+        elif kind == "alpha":
+            alphas.append((column.removesuffix(".alpha"), key))
+        elif len(shape) < 2:
+            problems.append(f"{key} has shape {list(shape)}, not a matrix")
+        else:
+            tensors[column] = (key, (shape[0], math.prod(shape[1:])))
+        seen.add(column)
+    ranks = {}
+    for column, (_, (rows, cols)) in sorted(tensors.items()):
+        module, side = column.rsplit(".lora.", 1)
+        ranks.setdefault(module, rows if side.startswith("down") else cols)
+    if not tensors and not problems:
+        problems.append("no LoRA down/up tensors" + (f" (keys like {ignored[0]})" if ignored else ""))
+    return AdapterLayout(
+        tensors=tuple((column, key, shape) for column, (key, shape) in sorted(tensors.items())),
+        alphas=tuple(sorted(alphas)), ranks=tuple(sorted(ranks.items())), ignored=tuple(ignored),
+        problem="; ".join(problems) or None)
+
+
+def json_file(path: Path) -> dict | None:
+    """A JSON object from a sidecar file, None when the file is absent."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExperimentError(f"{path} is not valid JSON ({err}); fix or remove it") from None
+    if not isinstance(value, dict):
+        raise ExperimentError(f"{path} holds a JSON {type(value).__name__}, not an object; fix or remove it")
+    return value
+
+
+def lora_configs(adapter: AdapterFile, file_metadata: dict[str, str]) -> dict[str, dict]:
+    """LoRA hyper-parameters shipped with an adapter, by model component ("" applies to all).
+
+    PEFT writes them to adapter_config.json; recent diffusers into the safetensors header under
+    `lora_adapter_metadata`, each field prefixed by its component (`unet.lora_alpha`).
+    """
+    config = json_file(adapter.config_path) if adapter.config_path else None
+    if config is not None:
+        return {"": config}
+    packed = file_metadata.get("lora_adapter_metadata")
+    if not packed:
+        return {}
+    try:
+        fields = json.loads(packed)
+    except json.JSONDecodeError as err:
+        raise ExperimentError(f"{adapter.weights}: its lora_adapter_metadata header is not JSON ({err})") from None
+    if not isinstance(fields, dict):
+        raise ExperimentError(f"{adapter.weights}: its lora_adapter_metadata header is not a JSON object")
+    configs: dict[str, dict] = {}
+    for name, value in fields.items():
+        component, _, field_name = name.rpartition(".")
+        configs.setdefault(component, {})[field_name] = value
+    return configs
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """PEFT's per-module override (alpha_pattern): a pattern matches the module path or its dotted tail."""
+    for pattern, value in patterns.items():
+        if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module):
+            return value
+    return default
+
+
+def module_scale(module: str, rank: int, alpha: float | None, configs: dict[str, dict]) -> float:
+    """The factor the trainer multiplies up @ down by: alpha / rank (alpha / sqrt(rank) for rsLoRA)."""
+    if alpha is not None:
+        return (alpha or rank) / rank  # kohya: an alpha of 0 means no scaling
+    head = module.split(".", 1)[0]
+    if "" in configs:
+        config, inner = configs[""], module
+    elif head in configs:
+        config, inner = configs[head], module.split(".", 1)[1]
+    else:  # canonical UNet names carry no component: the one config that is no text encoder's
+        others = [c for name, c in configs.items() if not name.startswith("text_encoder")]
+        config, inner = (others[0] if len(others) == 1 else None), module
+    if config is None:
+        return 1.0  # nothing recorded: diffusers' trainers set lora_alpha to the rank
+    alpha = pattern_value(config.get("alpha_pattern") or {}, inner, config.get("lora_alpha", rank))
+    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+
+
+@dataclass(frozen=True)
+class ScannedAdapter:
+    """An adapter's layout, scale and metadata, read without loading its weights."""
+
+    file: AdapterFile
+    layout: AdapterLayout | None
+    scale: float
+    metadata: dict | None  # the scalar fields of its metadata file, None without one
+    problem: str | None    # why it cannot join the table, for the mismatch report
+
+
+def scan_adapter(adapter: AdapterFile) -> ScannedAdapter:
+    """Read an adapter's header, alpha scalars and sidecar files."""
+    from safetensors import SafetensorError, safe_open
+    metadata = json_file(adapter.metadata_path)
+    if metadata is not None:
+        metadata = {k: v for k, v in metadata.items() if v is None or isinstance(v, (str, int, float, bool))}
+    try:
+        # the "pt" framework reads bfloat16, which numpy has no type for (kohya often saves bf16)
+        with safe_open(str(adapter.weights), framework="pt") as f:
+            layout = adapter_layout(tuple((k, tuple(f.get_slice(k).get_shape())) for k in sorted(f.keys())))
+            alphas = {module: float(f.get_tensor(key)) for module, key in layout.alphas}
+            configs = lora_configs(adapter, f.metadata() or {})
+    except (OSError, SafetensorError) as err:
+        return ScannedAdapter(adapter, None, 1.0, metadata, f"unreadable: {err}")
+    scales = {module: module_scale(module, rank, alphas.get(module), configs) for module, rank in layout.ranks}
+    distinct = sorted(set(np.float32(list(scales.values())).tolist()))
+    problem = layout.problem
+    if problem is None and len(distinct) > 1:  # the table keeps one scale per adapter
+        problem = f"its modules were trained with different scales ({distinct[0]:g} .. {distinct[-1]:g})"
+    return ScannedAdapter(adapter, layout, distinct[0] if distinct else 1.0, metadata, problem)
+
+
+# --- finding adapters ---------------------------------------------------------------------------
+
+def adapter_weight_files(folder: Path):
+    """Every .safetensors file under the folder, skipping hidden folders (.cache, .git), in sorted order."""
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.endswith(".safetensors") and not name.startswith("."):
+                yield Path(root) / name
+
+
+def is_adapter_folder(path: Path) -> bool:
+    """Whether --dataset names a folder of LoRA files rather than a saved dataset."""
+    if not path.is_dir() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+        return False
+    return next(adapter_weight_files(path), None) is not None
+
+
+def adapter_files(folder: Path) -> list[AdapterFile]:
+    """The adapters of a folder, sorted by name; one adapter per sub-folder or per loose file."""
+    adapters = {}
+    for weights in adapter_weight_files(folder):
+        owner = weights.parent if weights.name in FOLDER_WEIGHT_NAMES else weights
+        name = owner.relative_to(folder).as_posix()
+        if name in adapters:
+            raise ExperimentError(
+                f"{folder / name} holds both {adapters[name].weights.name} and {weights.name}; keep one per adapter folder")
+        adapters[name] = AdapterFile(weights, name)
+    if not adapters:
+        found_bin = next(folder.rglob("*.bin"), None) is not None
+        raise ExperimentError(
+            f"no adapters in {folder}: expected <adapter>/pytorch_lora_weights.safetensors, "
+            "<adapter>/adapter_model.safetensors or <name>.safetensors files"
+            + (" (.bin files are not read: save the adapters with safetensors)" if found_bin else ""))
+    return [adapters[name] for name in sorted(adapters)]
+
+
+def files_fingerprint(folder: Path, adapters: list[AdapterFile], labels_csv: Path | None, options: dict) -> str:
+    """Changes whenever a weights or sidecar file, the labels CSV or a build option changes."""
+    parts = []
+    for adapter in adapters:
+        for path in (adapter.weights, adapter.metadata_path, adapter.config_path):
+            if path is not None and path.exists():
+                st = path.stat()
+                parts.append((path.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns))
+    if labels_csv is not None:
+        st = labels_csv.stat()
+        parts.append((str(labels_csv.resolve()), st.st_size, st.st_mtime_ns))
+    identity = json.dumps([ADAPTER_TABLE_VERSION, options, parts])
+    return hashlib.sha256(identity.encode()).hexdigest()[:20]
+
+
+# --- which adapters go in the table -------------------------------------------------------------
+
+def mismatch_reason(reference: dict[str, tuple[int, int]], adapter: ScannedAdapter) -> str | None:
+    """Why an adapter cannot share the reference's columns, or None when it can."""
+    if adapter.problem:
+        return adapter.problem
+    theirs = adapter.layout.signature
+    if theirs == reference:
+        return None
+    missing = sorted(set(reference) - set(theirs))
+    extra = sorted(set(theirs) - set(reference))
+    reshaped = sorted(c for c in set(reference) & set(theirs) if reference[c] != theirs[c])
+    reasons = []
+    for what, columns in (("missing", missing), ("extra", extra)):
+        if columns:
+            reasons.append(f"{what} {columns[0]}" + (f" and {len(columns) - 1} more" if len(columns) > 1 else ""))
+    if reshaped:
+        c = reshaped[0]
+        reasons.append(f"{c} is {list(theirs[c])}, not {list(reference[c])}"
+                       + (f", and {len(reshaped) - 1} more shapes differ" if len(reshaped) > 1 else ""))
+    return "; ".join(reasons)
+
+
+def describe_adapters(reasons: list[tuple[str, str]], shown: int = 3) -> str:
+    """A few adapters with their reasons, and how many more there are."""
+    text = ", ".join(f"{name} ({reason})" for name, reason in reasons[:shown])
+    return text + (f", and {len(reasons) - shown} more" if len(reasons) > shown else "")
+
+
+def matching_adapters(scanned: list[ScannedAdapter], folder: Path,
+                      skip_mismatched: bool) -> tuple[list[ScannedAdapter], list[tuple[str, str]]]:
+    """The adapters sharing the most common set of tensors and shapes, and (name, reason) of the others.
+
+    Raises ExperimentError when some do not match, unless skip_mismatched.
+    """
+    usable = [a for a in scanned if a.problem is None]
+    if not usable:
+        reasons = [(a.file.name, a.problem) for a in scanned]
+        raise ExperimentError(f"no adapter in {folder} holds usable LoRA tensors: {describe_adapters(reasons)}; "
+                              "expected LoRA down/up weights named as diffusers, PEFT or kohya write them")
+    counts = Counter(tuple(a.layout.signature.items()) for a in usable)
+    reference = dict(counts.most_common(1)[0][0])
+    kept, skipped = [], []
+    for adapter in scanned:
+        reason = mismatch_reason(reference, adapter)
+        if reason is None:
+            kept.append(adapter)
+        else:
+            skipped.append((adapter.file.name, reason))
+    if skipped and not skip_mismatched:
+        raise ExperimentError(
+            f"{len(skipped)} of {len(scanned)} adapters do not share the tensors of the other {len(kept)}: "
+            f"{describe_adapters(skipped)}; fix or remove them, or pass --skip-mismatched to leave them out")
+    return kept, skipped
+
+
+# --- labels -------------------------------------------------------------------------------------
+
+def typed_labels(labels: list[str]) -> list[int] | list[str]:
+    """Labels as ints when every one is an integer, else as the strings (the script encodes those)."""
+    if all(re.fullmatch(r"-?\d+", label) for label in labels):
+        return [int(label) for label in labels]
+    return labels
+
+
+def csv_labels(labels_csv: Path, folder: Path, adapters: list[AdapterFile]) -> list[str]:
+    """Each adapter's label from a CSV of rows `adapter path, label`.
+
+    A path is relative to the folder or absolute, and names the adapter's folder or its weights
+    file; a first row naming no adapter is taken as the header.
+    """
+    names = {}
+    for adapter in adapters:
+        names[adapter.name] = adapter.name
+        names[adapter.weights.relative_to(folder).as_posix()] = adapter.name
+    root = folder.resolve()
+    labels, unknown = {}, []
+    try:
+        with open(labels_csv, newline="") as f:
+            rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise ExperimentError(f"cannot read --labels {labels_csv} ({err})") from None
+    for i, row in enumerate(rows):
+        if len(row) < 2:
+            raise ExperimentError(f"--labels {labels_csv}: row {i + 1} has no label; each row is: adapter path, label")
+        path = Path(row[0].strip())
+        if path.is_absolute():
+            path = Path(os.path.relpath(path.resolve(), root))
+        name = names.get(Path(os.path.normpath(path)).as_posix())
+        if name is not None:
+            labels[name] = row[1].strip()
+        elif i > 0:
+            unknown.append(row[0])
+    if unknown:
+        tqdm.write(f"WARNING: --labels {labels_csv}: {len(unknown)} rows name no adapter in {folder} "
+                   f"(e.g. {unknown[0]}); they are ignored")
+    missing = [a.name for a in adapters if a.name not in labels]
+    if missing:
+        raise ExperimentError(
+            f"--labels {labels_csv} has no label for {len(missing)} adapters (e.g. {missing[0]}); "
+            "add a row `adapter path, label` for each")
+    return [labels[a.name] for a in adapters]
+
+
+def label_columns(adapters: list[ScannedAdapter], folder: Path, labels_csv: Path | None) -> tuple[list[dict], str]:
+    """Each adapter's label (and metadata) columns, and the source they came from.
+
+    Sources, first that applies: the --labels CSV when given, a metadata file beside every adapter
+    (its scalar fields become columns), the name of the folder above every adapter.
+    """
+    files = [a.file for a in adapters]
+    if labels_csv is not None:
+        labels = typed_labels(csv_labels(labels_csv, folder, files))
+        return [{"category_label": label} for label in labels], f"--labels {labels_csv}"
+    without_metadata = [a.file for a in adapters if a.metadata is None]
+    if not without_metadata:
+        return [a.metadata for a in adapters], "metadata files beside the adapters"
+    if len(without_metadata) < len(adapters):
+        example = without_metadata[0]
+        raise ExperimentError(
+            f"{len(adapters) - len(without_metadata)} of {len(adapters)} adapters have a metadata file but "
+            f"{example.name} has no {example.metadata_path.name}; add one beside every adapter or pass --labels FILE")
+    folders = [f.label_folder for f in files]
+    if None not in folders:
+        return [{"category_label": label} for label in typed_labels(folders)], "the folder above each adapter"
+    raise ExperimentError(
+        f"no labels for the adapters in {folder} (e.g. {files[folders.index(None)].name}): put a metadata.json "
+        "beside each adapter, sort them into PATH/<label>/ folders, or pass --labels FILE")
+
+
+def value_feature(values: list):
+    """The datasets Value type holding a metadata field: bool, int64, float64 or string."""
+    from datasets import Value
+    kinds = {type(v) for v in values if v is not None}
+    if kinds == {bool}:
+        return Value("bool")
+    if kinds == {int}:
+        return Value("int64")
+    if kinds and kinds <= {int, float}:
+        return Value("float64")
+    return Value("string")
+
+
+def table_features(layout: AdapterLayout, labels: list[dict], array2d: bool):
+    """The table's schema: one 2-D float32 column per tensor, adapter_path, lora_scale, label fields."""
+    from datasets import Array2D, Features, Sequence, Value
+    features = {}
+    for column, _, shape in layout.tensors:
+        features[column] = Array2D(shape, "float32") if array2d else Sequence(Sequence(Value("float32")))
+    features["adapter_path"] = Value("string")
+    features["lora_scale"] = Value("float32")
+    fields = sorted({name for row in labels for name in row} - set(features))  # the table's own columns win
+    for name in fields:
+        features[name] = value_feature([row.get(name) for row in labels])
+    return Features(features)
+
+
+def storable(value, pa_type: pa.DataType):
+    """A metadata value as its column stores it: text columns take any field as its string."""
+    return str(value) if value is not None and pa.types.is_string(pa_type) else value
+
+
+# --- writing the table --------------------------------------------------------------------------
+
+def adapter_tensors(adapter: ScannedAdapter) -> dict[str, np.ndarray]:
+    """The adapter's LoRA tensors as float32 matrices, by canonical column."""
+    from safetensors import safe_open
+    with safe_open(str(adapter.file.weights), framework="pt") as f:
+        return {column: f.get_tensor(key).to(torch.float32).reshape(shape).numpy()
+                for column, key, shape in adapter.layout.tensors}
+
+
+def adapter_tensor_stream(adapters: list[ScannedAdapter], num_workers: int):
+    """Each adapter's tensors in order, read by threads a few adapters ahead: memory holds a window, not the folder."""
+    window = 2 * max(1, num_workers)
+    with ThreadPoolExecutor(max(1, num_workers)) as pool, \
+            tqdm(total=len(adapters), desc="reading adapters", unit="adapter") as bar:
+        pending = deque()
+        for adapter in adapters:
+            pending.append(pool.submit(adapter_tensors, adapter))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+                bar.update()
+        while pending:
+            yield pending.popleft().result()
+            bar.update()
+
+
+def nested_list_array(matrices: np.ndarray) -> pa.Array:
+    """(n, rows, cols) matrices as list<list<float32>>, the published tables' storage, without a Python loop.
+
+    (datasets' own encoder walks every matrix row in Python, several times slower than reading.)
+    """
+    n, rows, cols = matrices.shape
+    row_offsets = pa.array(np.arange(0, n * rows * cols + 1, cols, dtype=np.int32))
+    matrix_offsets = pa.array(np.arange(0, n * rows + 1, rows, dtype=np.int32))
+    return pa.ListArray.from_arrays(matrix_offsets, pa.ListArray.from_arrays(row_offsets, matrices.reshape(-1)))
+
+
+def batch_table(adapters: list[ScannedAdapter], labels: list[dict], tensors: list[dict[str, np.ndarray]],
+                schema: pa.Schema) -> pa.Table:
+    """Consecutive rows of the table as one Arrow table in its schema."""
+    arrays = []
+    for field in schema:
+        if field.name in tensors[0]:
+            storage = nested_list_array(np.stack([t[field.name] for t in tensors]))
+            is_array2d = isinstance(field.type, pa.ExtensionType)
+            arrays.append(pa.ExtensionArray.from_storage(field.type, storage) if is_array2d else storage)
+        elif field.name == "adapter_path":
+            arrays.append(pa.array([a.file.name for a in adapters], field.type))
+        elif field.name == "lora_scale":
+            arrays.append(pa.array([a.scale for a in adapters], field.type))
+        else:
+            arrays.append(pa.array([storable(row.get(field.name), field.type) for row in labels], field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def write_adapter_table(adapters: list[ScannedAdapter], labels: list[dict], features, path: Path,
+                        num_workers: int, info: dict) -> None:
+    """Write the table with save_to_disk at path (complete or absent: built aside, then renamed).
+
+    Rows are written in batches of about WRITER_BATCH_BYTES to an Arrow file, which save_to_disk
+    then copies into its layout; memory holds one batch and the reading window.
+    """
+    import datasets
+    floats_per_row = sum(rows * cols for _, _, (rows, cols) in adapters[0].layout.tensors)
+    rows_per_batch = max(1, WRITER_BATCH_BYTES // (4 * floats_per_row))
+    schema = features.arrow_schema
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        arrow_file = os.path.join(scratch, "adapters.arrow")
+        stream = adapter_tensor_stream(adapters, num_workers)
+        with closing(stream), pa.OSFile(arrow_file, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for start in range(0, len(adapters), rows_per_batch):
+                stop = min(start + rows_per_batch, len(adapters))
+                tensors = list(islice(stream, stop - start))
+                writer.write_table(batch_table(adapters[start:stop], labels[start:stop], tensors, schema))
+        ds = datasets.Dataset.from_file(arrow_file)
+        ds.save_to_disk(str(partial))
+        del ds
+    (partial / TABLE_INFO_FILE).write_text(json.dumps(info, indent=1))
+    os.replace(partial, path)
+
+
+def warn_skipped(skipped: list) -> None:
+    """One warning naming the adapters left out by --skip-mismatched (also when the table is reused)."""
+    if skipped:
+        tqdm.write(f"WARNING: left out {len(skipped)} adapters that do not match the others "
+                   f"(--skip-mismatched): {describe_adapters(skipped, shown=5)}")
+
+
+def warn_ignored(adapters: list[ScannedAdapter]) -> None:
+    """One warning for keys that are no LoRA down/up/alpha tensor (DoRA magnitudes, biases, ...)."""
+    layouts = {id(a.layout): a.layout for a in adapters}.values()
+    ignored = sorted({key for layout in layouts for key in layout.ignored})
+    if ignored:
+        tqdm.write(f"WARNING: ignored {len(ignored)} tensor names that are no LoRA down/up weights "
+                   f"(e.g. {ignored[0]})")
+
+
+def build_adapter_table(folder: Path, cache_dir: Path, labels_csv: Path | None, num_workers: int,
+                        skip_mismatched: bool, array2d: bool = False) -> tuple[Path, str]:
+    """The folder of adapters as a save_to_disk table in the published schema, and where its labels came from.
+
+    Built once under cache_dir/adapter_tables and reused while the files' names, sizes and mtimes
+    (weights, metadata, configs, the labels CSV) and the options stay the same; an older table
+    of the same folder is removed when a new one is built.  Every adapter must hold the same
+    tensors with the same shapes; the others stop the build, or are left out with skip_mismatched.
+    The scale alpha / rank of each adapter goes into the float column lora_scale; an adapter
+    whose modules were trained with different scales counts as mismatched.
+    """
+    folder = Path(folder)
+    labels_csv = None if labels_csv is None else Path(labels_csv)
+    adapters = adapter_files(folder)
+    if labels_csv is not None and not labels_csv.is_file():
+        raise ExperimentError(f"--labels {labels_csv} is not a file; give a CSV of rows `adapter path, label`")
+    options = {"skip_mismatched": skip_mismatched, "array2d": array2d}
+    fingerprint = files_fingerprint(folder, adapters, labels_csv, options)
+    stem = f"{folder.resolve().name}-{hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:8]}"
+    table = Path(cache_dir) / "adapter_tables" / f"{stem}-{fingerprint}"
+    if (table / TABLE_INFO_FILE).exists():
+        info = json.loads((table / TABLE_INFO_FILE).read_text())
+        warn_skipped(info["skipped"])
+        return table, info["label_source"]
+
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+        scanned = list(tqdm(pool.map(scan_adapter, adapters), total=len(adapters), desc="scanning adapters",
+                            unit="adapter", leave=False))
+    kept, skipped = matching_adapters(scanned, folder, skip_mismatched)
+    warn_skipped(skipped)
+    warn_ignored(kept)
+    labels, label_source = label_columns(kept, folder, labels_csv)
+    features = table_features(kept[0].layout, labels, array2d)
+    info = {"fingerprint": fingerprint, "folder": str(folder.resolve()), "adapters": len(kept),
+            "label_source": label_source, "skipped": skipped}
+    write_adapter_table(kept, labels, features, table, num_workers, info)
+    for stale in table.parent.glob(f"{stem}-*"):
+        if stale != table:
+            shutil.rmtree(stale, ignore_errors=True)
+    return table, label_source
+
+
+def export_dataset(table_path: Path, out_dir: Path) -> Path:
+    """Save a built table with save_to_disk at out_dir for sharing, replacing an earlier export there."""
+    import datasets
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "state.json").exists():
+        raise ExperimentError(f"--export-dataset {out_dir} exists and holds something else; choose a new or empty folder")
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    datasets.load_from_disk(str(table_path)).save_to_disk(str(partial))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(partial, out_dir)
+    return out_dir
+
+
+# --- resolving --dataset -------------------------------------------------------------------
+
+def dataset_short_name(spec: str) -> str:
+    """Preset name, or the last component of a path or hub id (never a whole path)."""
+    name = Path(spec.rstrip("/\\")).name
+    return Path(name).stem if name.endswith(".parquet") else name
+
+
+def load_experiment_dataset(cfg: Config) -> LoadedDataset:
+    """Resolve --dataset to a Dataset: sanity-check, preset, local path, then hub id."""
+    spec = cfg.dataset
+    if spec == SANITY_CHECK:
+        path = write_sanity_check_dataset(Path(cfg.data_dir), rows=cfg.sanity_rows)
+        ds, source = load_local_dataset(path), f"generated {SANITY_CHECK} ({cfg.sanity_rows} rows)"
+    elif spec in HUB_PRESETS:
+        ds, source = load_hub_dataset(HUB_PRESETS[spec]), HUB_PRESETS[spec]
+    elif Path(spec).exists() and is_adapter_folder(Path(spec)):
+        table, label_source = build_adapter_table(Path(spec), Path(cfg.cache_dir), cfg.labels and Path(cfg.labels),
+                                                  cfg.num_workers, cfg.skip_mismatched)
+        print(f"adapters in {spec}: labels from {label_source}")
+        if cfg.export_dataset:
+            print(f"exported the table to {export_dataset(table, Path(cfg.export_dataset))}")
+        ds, source = load_local_dataset(table), f"folder of adapters (labels: {label_source})"
+    elif Path(spec).exists():
+        ds, source = load_local_dataset(Path(spec)), "local path"
+    elif HUB_ID.fullmatch(spec):
+        ds, source = load_hub_dataset(spec), spec
+    else:
+        raise ExperimentError(
+            f"--dataset {spec!r} is neither a preset ({', '.join([*HUB_PRESETS, SANITY_CHECK])}), "
+            "an existing path, nor a hub id owner/name")
+    if cfg.export_dataset and "folder of adapters" not in source:
+        raise ExperimentError("--export-dataset saves the table built from a folder of adapters; "
+                              f"{spec} already is a dataset")
+    if ds._indices is not None:  # the Arrow table ignores an indices mapping: materialise it
+        ds = ds.flatten_indices()
+    return LoadedDataset(ds, dataset_short_name(spec), source, dataset_fingerprint(ds))
 
 
 # --- split, labels and layers -----------------------------------------------------------------
@@ -698,6 +1401,13 @@ class WeightReader:
             else:
                 target[:] = values.to_numpy(zero_copy_only=False)
             pos += len(values)
+
+    @cached_property
+    def scales(self) -> np.ndarray | None:
+        """alpha / rank per adapter when the table records it (lora_scale): it scales the update up @ down."""
+        if "lora_scale" not in self.table.column_names:
+            return None
+        return self.table.column("lora_scale").to_numpy().astype(np.float32)
 
     def close(self) -> None:
         self.table = None
@@ -995,13 +1705,17 @@ class FeatureStore:
         self.fingerprint, self.reader, self.shapes = fingerprint, reader, shapes
         self.zero_nonfinite = zero_nonfinite
         self.nonfinite: dict[str, int] = {}  # column -> NaN/Inf values found in it
-        if persistent:
-            self.cache = FeatureCache(cache_dir, durable=True)
-        else:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            self._scratch = tempfile.TemporaryDirectory(dir=cache_dir, prefix="scratch-")
-            self.cache = FeatureCache(Path(self._scratch.name), durable=False)
+        self.cache_dir = cache_dir
+        self._scratch: tempfile.TemporaryDirectory | None = None
+        self.cache = FeatureCache(cache_dir if persistent else self.scratch_dir(), durable=persistent)
         self.computed = 0
+
+    def scratch_dir(self) -> Path:
+        """A temporary directory inside the cache directory, removed at exit."""
+        if self._scratch is None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            self._scratch = tempfile.TemporaryDirectory(dir=self.cache_dir, prefix="scratch-")
+        return Path(self._scratch.name)
 
     def key(self, unit: str, representation: str) -> dict:
         return {"format": FEATURE_FORMAT_VERSION, "dataset": self.fingerprint, "unit": unit,
@@ -1042,11 +1756,17 @@ class FeatureStore:
                                   "during the run; is another process clearing it? Run again")
         return array
 
-    def raw_weights(self, columns: list[str]) -> np.ndarray:
-        """flat_vec: the columns' weights side by side, (rows, sum of rows*cols), read chunk by chunk."""
+    def raw_weights(self, columns: list[str], memory_limit: int | None = None) -> np.ndarray:
+        """flat_vec: the columns' weights side by side, (rows, sum of rows*cols), read chunk by chunk;
+        a matrix larger than half the available memory (or memory_limit) is a memory-mapped file."""
         widths = [math.prod(self.shapes[c]) for c in columns]
         n = self.reader.table.num_rows
-        out = np.empty((n, sum(widths)), dtype=np.float32)
+        limit = free_memory_bytes(torch.device("cpu")) // 2 if memory_limit is None else memory_limit
+        if 4 * n * sum(widths) <= limit:
+            out = np.empty((n, sum(widths)), dtype=np.float32)
+        else:
+            path = Path(tempfile.mkstemp(dir=self.scratch_dir(), suffix=".npy")[1])
+            out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, sum(widths)))
         offset = 0
         for column, width in zip(columns, widths):
             rows = max(1, CHUNK_BYTES // (4 * width))
@@ -1164,7 +1884,9 @@ def chunk_features(task: ChunkTask, host: dict[str, torch.Tensor], store: Featur
     """Every pending feature of one chunk, computed on the device from one read of each column."""
     batches = {c: MatrixBatch(store.check_finite(c, t.to(device, non_blocking=True))) for c, t in host.items()}
     module = task.module
-    pair = PairBatch(batches[module.down], batches[module.up]) if module.down in batches and module.up in batches else None
+    scales = store.reader.scales
+    scale = None if scales is None else torch.from_numpy(scales[task.start:task.stop]).to(device)
+    pair = PairBatch(batches[module.down], batches[module.up], scale) if module.down in batches and module.up in batches else None
     out = {}
     for unit, rep in task.todo:
         if rep in PAIR_REPRESENTATIONS:
@@ -1245,30 +1967,145 @@ LR_FACTOR, LR_PATIENCE, LR_THRESHOLD = 0.5, 10, 1e-4  # ReduceLROnPlateau(mode="
 NUM_HIDDEN = 3
 
 
+EVAL_CHUNK_ROWS = 8192
+
+
+def standardisation(chunks) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased std (+ 1e-8) of the training rows, merged chunk by chunk in float64
+    (Chan's parallel update) so a split too large for memory gets the same statistics.  A feature
+    constant on the training split keeps a unit scale instead of dividing by zero."""
+    count, mean, m2 = 0, None, None
+    for chunk in chunks:
+        x = chunk.double()
+        n, chunk_mean = x.shape[0], x.mean(0)
+        chunk_m2 = (x - chunk_mean).square().sum(0)
+        if mean is None:
+            count, mean, m2 = n, chunk_mean, chunk_m2
+            continue
+        delta = chunk_mean - mean
+        total = count + n
+        mean = mean + delta * (n / total)
+        m2 = m2 + chunk_m2 + delta.square() * (count * n / total)
+        count = total
+    std = (m2 / max(count - 1, 1)).sqrt()
+    std = torch.where(std > 0, std, torch.ones_like(std)) + EPS
+    return mean.float(), std.float()
+
+
+class ResidentFeatures:
+    """Every split's standardised features held on the training device; mini-batches are gathers."""
+
+    def __init__(self, features: np.ndarray, splits: dict[str, np.ndarray], device: torch.device):
+        self.x = {s: torch.from_numpy(np.ascontiguousarray(features[idx])).to(device) for s, idx in splits.items()}
+        mean, std = standardisation(self.x["train"].split(EVAL_CHUNK_ROWS))
+        self.x = {s: (v - mean) / std for s, v in self.x.items()}
+
+    def epoch_batches(self, order: torch.Tensor, batch: int, steps: int):
+        """(idx, features) per step; idx (runs, batch) rows of the training split."""
+        for step in range(steps):
+            idx = order[:, step * batch:(step + 1) * batch]
+            yield idx, self.x["train"][idx]
+
+    def eval_chunks(self, split: str):
+        yield from self.x[split].split(EVAL_CHUNK_ROWS)
+
+
+class MemmapRows(torch.utils.data.Dataset):
+    """Rows of a (memory-mapped) feature matrix, fetched by a sorted array of row numbers."""
+
+    def __init__(self, features: np.ndarray):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, rows: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.features[rows]))
+
+
+class StepRows(torch.utils.data.Sampler):
+    """Yields the row numbers each step needs; set `steps` before each epoch."""
+
+    def __init__(self):
+        self.steps: list[np.ndarray] = []
+
+    def __iter__(self):
+        return iter(self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+class StreamedFeatures:
+    """Features too large for the device: rows are read per mini-batch from a memory-mapped matrix
+    by a DataLoader (worker processes, pinned memory, prefetching) and standardised on the device."""
+
+    def __init__(self, features: np.ndarray, splits: dict[str, np.ndarray], device: torch.device, workers: int):
+        self.features, self.splits, self.device = features, splits, device
+        self.sampler = StepRows()
+        pinned = device.type == "cuda"
+        self.loader = torch.utils.data.DataLoader(
+            MemmapRows(features), sampler=self.sampler, batch_size=None, num_workers=workers,
+            pin_memory=pinned, persistent_workers=workers > 0)
+        self.mean, self.std = standardisation(self._rows(splits["train"][i:i + EVAL_CHUNK_ROWS])
+                                              for i in range(0, len(splits["train"]), EVAL_CHUNK_ROWS))
+
+    def _rows(self, rows: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.features[np.sort(rows)])).to(self.device)
+
+    def epoch_batches(self, order: torch.Tensor, batch: int, steps: int):
+        train_rows = self.splits["train"]
+        host_order = order.cpu().numpy()  # once per epoch: the loader's workers need the rows ahead of time
+        needed, inverse = [], []
+        for step in range(steps):
+            idx = host_order[:, step * batch:(step + 1) * batch]
+            rows, where = np.unique(train_rows[idx], return_inverse=True)
+            needed.append(rows)
+            inverse.append(torch.from_numpy(where.reshape(idx.shape)))
+        self.sampler.steps = needed
+        for step, rows in enumerate(self.loader):
+            x = (rows.to(self.device, non_blocking=True) - self.mean) / self.std
+            yield order[:, step * batch:(step + 1) * batch], x[inverse[step].to(self.device, non_blocking=True)]
+
+    def eval_chunks(self, split: str):
+        rows = self.splits[split]
+        for i in range(0, len(rows), EVAL_CHUNK_ROWS):
+            chunk = rows[i:i + EVAL_CHUNK_ROWS]
+            order = np.argsort(chunk)  # read in file order, return in split order
+            x = self._rows(chunk)[torch.from_numpy(np.argsort(order)).to(self.device)]
+            yield (x - self.mean) / self.std
+
+
 @dataclass
 class SplitData:
-    """Standardised features and labels of each split, on the training device."""
+    """Standardised features (resident on the device or streamed) and labels of each split."""
 
-    x: dict[str, torch.Tensor]
+    features: ResidentFeatures | StreamedFeatures
     y: dict[str, torch.Tensor]
     num_classes: int
+    feature_dim: int
 
-    @property
-    def feature_dim(self) -> int:
-        return self.x["train"].shape[1]
+    def size(self, split: str) -> int:
+        return self.y[split].shape[0]
 
 
-def standardise(features: np.ndarray, labels: np.ndarray, splits: dict[str, np.ndarray],
-                num_classes: int, device: torch.device) -> SplitData:
-    """Move each split to the device and standardise it there with the training split's statistics.
-    A feature constant on the training split keeps a unit scale instead of dividing by zero."""
-    x = {s: torch.from_numpy(np.ascontiguousarray(features[idx])).to(device) for s, idx in splits.items()}
-    mean = x["train"].mean(0)
-    std = x["train"].std(0)
-    std = torch.where(std > 0, std, torch.ones_like(std)) + EPS
-    x = {s: (v - mean) / std for s, v in x.items()}
+def feature_budget_bytes(device: torch.device, limit_gb: float) -> int:
+    """How many bytes of features may live on the device: --max-resident-features-gb, else half of
+    what is free now (GPUs are shared; the other half is for the model and its activations)."""
+    return int(limit_gb * 2 ** 30) if limit_gb > 0 else free_memory_bytes(device) // 2
+
+
+def standardise(features: np.ndarray, labels: np.ndarray, splits: dict[str, np.ndarray], num_classes: int,
+                device: torch.device, budget_bytes: int | None = None, workers: int = 0) -> SplitData:
+    """The training data: features kept on the device when they fit the budget, else streamed."""
+    budget = feature_budget_bytes(device, 0) if budget_bytes is None else budget_bytes
+    resident = features.nbytes <= budget
+    source = ResidentFeatures(features, splits, device) if resident else StreamedFeatures(features, splits, device, workers)
+    if not resident:
+        tqdm.write(f"notice: {features.nbytes / 2 ** 30:.1f} GB of features exceed the {budget / 2 ** 30:.1f} GB "
+                   "device budget; streaming mini-batches from disk")
     y = {s: torch.from_numpy(labels[idx]).to(device) for s, idx in splits.items()}
-    return SplitData(x, y, num_classes)
+    return SplitData(source, y, num_classes, features.shape[1])
 
 
 def init_ensemble_params(seeds: list[int], in_dim: int, hidden: int, num_classes: int,
@@ -1317,6 +2154,26 @@ def ensemble_forward(params: dict[str, torch.Tensor], buffers: dict[str, torch.T
                 h = h * keep_masks[:, :, i] / (1.0 - dropout)
         out = torch.baddbmm(params[f"b{NUM_HIDDEN}"], h, params[f"w{NUM_HIDDEN}"])
     return out.float()
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_for(mode: str, device_type: str):
+    wanted = mode == "on" or (mode == "auto" and device_type == "cuda")
+    if not wanted:
+        return ensemble_forward
+    reason = compile_available(torch.device(device_type))
+    if reason is None:
+        return torch.compile(ensemble_forward, dynamic=True)  # runs drop out of the stack: shapes vary
+    if mode == "on":
+        raise ExperimentError(f"--compile on: {reason}; use --compile off")
+    tqdm.write(f"notice: {reason}; training without torch.compile")
+    return ensemble_forward
+
+
+def training_forward(cfg: Config, device: torch.device):
+    """The training step's forward: compiled with torch.compile where asked (auto: on CUDA, where
+    compilation pays for itself within an ensemble's first epochs), decided once per process."""
+    return _forward_for(cfg.compile, device.type)
 
 
 class LossScaler:
@@ -1394,16 +2251,11 @@ def plateau_update(h: RunHistory, val_acc: float) -> None:
             h.plateau_bad_epochs = 0
 
 
-def batch_accuracy(params, buffers, x: torch.Tensor, y: torch.Tensor, amp, chunk: int = 8192) -> torch.Tensor:
-    """Per-run accuracy on a whole split, (runs,), evaluation mode."""
-    return (predictions(params, buffers, x, amp, chunk) == y).float().mean(1)
-
-
-def predictions(params, buffers, x: torch.Tensor, amp, chunk: int = 8192) -> torch.Tensor:
+def predictions(params, buffers, data: SplitData, split: str, amp) -> torch.Tensor:
     """Per-run predicted classes on a whole split, (runs, N), evaluation mode, in row chunks."""
     runs = params["w0"].shape[0]
-    out = [ensemble_forward(params, buffers, x[i:i + chunk].expand(runs, -1, -1), None, 0.0, amp).argmax(-1)
-           for i in range(0, x.shape[0], chunk)]
+    out = [ensemble_forward(params, buffers, x.expand(runs, -1, -1), None, 0.0, amp).argmax(-1)
+           for x in data.features.eval_chunks(split)]
     return torch.cat(out, 1)
 
 
@@ -1437,8 +2289,9 @@ def train_ensemble(data: SplitData, cfg: Config, seeds: list[int], device: torch
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     scaler = LossScaler(device, enabled=amp == torch.float16)
     active = list(range(runs))  # original run index of each slice of the stack
-    x_train, y_train = data.x["train"], data.y["train"]
-    n_train = x_train.shape[0]
+    forward = training_forward(cfg, device)
+    y_train = data.y["train"]
+    n_train = data.size("train")
     batch = min(cfg.batch_size, n_train)
     # BatchNorm cannot normalise a batch of one row: a trailing batch of one is dropped
     steps = n_train // batch + (1 if n_train % batch > 1 else 0)
@@ -1449,11 +2302,10 @@ def train_ensemble(data: SplitData, cfg: Config, seeds: list[int], device: torch
         lr = torch.tensor([histories[r].lr for r in active], device=device)
         order = torch.stack([torch.randperm(n_train, generator=generators[r], device=device) for r in active])
         loss_sum = torch.zeros(len(active), device=device)
-        for step in range(steps):
-            idx = order[:, step * batch:(step + 1) * batch]
+        for idx, x in data.features.epoch_batches(order, batch, steps):
             keep = torch.stack([torch.rand(idx.shape[1], NUM_HIDDEN, cfg.hidden_dim, generator=generators[r], device=device)
                                 for r in active]) >= cfg.dropout
-            logits = ensemble_forward(params, buffers, x_train[idx], keep, cfg.dropout, amp)
+            logits = forward(params, buffers, x, keep, cfg.dropout, amp)
             losses = F.cross_entropy(logits.flatten(0, 1), y_train[idx].flatten(), reduction="none").view(len(active), -1).mean(1)
             (losses.sum() * scaler.scale).backward()
             finite = scaler.unscale([p.grad for p in params.values()])
@@ -1461,7 +2313,7 @@ def train_ensemble(data: SplitData, cfg: Config, seeds: list[int], device: torch
             adam_step(params, opt_state, lr, step_count, cfg.weight_decay, finite)
             loss_sum += losses.detach()
         with torch.no_grad():
-            val_acc = batch_accuracy(params, buffers, data.x["val"], data.y["val"], amp).tolist()
+            val_acc = (predictions(params, buffers, data, "val", amp) == data.y["val"]).float().mean(1).tolist()
         epoch_loss = (loss_sum / steps).tolist()  # one host sync per epoch
         improved, keep_slices = [], []
         for slot, r in enumerate(active):
@@ -1587,7 +2439,7 @@ def evaluate_entry(result: EnsembleResult, data: SplitData, cfg: Config, device:
     metrics, confusions = {}, {}
     with torch.no_grad():
         for split in ("train", "val", "test"):
-            pred = predictions(result.best_params, result.best_buffers, data.x[split], amp)
+            pred = predictions(result.best_params, result.best_buffers, data, split, amp)
             confusions[split] = confusion_matrices(pred, data.y[split], data.num_classes)
             metrics[split] = {k: v.tolist() for k, v in classification_metrics(confusions[split]).items()}
     runs = len(result.histories)
@@ -1948,7 +2800,8 @@ def run_experiment(cfg: Config) -> Path:
             key, suffix = group_result_key(group)
             name = f"{rep}_{suffix}"
             features = group_feature_matrix(store, exp.groups[group], rep)
-            data = standardise(features, exp.labels.codes, exp.splits, len(exp.labels.class_names), device)
+            data = standardise(features, exp.labels.codes, exp.splits, len(exp.labels.class_names), device,
+                               feature_budget_bytes(device, cfg.max_resident_features_gb), cfg.num_workers)
             result = train_runs(data, cfg, device, name)
             entry = evaluate_entry(result, data, cfg, device, name, sum(len(m.columns) for m in exp.groups[group]))
             results[key].append(entry)

@@ -29,11 +29,14 @@ side by side on the same data:
 5. Cached rerun: extraction with the feature cache into a fresh directory, then again.
 
 Timings on a machine shared with other work are noisy: the load average at the start is
-recorded with the results.
+recorded with the results.  With more torch threads than idle cores, OpenMP threads spin at
+every barrier and small tensor ops slow down several-fold (3 s with 1 thread against 10-22 s
+with 2, measured on a 2-core VM at load 4): pass --threads 1 there.
 
 Run it (from the repository root):
     python tests/benchmark.py                                # published 500 rows + heavy 250 rows, CPU, a few minutes
     python tests/benchmark.py --rows 120 --layout published  # smoke test
+    python tests/benchmark.py --threads 1                    # on a CPU shared with other work
     python tests/benchmark.py --rows 5000 --layout both --device cuda --workdir /scratch/bench
 
 Layouts: published = rank 1, to_q/to_v (128 tensors, 99,648 floats per row, as the
@@ -56,8 +59,9 @@ Output: progress on stderr, a fixed-width table on stdout, and per layout one li
     cache_speedup                first cached extraction seconds / second (all loaded from cache)
     seconds                      every raw timing, in seconds
     reference                    how the reference was sampled and scaled, its seconds per
-                                 representation, and the share of its feature values that
-                                 agree with ours (rtol 1e-3, atol 1e-6)
+                                 representation, the part of the sample's seconds spent re-reading
+                                 columns (sample_read_seconds), and the share of its feature values
+                                 that agree with ours (rtol 1e-3, atol 1e-6)
     memory, training, cache      the raw numbers behind the ratios
     machine                      cpu count, usable cpus, torch threads, platform, versions, load average
 """
@@ -76,7 +80,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where datasets are generated (once, then reused) and results written")
     p.add_argument("--num-workers", type=int, default=vae.Config().num_workers,
                    help="num_workers of our extraction")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for everything measured (default: torch's own choice); "
+                        "1 gives stable timings on a CPU shared with other work")
     p.add_argument("--runs", type=int, default=10, help="training runs of each mode")
     p.add_argument("--training-representation", default="stats", choices=ORIGINAL_REPRESENTATIONS,
                    help="features the training comparison uses (all layers)")
@@ -236,12 +242,6 @@ def load_dataset(path: Path) -> vae.LoadedDataset:
     return vae.LoadedDataset(ds, path.name, f"benchmark {path.name}", vae.dataset_fingerprint(ds))
 
 
-def first_rows(loaded: vae.LoadedDataset, rows: int) -> vae.LoadedDataset:
-    """The first rows as an in-memory dataset of their own (a slice of the saved one would share its files)."""
-    ds = loaded.dataset.select(range(min(rows, loaded.dataset.num_rows))).flatten_indices(keep_in_memory=True)
-    return vae.LoadedDataset(ds, f"{loaded.name}-first{ds.num_rows}", loaded.source, vae.dataset_fingerprint(ds))
-
-
 def weight_columns(modules) -> list[str]:
     return [c for m in modules for c in m.columns]
 
@@ -354,24 +354,29 @@ REFERENCE_REPRESENTATIONS = {
 assert tuple(REFERENCE_REPRESENTATIONS) == ORIGINAL_REPRESENTATIONS
 
 
-def reference_representation(torch_view, columns: list[str], per_matrix, device: torch.device) -> dict[str, np.ndarray]:
-    """One representation of the columns: each column re-read from the Dataset, then one matrix at a time."""
-    out = {}
+def reference_representation(torch_view, columns: list[str], per_matrix, device: torch.device):
+    """One representation of the columns, ({column: (rows, F)}, seconds spent reading): each column
+    re-read from the Dataset, then one matrix at a time."""
+    out, read_seconds = {}, 0.0
     for col in columns:
-        matrices = torch_view[col][:].to(device)
+        matrices, seconds = timed(lambda: torch_view[col][:].to(device), device)
+        read_seconds += seconds
         out[col] = torch.stack([per_matrix(matrices[i]) for i in range(len(matrices))]).cpu().numpy()
-    return out
+    return out, read_seconds
 
 
 def reference_extract(ds, columns: list[str], device: torch.device):
-    """Features {(column, representation): (rows, F)} and seconds per representation, the original's way:
-    every representation re-reads every column from the Dataset and loops over the samples."""
+    """Features {(column, representation): (rows, F)}, seconds per representation and the part of
+    them spent reading, the original's way: every representation re-reads every column from the
+    Dataset and loops over the samples."""
     torch_view = ds.with_format("torch")
-    features, seconds = {}, {}
+    features, seconds, read_seconds = {}, {}, 0.0
     for rep, per_matrix in REFERENCE_REPRESENTATIONS.items():
-        by_column, seconds[rep] = timed(lambda: reference_representation(torch_view, columns, per_matrix, device), device)
+        (by_column, read), seconds[rep] = timed(
+            lambda: reference_representation(torch_view, columns, per_matrix, device), device)
+        read_seconds += read
         features.update({(col, rep): values for col, values in by_column.items()})
-    return features, seconds
+    return features, seconds, read_seconds
 
 
 def spread_sample(items: list[str], count: int) -> list[str]:
@@ -399,19 +404,21 @@ def feature_agreement(reference: dict, store, rows: int) -> dict[str, float]:
 def time_reference(loaded: vae.LoadedDataset, columns: list[str], args, device: torch.device) -> dict:
     """Time the reference on a sample of columns x rows and scale it linearly to the whole table."""
     sample_columns = spread_sample(columns, args.reference_columns)
-    sample = first_rows(loaded, args.reference_rows)
-    reference_extract(sample.dataset.select(range(min(2, sample.dataset.num_rows))), sample_columns[:1], device)  # warm-up
-    features, per_rep = reference_extract(sample.dataset, sample_columns, device)
+    sample_rows = min(args.reference_rows, loaded.dataset.num_rows)
+    sample = loaded.dataset.select(range(sample_rows))  # the saved dataset's first rows, read as the original read
+    reference_extract(sample.select(range(min(2, sample_rows))), sample_columns[:1], device)  # warm-up
+    features, per_rep, read_seconds = reference_extract(sample, sample_columns, device)
     sample_seconds = sum(per_rep.values())
     column_scale = len(columns) / len(sample_columns)
-    row_scale = loaded.dataset.num_rows / sample.dataset.num_rows
+    row_scale = loaded.dataset.num_rows / sample_rows
     return {
         "features": features,
-        "sample_rows": sample.dataset.num_rows,
+        "sample_rows": sample_rows,
         "sample_columns": sample_columns,
         "column_scale": column_scale,
         "row_scale": row_scale,
         "sample_seconds": sample_seconds,
+        "sample_read_seconds": read_seconds,
         "scaled_seconds": sample_seconds * column_scale * row_scale,
         "scaled_seconds_per_representation": {r: s * column_scale * row_scale for r, s in per_rep.items()},
     }
@@ -429,10 +436,8 @@ def sample_size_ratio(spec: vae.SyntheticSpec, sample_columns: list[str]) -> flo
 # =============================================================================================
 
 def time_ours(loaded: vae.LoadedDataset, modules, cfg: vae.Config, device: torch.device):
-    """(store, extraction seconds, flat_vec seconds) of our side, cache off, after one untimed full pass.
-    The warm-up pass matters: a process's first touch of fresh memory pays page faults (ruinously
-    on some VMs: 40 s against 1.3 s measured on a 2-core VM), which is not what the code costs.
-    The script reads flat_vec (the raw weights) from the dataset when a group needs it instead of
+    """(store, extraction seconds, flat_vec seconds) of our side, cache off, after one untimed full
+    pass (which warms the page cache, the allocator and libraries' lazy initialisation).  The script reads flat_vec (the raw weights) from the dataset when a group needs it instead of
     storing it, so building it for all layers is timed too: the reference produces it as well."""
     vae.extract_features(loaded, modules, cfg, device)
     store, extraction_seconds = timed(lambda: vae.extract_features(loaded, modules, cfg, device), device)
@@ -449,15 +454,19 @@ def extract_only(path: Path, args) -> None:
     before = process_memory()
     store, seconds = timed(lambda: vae.extract_features(loaded, modules, cfg, device), device)
     after = process_memory()
-    print("EXTRACT_JSON " + json.dumps({
-        "seconds": seconds, "computed": store.computed, "rss_before": before.get("VmRSS"),
-        "peak_before": before.get("VmHWM"), "peak_rss": after.get("VmHWM"), "rss_after": after.get("VmRSS"),
-        "rss_anon_after": after.get("RssAnon"), "rss_file_after": after.get("RssFile")}), flush=True)
+    report = {"seconds": seconds, "computed": store.computed, "rss_before": before.get("VmRSS"),
+              "peak_before": before.get("VmHWM"), "peak_rss": after.get("VmHWM"), "rss_after": after.get("VmRSS"),
+              "rss_anon_after": after.get("RssAnon"), "rss_file_after": after.get("RssFile")}
+    if device.type == "cuda":
+        report["cuda_peak_allocated"] = torch.cuda.max_memory_allocated(device)
+    print("EXTRACT_JSON " + json.dumps(report), flush=True)
 
 
 def measure_peak_memory(path: Path, args) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--_extract-only", str(path),
                "--device", args.device, "--num-workers", str(args.num_workers), "--workdir", str(args.workdir)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     lines = [l for l in done.stdout.splitlines() if l.startswith("EXTRACT_JSON ")]
     if done.returncode != 0 or not lines:
@@ -592,6 +601,8 @@ TABLE_ROWS = (  # (label, function of a result -> text)
     ("  flat_vec all layers s", lambda r: f"{r['seconds']['ours_flat_vec_all_layers']:.2f}"),
     ("reference s (scaled)", lambda r: f"{r['seconds']['reference_scaled']:.1f}"),
     ("  reference sample s", lambda r: f"{r['seconds']['reference_sample']:.2f}"),
+    ("  of which reading",
+     lambda r: f"{r['reference']['sample_read_seconds'] / r['reference']['sample_seconds']:.0%}"),
     ("  reference scale", lambda r: f"x{r['reference']['column_scale']:.1f} x{r['reference']['row_scale']:.2f}"),
     ("extraction_speedup", lambda r: f"{r['extraction_speedup']:.1f}x"),
     ("reference agreement min", lambda r: f"{min(r['reference']['feature_agreement'].values()):.3f}"),
@@ -638,6 +649,8 @@ def layouts_to_run(args) -> list[tuple[str, int]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.extract_only is not None:
         extract_only(args.extract_only, args)
         return 0

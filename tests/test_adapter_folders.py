@@ -35,9 +35,8 @@ import torch
 from safetensors.numpy import save_file
 from safetensors.torch import save_file as save_torch_file
 
-import lora_folders as lf
 import visual_ablation_experiment_optimized as vae
-from lora_folders import ExperimentError
+from visual_ablation_experiment_optimized import ExperimentError
 
 RANK = 2
 UNET_MODULES = {  # module -> (in_features, out_features): tiny stand-ins for the SD v1.5 UNet's 320..1280 channels
@@ -127,7 +126,7 @@ def labelled_folder(root, convention, labels=("cat", "cat", "dog", "dog"), **kwa
 
 def build(folder, tmp_path, labels_csv=None, skip_mismatched=False, array2d=False):
     """Build the folder's table; (the loaded table, the label source)."""
-    path, source = lf.build_adapter_table(folder, tmp_path / "cache", labels_csv, num_workers=2,
+    path, source = vae.build_adapter_table(folder, tmp_path / "cache", labels_csv, num_workers=2,
                                           skip_mismatched=skip_mismatched, array2d=array2d)
     return datasets.load_from_disk(str(path)), source
 
@@ -158,7 +157,7 @@ TEXT_Q = "text_model.encoder.layers.0.self_attn.q_proj"
     ("lora_unet_up_blocks_1_attentions_2_proj_in.lora_down.weight", ("up_blocks.1.attentions.2.proj_in.lora.down.weight", "down")),
 ])
 def test_every_naming_convention_maps_to_the_published_column_name(key, expected):
-    assert lf.canonical_lora_key(key) == expected
+    assert vae.canonical_lora_key(key) == expected
 
 
 @pytest.mark.parametrize("key", [
@@ -169,42 +168,42 @@ def test_every_naming_convention_maps_to_the_published_column_name(key, expected
     "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",  # kohya SDXL, first text encoder
 ])
 def test_text_encoder_keys_keep_a_text_encoder_prefix(key):
-    assert lf.canonical_lora_key(key) == (f"text_encoder.{TEXT_Q}.lora.down.weight", "down")
+    assert vae.canonical_lora_key(key) == (f"text_encoder.{TEXT_Q}.lora.down.weight", "down")
 
 
 def test_second_sdxl_text_encoder_stays_apart_from_the_first():
-    name, _ = lf.canonical_lora_key("lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight")
+    name, _ = vae.canonical_lora_key("lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight")
     assert name == "text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora.up.weight"
 
 
 def test_language_model_keys_keep_their_module_path():
-    name, kind = lf.canonical_lora_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
+    name, kind = vae.canonical_lora_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
     assert (name, kind) == ("model.layers.0.self_attn.q_proj.lora.down.weight", "down")
-    assert lf.canonical_lora_key("base_model.model.model.layers.3.mlp.gate_proj.lora_B.weight")[0] == \
+    assert vae.canonical_lora_key("base_model.model.model.layers.3.mlp.gate_proj.lora_B.weight")[0] == \
         "model.layers.3.mlp.gate_proj.lora.up.weight"
 
 
 def test_canonical_names_are_the_ones_the_script_finds_as_lora_columns():
     keys = list(kohya_state_dict(lora_weights(0), alpha=RANK))
-    columns = [name for name, kind in map(lf.canonical_lora_key, keys) if kind in ("down", "up")]
+    columns = [name for name, kind in map(vae.canonical_lora_key, keys) if kind in ("down", "up")]
     assert all(vae.LORA_COLUMN.fullmatch(c) for c in columns)
     assert sorted(columns) == EXPECTED_COLUMNS
 
 
 def test_keys_that_are_no_lora_weights_are_reported_as_other():
-    assert lf.canonical_lora_key("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector")[1] == "other"
-    assert lf.canonical_lora_key("lora_unet_mid_block_attentions_0_proj_in.hada_w1_a")[1] == "other"
+    assert vae.canonical_lora_key("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector")[1] == "other"
+    assert vae.canonical_lora_key("lora_unet_mid_block_attentions_0_proj_in.hada_w1_a")[1] == "other"
 
 
 def test_convolution_loras_become_the_matrices_whose_product_is_the_update():
-    layout = lf.adapter_layout((("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight", (2, 4, 3, 3)),
+    layout = vae.adapter_layout((("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight", (2, 4, 3, 3)),
                                 ("lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight", (6, 2, 1, 1))))
     assert layout.signature == {"down_blocks.0.resnets.0.conv1.lora.down.weight": (2, 36),
                                 "down_blocks.0.resnets.0.conv1.lora.up.weight": (6, 2)}
 
 
 def test_two_keys_for_the_same_tensor_make_the_layout_unusable():
-    layout = lf.adapter_layout(((f"unet.{Q}.lora.down.weight", (2, 8)), (f"unet.{Q}.lora_A.weight", (2, 8))))
+    layout = vae.adapter_layout(((f"unet.{Q}.lora.down.weight", (2, 8)), (f"unet.{Q}.lora_A.weight", (2, 8))))
     assert "two keys name" in layout.problem
 
 
@@ -246,7 +245,7 @@ def test_rows_hold_each_adapters_own_weights_in_name_order(convention_tables):
 
 
 def test_table_loads_and_splits_into_modules_like_a_published_dataset(tmp_path):
-    path, _ = lf.build_adapter_table(labelled_folder(tmp_path / "adapters", "diffusers"), tmp_path / "cache", None, 2, False)
+    path, _ = vae.build_adapter_table(labelled_folder(tmp_path / "adapters", "diffusers"), tmp_path / "cache", None, 2, False)
     ds = vae.load_local_dataset(path)
     modules = vae.lora_modules(ds.column_names)
     assert [m.name for m in modules] == sorted(UNET_MODULES)
@@ -433,23 +432,23 @@ def test_unreadable_file_is_mismatched(tmp_path):
 
 def test_second_build_reuses_the_table(tmp_path, monkeypatch):
     folder = labelled_folder(tmp_path / "adapters", "diffusers")
-    first, source = lf.build_adapter_table(folder, tmp_path / "cache", None, 2, False)
+    first, source = vae.build_adapter_table(folder, tmp_path / "cache", None, 2, False)
 
     def rebuild(*args, **kwargs):
         raise AssertionError("the table was built again")
-    monkeypatch.setattr(lf, "write_adapter_table", rebuild)
+    monkeypatch.setattr(vae, "write_adapter_table", rebuild)
 
-    assert lf.build_adapter_table(folder, tmp_path / "cache", None, 2, False) == (first, source)
+    assert vae.build_adapter_table(folder, tmp_path / "cache", None, 2, False) == (first, source)
 
 
 def test_changed_file_rebuilds_the_table_and_removes_the_old_one(tmp_path):
     folder = labelled_folder(tmp_path / "adapters", "diffusers")
-    first, _ = lf.build_adapter_table(folder, tmp_path / "cache", None, 2, False)
+    first, _ = vae.build_adapter_table(folder, tmp_path / "cache", None, 2, False)
     weights_file = write_adapter(folder, "diffusers", "a0", lora_weights(42), label="cat")
     later = os.stat(weights_file).st_mtime_ns + 10**9  # a rewrite within the clock's resolution must still count
     os.utime(weights_file, ns=(later, later))
 
-    second, _ = lf.build_adapter_table(folder, tmp_path / "cache", None, 2, False)
+    second, _ = vae.build_adapter_table(folder, tmp_path / "cache", None, 2, False)
 
     assert second != first and not first.exists()
     table = datasets.load_from_disk(str(second))
@@ -457,9 +456,9 @@ def test_changed_file_rebuilds_the_table_and_removes_the_old_one(tmp_path):
 
 
 def test_export_writes_a_loadable_save_to_disk_folder(tmp_path):
-    path, _ = lf.build_adapter_table(labelled_folder(tmp_path / "adapters", "kohya"), tmp_path / "cache", None, 2, False)
-    out = lf.export_dataset(path, tmp_path / "shared")
-    lf.export_dataset(path, tmp_path / "shared")  # exporting again replaces the earlier export
+    path, _ = vae.build_adapter_table(labelled_folder(tmp_path / "adapters", "kohya"), tmp_path / "cache", None, 2, False)
+    out = vae.export_dataset(path, tmp_path / "shared")
+    vae.export_dataset(path, tmp_path / "shared")  # exporting again replaces the earlier export
     exported, built = datasets.load_from_disk(str(out)), datasets.load_from_disk(str(path))
     assert exported.column_names == built.column_names
     for column in EXPECTED_COLUMNS:
@@ -467,11 +466,11 @@ def test_export_writes_a_loadable_save_to_disk_folder(tmp_path):
 
 
 def test_export_refuses_a_folder_holding_something_else(tmp_path):
-    path, _ = lf.build_adapter_table(labelled_folder(tmp_path / "adapters", "kohya"), tmp_path / "cache", None, 2, False)
+    path, _ = vae.build_adapter_table(labelled_folder(tmp_path / "adapters", "kohya"), tmp_path / "cache", None, 2, False)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(ExperimentError, match="holds something else"):
-        lf.export_dataset(path, tmp_path / "busy")
+        vae.export_dataset(path, tmp_path / "busy")
 
 
 # --- finding adapters ---------------------------------------------------------------------------
@@ -494,7 +493,7 @@ def test_adapter_folders_are_told_apart_from_saved_datasets(tmp_path):
     saved = tmp_path / "saved"
     datasets.Dataset.from_dict({"x": [1, 2]}).save_to_disk(str(saved))
     (tmp_path / "empty").mkdir()
-    assert lf.is_adapter_folder(adapters)
-    assert not lf.is_adapter_folder(saved)
-    assert not lf.is_adapter_folder(tmp_path / "empty")
-    assert not lf.is_adapter_folder(adapters / "cat" / "a0" / "adapter_model.safetensors")
+    assert vae.is_adapter_folder(adapters)
+    assert not vae.is_adapter_folder(saved)
+    assert not vae.is_adapter_folder(tmp_path / "empty")
+    assert not vae.is_adapter_folder(adapters / "cat" / "a0" / "adapter_model.safetensors")
