@@ -497,3 +497,39 @@ def test_adapter_folders_are_told_apart_from_saved_datasets(tmp_path):
     assert not vae.is_adapter_folder(saved)
     assert not vae.is_adapter_folder(tmp_path / "empty")
     assert not vae.is_adapter_folder(adapters / "cat" / "a0" / "adapter_model.safetensors")
+
+
+LANGUAGE_MODEL_MODULES = {  # a PEFT adapter on two decoder layers of a language model: attention and MLP
+    f"model.layers.{layer}.{block}.{proj}": (16, 16)
+    for layer in (0, 1)
+    for block, projs in (("self_attn", ("q_proj", "v_proj")), ("mlp", ("up_proj", "down_proj")))
+    for proj in projs
+}
+
+
+def test_cli_evaluates_custom_groups_on_a_folder_of_language_model_adapters(tmp_path, capsys):
+    root = tmp_path / "adapters"
+    for i in range(48):
+        label = ("short", "long")[i % 2]
+        gain = 1.0 if label == "short" else 2.0  # a class signal simple statistics see at once
+        weights = {m: (down * gain, up) for m, (down, up) in lora_weights(i, LANGUAGE_MODEL_MODULES).items()}
+        write_adapter(root, "peft", f"adapter{i:02d}", weights, label=label)
+    out = tmp_path / "out"
+    code = vae.main(["--dataset", str(root), "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"),
+                     "--representations", "simple_stats", "--layer-groups", "all",
+                     "--group", "attn=q_proj|v_proj", "--group", "mlp=up_proj|down_proj",
+                     "--num-runs", "2", "--max-epochs", "40", "--patience", "10", "--hidden-dim", "16", "--lr", "1e-2",
+                     "--batch-size", "16", "--num-workers", "0", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    run_dir = out / "visual_ablation_adapters"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["groups"] == ["all", "attn", "mlp"]
+    assert results["label_mapping"] == {"long": 0, "short": 1}
+    assert [e["num_layers"] for e in results["attn_results"] + results["mlp_results"]] == [8, 8]
+    assert results["all_layers_results"][0]["test_acc_mean"] > 0.8
+    table = (run_dir / "results.txt").read_text()
+    assert "attn" in table and "mlp" in table
+    confusion = list(run_dir.glob("confusion_*.png"))
+    assert len(confusion) == 1  # the best entry's, named for it
+    for png in [run_dir / "summary.png", run_dir / "retention.png", *confusion]:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
