@@ -89,7 +89,7 @@ class Config:
     """Everything that decides what the experiment computes, built once from the command line."""
 
     dataset: str = "1k"
-    """preset (1k, 10k, 50k, 100k, small), hub id owner/name, local path, or sanity-check"""
+    """preset (1k, 10k, 50k, 100k, small), hub id owner/name, local dataset path, folder of adapters, or sanity-check"""
     num_runs: int = 10
     """seeded training runs per (representation, layer group); run k uses seed + k"""
     output_dir: str = "visual-ablation-results-optimized"
@@ -115,7 +115,7 @@ class Config:
     no_amp: bool = False
     """train in full precision on CUDA too"""
     num_workers: int = 4
-    """worker processes reading weight chunks (0 reads in the main process)"""
+    """parallel readers: threads reading weight chunks, DataLoader workers when features are streamed"""
     representations: tuple[str, ...] = REPRESENTATION_NAMES
     """representations to evaluate"""
     layer_groups: tuple[str, ...] = ("all", "visual")
@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
     add("--dataset", default=defaults.dataset,
-        help="preset (1k, 10k, 50k, 100k, small), hub id owner/name, local save_to_disk or parquet path, or sanity-check")
+        help="preset (1k, 10k, 50k, 100k, small), hub id owner/name, local save_to_disk or parquet path, "
+             "folder of adapter .safetensors files, or sanity-check")
     add("--num-runs", type=_positive_int, default=defaults.num_runs, help="training runs per representation and layer group")
     add("--output-dir", default=defaults.output_dir, help="directory for results")
     add("--quick", action="store_true", help="3 runs instead of --num-runs")
@@ -246,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of LoRA modules to use, seeded, down/up pairs kept together")
     add("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     add("--num-workers", type=_non_negative_int, default=defaults.num_workers,
-        help="worker processes reading weight chunks (0: read in the main process)")
+        help="parallel readers: threads reading weight chunks, DataLoader workers when features are streamed (0: none)")
     add("--representations", type=_choice_list(REPRESENTATION_NAMES), default=defaults.representations,
         help="comma list of representations (default: all)")
     add("--layer-groups", type=_choice_list(BUILTIN_GROUPS), default=defaults.layer_groups,

@@ -64,6 +64,7 @@ Output: progress on stderr, a fixed-width table on stdout, and per layout one li
                                  that agree with ours (rtol 1e-3, atol 1e-6)
     memory, training, cache      the raw numbers behind the ratios
     machine                      cpu count, usable cpus, torch threads, platform, versions, load average
+    load_average_at_layout_start the machine's 1/5/15-minute load when this layout began
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Benchmark the optimised ablation script against the original's way of working.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--rows", type=int, default=None,
-                   help=f"rows of every generated dataset (default: {DEFAULT_ROWS})")
+                   help="rows of every generated dataset; unset: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_ROWS.items()))
     p.add_argument("--layout", choices=("published", "heavy", "both"), default="both")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--workdir", type=Path, default=ROOT / "benchmark-results",
@@ -468,7 +469,7 @@ def measure_peak_memory(path: Path, args) -> dict:
     if args.threads:
         command += ["--threads", str(args.threads)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    lines = [l for l in done.stdout.splitlines() if l.startswith("EXTRACT_JSON ")]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("EXTRACT_JSON ")]
     if done.returncode != 0 or not lines:
         sys.stderr.write(done.stderr[-4000:])
         raise RuntimeError(f"extraction subprocess failed with exit code {done.returncode}")
@@ -533,6 +534,7 @@ def benchmark_layout(layout: str, rows: int, args, machine: dict) -> dict:
     dataset_bytes = dataset_weight_bytes(spec)
     cfg = benchmark_config(args)
     device = vae.resolve_device(cfg)
+    load_average = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     log(f"[{layout}] {rows} rows, {len(columns)} tensor columns, {dataset_bytes / 1e6:.1f} MB of weights at {path}")
 
     log(f"[{layout}] peak memory: our extraction in a fresh subprocess")
@@ -585,7 +587,7 @@ def benchmark_layout(layout: str, rows: int, args, machine: dict) -> dict:
         "config": {"representations": list(ORIGINAL_REPRESENTATIONS), "num_workers": args.num_workers,
                    "runs": args.runs, "hidden_dim": cfg.hidden_dim, "max_epochs": cfg.max_epochs,
                    "patience": cfg.patience, "batch_size": cfg.batch_size},
-        "machine": machine,
+        "machine": machine, "load_average_at_layout_start": load_average,
     }
 
 
