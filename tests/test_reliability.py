@@ -78,6 +78,13 @@ def error_line(err: str) -> str:
     return lines[0]
 
 
+def strict_json(text):
+    """JSON as the standard defines it: NaN and Infinity are refused."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
 def results_of(tmp_path, name):
     return json.loads((tmp_path / "out" / f"visual_ablation_{name}" / "results.json").read_text())
 
@@ -342,20 +349,23 @@ def test_nonfinite_counts_are_recorded_when_the_features_come_from_the_cache(non
     assert results["nonfinite_weights"] == {"zeroed": True, "counts": {NAN_COLUMN: 2, INF_COLUMN: 3}}
 
 
-def test_feature_constant_on_the_training_split_standardises_to_finite_values_on_every_split():
+@pytest.mark.parametrize("budget_bytes", [None, 0], ids=["resident", "streamed"])
+def test_feature_constant_on_the_training_split_standardises_to_finite_values_on_every_split(budget_bytes):
     features = np.column_stack([np.full(10, 0.3, dtype=np.float32), np.arange(10, dtype=np.float32)])
     features[8, 0] = 5.0  # the validation row holds another value
     splits = {"train": np.arange(0, 7), "val": np.array([7, 8]), "test": np.array([9])}
 
-    data = vae.standardise(features, np.arange(10) % 2, splits, 2, CPU)
+    data = vae.standardise(features, np.arange(10) % 2, splits, 2, CPU, budget_bytes=budget_bytes)
 
-    for split, x in data.x.items():
-        assert torch.isfinite(x).all(), split
-    assert data.x["train"][:, 0].abs().max().item() < 1e-6
-    assert data.x["val"][1, 0].item() == pytest.approx(5.0 - 0.3, rel=1e-5)  # unit scale, not divided by ~0
+    x = {split: torch.cat(list(data.features.eval_chunks(split))) for split in splits}
+    for split, values in x.items():
+        assert torch.isfinite(values).all(), split
+    assert x["train"][:, 0].abs().max().item() < 1e-6
+    assert x["val"][1, 0].item() == pytest.approx(5.0 - 0.3, rel=1e-5)  # unit scale, not divided by ~0
 
 
 def tiny_split_data(rows=60, features=6, classes=3):
+    """Standardised features with a class signal, split 40 / 10 / 10."""
     rng = np.random.default_rng(0)
     labels = np.arange(rows) % classes
     x = (rng.standard_normal((rows, features)) + labels[:, None]).astype(np.float32)
@@ -409,8 +419,11 @@ def test_means_and_spreads_are_over_the_successful_runs_only(diverged_entry):
         assert diverged_entry[f"{metric}_std"] == pytest.approx(values.std()), metric
 
 
-def test_entry_with_a_failed_run_is_standard_json_without_nan(diverged_entry):
-    json.dumps(diverged_entry, allow_nan=False)
+def test_entry_with_a_failed_run_is_written_as_standard_json_without_nan(diverged_entry, tmp_path):
+    path = tmp_path / "results.json"
+    vae.write_json_atomic(path, {"all_layers_results": [diverged_entry]})
+    written = strict_json(path.read_text())  # results.json is read by tools other than Python's json
+    assert None in written["all_layers_results"][0]["learning_curves"][1]["train_loss_history"]
 
 
 # --- nothing lost: atomic results, a real interruption, --resume --------------------------------
@@ -435,13 +448,15 @@ def test_results_json_interrupted_mid_write_keeps_the_previous_file_and_leaves_n
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
-# enough entries (8 representations x 3 groups) that the run is still training when it is interrupted
+# enough entries (8 representations x 3 groups, up to 12 epochs each) that the run is still training
+# well after its first entry is written, when the test interrupts it
 INTERRUPTED_REPRESENTATIONS = "simple_stats,rank_based,stats,matrix_norms,distribution,info_theoretic,spectral,delta_spectral"
 
 
 def interruptible_args(dataset, output_dir):
     return ["--dataset", str(dataset), "--output-dir", str(output_dir), "--cache-dir", str(output_dir.parent / "cache"),
-            *TINY_TRAINING, "--representations", INTERRUPTED_REPRESENTATIONS, "--layer-groups", "all,visual,text"]
+            *TINY_TRAINING, "--max-epochs", "12", "--patience", "6",
+            "--representations", INTERRUPTED_REPRESENTATIONS, "--layer-groups", "all,visual,text"]
 
 
 def cli_env():
@@ -503,7 +518,7 @@ def test_ctrl_c_exits_130_saying_how_to_resume(interrupted):
 
 
 def test_ctrl_c_leaves_a_valid_incomplete_results_json_with_the_finished_entries(interrupted):
-    results = json.loads(interrupted["results_path"].read_text(), parse_constant=pytest.fail)
+    results = strict_json(interrupted["results_path"].read_text())
     assert results["complete"] is False
     names = [e["representation"] for e in finished_entries(interrupted["results_path"])]
     assert 1 <= len(names) < 24
@@ -633,10 +648,10 @@ def test_tampered_cache_file_is_refused_during_a_run_and_its_feature_recomputed(
 def test_training_out_of_memory_splits_the_ensemble_keeps_every_run_and_says_so(monkeypatch, capsys):
     real_train = vae.train_ensemble
 
-    def fits_one_run_at_a_time(data, cfg, seeds, device, label=""):
+    def fits_one_run_at_a_time(data, cfg, seeds, *args, **kwargs):
         if len(seeds) > 1:
             raise torch.OutOfMemoryError("CUDA out of memory")
-        return real_train(data, cfg, seeds, device, label)
+        return real_train(data, cfg, seeds, *args, **kwargs)
 
     monkeypatch.setattr(vae, "train_ensemble", fits_one_run_at_a_time)
     cfg = vae.Config(num_runs=4, max_epochs=3, patience=3, hidden_dim=16, batch_size=16, num_workers=0)
@@ -697,4 +712,5 @@ def test_features_finished_before_an_extraction_out_of_memory_are_not_recomputed
 
     units = vae.feature_units(modules, "simple_stats")
     assert calls == [len(modules), len(modules) - 3]
-    assert store.computed == len(units)  # each feature stored once
+    columns = [c for m in modules for c in m.columns]
+    assert store.computed == len(units) + len(columns)  # each feature, and each column's NaN/Inf count, stored once
