@@ -2169,14 +2169,19 @@ def init_ensemble_params(seeds: list[int], in_dim: int, hidden: int, num_classes
 
 def ensemble_forward(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor,
                      dropout_scales: torch.Tensor | None, amp: torch.dtype | None) -> torch.Tensor:
-    """(runs, batch, features) -> (runs, batch, classes).  Linear -> BatchNorm -> ReLU -> Dropout, three
-    times, then Linear.  dropout_scales (runs, batch, 3, hidden), each 0 or 1/(1-p), means training
-    mode: batch statistics (running statistics updated in place) and dropout; None means evaluation."""
+    """(runs, batch, features), or (batch, features) shared by every run, -> (runs, batch, classes).
+    Linear -> BatchNorm -> ReLU -> Dropout, three times, then Linear.  dropout_scales (runs, batch,
+    3, hidden), each 0 or 1/(1-p), means training mode: batch statistics (running statistics updated
+    in place) and dropout; None means evaluation."""
     autocast = torch.autocast(x.device.type, dtype=amp) if amp is not None else nullcontext()
     h = x
     with autocast:
         for i in range(NUM_HIDDEN):
-            h = torch.baddbmm(params[f"b{i}"], h, params[f"w{i}"]).float()  # normalise in float32
+            if h.dim() == 2:  # shared rows: one product per run, never a copy of the rows per run
+                h = torch.stack([torch.addmm(b[0], h, w) for b, w in zip(params[f"b{i}"], params[f"w{i}"])])
+            else:
+                h = torch.baddbmm(params[f"b{i}"], h, params[f"w{i}"])
+            h = h.float()  # normalise in float32
             if dropout_scales is not None:
                 mean = h.mean(1, keepdim=True)
                 centered = h - mean
@@ -2291,9 +2296,7 @@ def plateau_update(h: RunHistory, val_acc: float) -> None:
 
 def predictions(params, buffers, data: SplitData, split: str, amp) -> torch.Tensor:
     """Per-run predicted classes on a whole split, (runs, N), evaluation mode, in row chunks."""
-    runs = params["w0"].shape[0]
-    out = [ensemble_forward(params, buffers, x.expand(runs, -1, -1), None, amp).argmax(-1)
-           for x in data.features.eval_chunks(split)]
+    out = [ensemble_forward(params, buffers, x, None, amp).argmax(-1) for x in data.features.eval_chunks(split)]
     return torch.cat(out, 1)
 
 
