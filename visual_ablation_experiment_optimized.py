@@ -1414,6 +1414,14 @@ class WeightReader:
                 target[:] = values.to_numpy(zero_copy_only=False)
             pos += len(values)
 
+    def column_shape(self, column: str) -> tuple[int, int]:
+        """column_shape, then the file pages its check touched (every row's list offsets, as large as
+        the weights for an (n, 1) matrix) are dropped from this process: they stay in the OS cache."""
+        shape = column_shape(self.table, column)
+        for _, _, _, mapped in self._files:
+            mapped.madvise(mmap.MADV_DONTNEED)
+        return shape
+
     @cached_property
     def scales(self) -> np.ndarray | None:
         """alpha / rank per adapter when the table records it (lora_scale): it scales the update up @ down."""
@@ -1744,6 +1752,7 @@ class FeatureStore:
         self.cache_dir = cache_dir
         self._scratch: tempfile.TemporaryDirectory | None = None
         self.cache = FeatureCache(cache_dir if persistent else self.scratch_dir(), durable=persistent)
+        self.recompute = None  # (unit, representation) -> None, set by extract_features
         self.computed = 0
 
     def scratch_dir(self) -> Path:
@@ -1759,8 +1768,8 @@ class FeatureStore:
                 "nonfinite": "zeroed" if self.zero_nonfinite else "refused"}
 
     def has(self, unit: str, representation: str) -> bool:
-        """True when a valid file holds these features (an invalid one is reported and removed)."""
-        return self.cache.load(self.key(unit, representation)) is not None
+        """True when a file holds these features; it is validated when read (get)."""
+        return self.cache.path(self.key(unit, representation)).exists()
 
     def count_nonfinite(self, columns: list[str]) -> None:
         """Total the stored per-row NaN/Inf counts of these columns (computed or cached alike), and
@@ -1781,10 +1790,15 @@ class FeatureStore:
         self.computed += 1
 
     def get(self, unit: str, representation: str) -> np.ndarray:
+        """The features, read and checked; a file found unusable (reported and removed by the cache)
+        is recomputed from the weights at once."""
         array = self.cache.load(self.key(unit, representation))
+        if array is None and self.recompute is not None:
+            self.recompute(unit, representation)
+            array = self.cache.load(self.key(unit, representation))
         if array is None:
-            raise ExperimentError(f"features of {unit} ({representation}) vanished from {self.cache.directory} "
-                                  "during the run; is another process clearing it? Run again")
+            raise ExperimentError(f"features of {unit} ({representation}) cannot be read back from "
+                                  f"{self.cache.directory}; is another process changing it? Run again")
         return array
 
     def raw_weights(self, columns: list[str], memory_limit: int | None = None) -> np.ndarray:
@@ -1955,10 +1969,15 @@ def extract_features(loaded: LoadedDataset, modules: list[Module], cfg: Config, 
     pass over the weights, each column read once, all representations from that read.  On CUDA
     out-of-memory the row chunk is halved and the pass goes on from the first unfinished module."""
     reader = WeightReader(loaded.dataset)
-    shapes = {c: column_shape(reader.table, c) for m in modules for c in m.columns}
+    shapes = {c: reader.column_shape(c) for m in modules for c in m.columns}
     store = FeatureStore(loaded.fingerprint, Path(cfg.cache_dir), cfg.cache_features, reader, shapes,
                          zero_nonfinite=cfg.allow_nonfinite)
     chunk_bytes = CUDA_CHUNK_BYTES if device.type == "cuda" else CHUNK_BYTES
+
+    def recompute(unit: str, representation: str) -> None:
+        module = next(m for m in modules if unit == m.name or unit in m.columns)
+        compute_pending(store, [(module, [(unit, representation)])], cfg, device, chunk_bytes)
+    store.recompute = recompute
     work = list(pending_work(store, modules, cfg.representations))
     requested = sum(len(feature_units(modules, r)) for r in cfg.representations if r != "flat_vec")
     requested += sum(len(m.columns) for m in modules)  # the NaN/Inf counts
@@ -2865,6 +2884,7 @@ def run_experiment(cfg: Config) -> Path:
             result = train_runs(data, cfg, device, name)
             entry = evaluate_entry(result, data, cfg, device, name, sum(len(m.columns) for m in exp.groups[group]))
             results[key].append(entry)
+            results["feature_extraction"]["computed"] = store.computed  # with any recomputed on reading
             tqdm.write(f"{name:<32} test acc {entry['test_acc_mean']:.3f} +- {entry['test_acc_std']:.3f}  "
                        f"({result.seconds:.1f}s, best epoch {entry['best_epoch_mean']:.0f})"
                        + (f"  {len(entry['failed_runs'])} runs failed" if entry["failed_runs"] else ""))
