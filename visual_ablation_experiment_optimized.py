@@ -405,6 +405,59 @@ def _load_local_dataset(path: Path):
         f"{path} holds no dataset: expected a save_to_disk directory or parquet file(s)")
 
 
+# --- the split -------------------------------------------------------------------------------
+
+def split_indices(num_rows: int) -> dict[str, np.ndarray]:
+    """Row indices of train (70%), val (~10%) and test (~20%), exactly as the published split."""
+    from datasets import Dataset
+    rows = Dataset.from_dict({"row": np.arange(num_rows)})
+    try:
+        first = rows.train_test_split(test_size=0.3, seed=SPLIT_SEED)
+        second = first["test"].train_test_split(test_size=0.67, seed=SPLIT_SEED)
+    except ValueError as err:
+        raise ExperimentError(f"{num_rows} rows are too few to split 70/10/20 ({err}); use a larger dataset") from None
+    return {"train": np.asarray(first["train"]["row"]),
+            "val": np.asarray(second["train"]["row"]),
+            "test": np.asarray(second["test"]["row"])}
+
+
+# --- writing datasets ---------------------------------------------------------------------
+
+WRITER_BATCH_BYTES = 64 << 20  # weights per Arrow batch written: bounds the memory a batch takes
+
+
+def nested_list_array(matrices: np.ndarray) -> pa.Array:
+    """(n, rows, cols) matrices as list<list<float32>>, the published tables' storage, without a Python loop.
+
+    (datasets' own encoder walks every matrix row in Python, several times slower than reading.)
+    """
+    n, rows, cols = matrices.shape
+    row_offsets = pa.array(np.arange(0, n * rows * cols + 1, cols, dtype=np.int32))
+    matrix_offsets = pa.array(np.arange(0, n * rows + 1, rows, dtype=np.int32))
+    return pa.ListArray.from_arrays(matrix_offsets, pa.ListArray.from_arrays(row_offsets, matrices.reshape(-1)))
+
+
+def save_batches(tables, schema: pa.Schema, path: Path, extra_files: dict[str, str] | None = None) -> None:
+    """Arrow tables (consecutive row batches) saved as one dataset with save_to_disk at path,
+    complete or absent: streamed to an Arrow file (memory holds one batch), copied into
+    save_to_disk's layout beside the target, then renamed into place."""
+    import datasets
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        arrow_file = os.path.join(scratch, "rows.arrow")
+        with pa.OSFile(arrow_file, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for table in tables:
+                writer.write_table(table)
+        ds = datasets.Dataset.from_file(arrow_file)
+        ds.save_to_disk(str(partial))
+        del ds
+    for name, text in (extra_files or {}).items():
+        (partial / name).write_text(text)
+    os.replace(partial, path)
+
+
 # --- the generated dataset ------------------------------------------------------------------
 
 SD15_BLOCKS = (  # (transformer block prefix, channels) of the Stable Diffusion v1.5 UNet
@@ -458,11 +511,26 @@ class SyntheticSpec:
         return sd15_lora_shapes(self.rank, self.projections)
 
 
+@functools.lru_cache(maxsize=4)
+def synthetic_labels(spec: SyntheticSpec) -> np.ndarray:
+    """Every row's class, dealt round-robin within each split of the published split procedure,
+    so that every split holds every class (as far as its size allows)."""
+    labels = np.empty(spec.rows, dtype=np.int64)
+    offset = np.random.default_rng(spec.seed).integers(spec.num_classes)
+    try:
+        parts = split_indices(spec.rows).values()
+    except ExperimentError:  # too few rows to split at all: deal the classes over every row
+        parts = [np.arange(spec.rows)]
+    for idx in parts:
+        labels[idx] = (np.arange(len(idx)) + offset) % spec.num_classes
+    return labels
+
+
 def synthetic_rows(spec: SyntheticSpec, start: int, stop: int) -> dict[str, np.ndarray]:
     """Rows [start, stop) of the generated dataset, deterministic for a given (seed, start, stop)."""
     block = np.random.default_rng([spec.seed, start, stop])
     n = stop - start
-    labels = block.integers(spec.num_classes, size=n)
+    labels = synthetic_labels(spec)[start:stop]
     adapter_scale = np.exp(0.3 * block.standard_normal(n))[:, None, None]
     columns: dict[str, np.ndarray] = {}
     for t, (name, shape) in enumerate(spec.shapes.items()):
@@ -489,25 +557,29 @@ def synthetic_features(spec: SyntheticSpec):
     return Features(feats)
 
 
-def write_synthetic_dataset(spec: SyntheticSpec, path: Path, block_rows: int = 256) -> Path:
-    """Write the dataset with save_to_disk, block by block so memory stays bounded; reuse it if present."""
-    import datasets
+def synthetic_table(spec: SyntheticSpec, start: int, stop: int, schema: pa.Schema) -> pa.Table:
+    """Rows [start, stop) of the generated dataset as an Arrow table in its schema."""
+    columns = synthetic_rows(spec, start, stop)
+    arrays = []
+    for field in schema:
+        values = columns[field.name]
+        if values.ndim == 3:
+            storage = nested_list_array(values)
+            arrays.append(pa.ExtensionArray.from_storage(field.type, storage) if spec.array2d else storage)
+        else:
+            arrays.append(pa.array(values, field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def write_synthetic_dataset(spec: SyntheticSpec, path: Path) -> Path:
+    """Write the dataset with save_to_disk in batches, so memory stays bounded; reuse it if present."""
     if (path / "state.json").exists():
         return path
-    features = synthetic_features(spec)
-
-    def blocks():
-        for start in range(0, spec.rows, block_rows):
-            cols = synthetic_rows(spec, start, min(start + block_rows, spec.rows))
-            for i in range(len(cols["category_label"])):
-                yield {k: v[i] for k, v in cols.items()}
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-        ds = datasets.Dataset.from_generator(blocks, features=features, cache_dir=scratch)
-        ds.save_to_disk(str(path) + ".partial")
-        del ds
-    os.replace(str(path) + ".partial", path)
+    schema = synthetic_features(spec).arrow_schema
+    floats_per_row = sum(r * c for r, c in spec.shapes.values())
+    rows = max(1, WRITER_BATCH_BYTES // (4 * floats_per_row))
+    save_batches((synthetic_table(spec, start, min(start + rows, spec.rows), schema)
+                  for start in range(0, spec.rows, rows)), schema, path)
     return path
 
 
@@ -527,7 +599,6 @@ def write_sanity_check_dataset(data_dir: Path, rows: int) -> Path:
 FOLDER_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 TABLE_INFO_FILE = "adapter_table.json"  # label source and skipped adapters, kept beside the Arrow files
 ADAPTER_TABLE_VERSION = 1  # bump when the table built from the same files would change
-WRITER_BATCH_BYTES = 64 << 20  # weights per Arrow batch written: bounds the memory a batch takes
 
 # kohya flattens a module path by turning every "." into "_"; these names keep their "_" when it
 # is turned back (diffusers UNet, the original SD/SDXL UNet kohya uses for SDXL, CLIP text encoders,
@@ -1032,17 +1103,6 @@ def adapter_tensor_stream(adapters: list[ScannedAdapter], num_workers: int):
             bar.update()
 
 
-def nested_list_array(matrices: np.ndarray) -> pa.Array:
-    """(n, rows, cols) matrices as list<list<float32>>, the published tables' storage, without a Python loop.
-
-    (datasets' own encoder walks every matrix row in Python, several times slower than reading.)
-    """
-    n, rows, cols = matrices.shape
-    row_offsets = pa.array(np.arange(0, n * rows * cols + 1, cols, dtype=np.int32))
-    matrix_offsets = pa.array(np.arange(0, n * rows + 1, rows, dtype=np.int32))
-    return pa.ListArray.from_arrays(matrix_offsets, pa.ListArray.from_arrays(row_offsets, matrices.reshape(-1)))
-
-
 def batch_table(adapters: list[ScannedAdapter], labels: list[dict], tensors: list[dict[str, np.ndarray]],
                 schema: pa.Schema) -> pa.Table:
     """Consecutive rows of the table as one Arrow table in its schema."""
@@ -1063,31 +1123,18 @@ def batch_table(adapters: list[ScannedAdapter], labels: list[dict], tensors: lis
 
 def write_adapter_table(adapters: list[ScannedAdapter], labels: list[dict], features, path: Path,
                         num_workers: int, info: dict) -> None:
-    """Write the table with save_to_disk at path (complete or absent: built aside, then renamed).
-
-    Rows are written in batches of about WRITER_BATCH_BYTES to an Arrow file, which save_to_disk
-    then copies into its layout; memory holds one batch and the reading window.
-    """
-    import datasets
+    """Write the table with save_to_disk at path, in batches of about WRITER_BATCH_BYTES of weights."""
     floats_per_row = sum(rows * cols for _, _, (rows, cols) in adapters[0].layout.tensors)
     rows_per_batch = max(1, WRITER_BATCH_BYTES // (4 * floats_per_row))
     schema = features.arrow_schema
-    partial = path.with_name(path.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-        arrow_file = os.path.join(scratch, "adapters.arrow")
-        stream = adapter_tensor_stream(adapters, num_workers)
-        with closing(stream), pa.OSFile(arrow_file, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-            for start in range(0, len(adapters), rows_per_batch):
-                stop = min(start + rows_per_batch, len(adapters))
-                tensors = list(islice(stream, stop - start))
-                writer.write_table(batch_table(adapters[start:stop], labels[start:stop], tensors, schema))
-        ds = datasets.Dataset.from_file(arrow_file)
-        ds.save_to_disk(str(partial))
-        del ds
-    (partial / TABLE_INFO_FILE).write_text(json.dumps(info, indent=1))
-    os.replace(partial, path)
+
+    def batches(stream):
+        for start in range(0, len(adapters), rows_per_batch):
+            stop = min(start + rows_per_batch, len(adapters))
+            yield batch_table(adapters[start:stop], labels[start:stop], list(islice(stream, stop - start)), schema)
+
+    with closing(adapter_tensor_stream(adapters, num_workers)) as stream:
+        save_batches(batches(stream), schema, path, {TABLE_INFO_FILE: json.dumps(info, indent=1)})
 
 
 def warn_skipped(skipped: list) -> None:
@@ -1202,20 +1249,6 @@ def load_experiment_dataset(cfg: Config) -> LoadedDataset:
 
 
 # --- split, labels and layers -----------------------------------------------------------------
-
-def split_indices(num_rows: int) -> dict[str, np.ndarray]:
-    """Row indices of train (70%), val (~10%) and test (~20%), exactly as the published split."""
-    from datasets import Dataset
-    rows = Dataset.from_dict({"row": np.arange(num_rows)})
-    try:
-        first = rows.train_test_split(test_size=0.3, seed=SPLIT_SEED)
-        second = first["test"].train_test_split(test_size=0.67, seed=SPLIT_SEED)
-    except ValueError as err:
-        raise ExperimentError(f"{num_rows} rows are too few to split 70/10/20 ({err}); use a larger dataset") from None
-    return {"train": np.asarray(first["train"]["row"]),
-            "val": np.asarray(second["train"]["row"]),
-            "test": np.asarray(second["test"]["row"])}
-
 
 @dataclass
 class Labels:
@@ -1340,8 +1373,25 @@ def column_shape(table: pa.Table, column: str) -> tuple[int, int]:
 
 def value_pieces(table: pa.Table, column: str, start: int, stop: int) -> list[pa.Array]:
     """The flat values of rows [start, stop) of a 2-D tensor column, one zero-copy piece per Arrow
-    chunk (`flatten` honours slice offsets where `.values` would not)."""
-    return [_storage(c).flatten().flatten() for c in table.column(column).slice(start, stop - start).chunks]
+    chunk.  The slice is found from the first and last offsets of each list level (`.values`
+    alone would ignore the slice; `flatten` walks every offset, touching pages as large as the
+    weights themselves for an (n, 1) matrix)."""
+    pieces = []
+    for chunk in table.column(column).slice(start, stop - start).chunks:
+        matrices = _storage(chunk)
+        rows = matrices.values
+        first_row, last_row = _list_offset(matrices, 0), _list_offset(matrices, len(matrices))
+        first, last = _list_offset(rows, first_row), _list_offset(rows, last_row)
+        pieces.append(rows.values.slice(first, last - first))
+    return pieces
+
+
+def _list_offset(lists: pa.Array, i: int) -> int:
+    """The i-th offset of a list array, read from its offsets buffer: one page touched, where the
+    `offsets` accessor touches them all."""
+    dtype = np.int64 if pa.types.is_large_list(lists.type) else np.int32
+    width = np.dtype(dtype).itemsize
+    return int(np.frombuffer(lists.buffers()[1], dtype=dtype, count=1, offset=width * (lists.offset + i))[0])
 
 
 def read_matrices(table: pa.Table, column: str, start: int, stop: int, shape: tuple[int, int]) -> np.ndarray:
@@ -1413,14 +1463,20 @@ class WeightReader:
             else:
                 target[:] = values.to_numpy(zero_copy_only=False)
             pos += len(values)
+        self._release_pages()
 
     def column_shape(self, column: str) -> tuple[int, int]:
         """column_shape, then the file pages its check touched (every row's list offsets, as large as
         the weights for an (n, 1) matrix) are dropped from this process: they stay in the OS cache."""
         shape = column_shape(self.table, column)
+        self._release_pages()
+        return shape
+
+    def _release_pages(self) -> None:
+        """Drop the pages of our maps from this process (they stay in the OS page cache): locating
+        a chunk reads a few list offsets, and each fault maps a window of pages around them."""
         for _, _, _, mapped in self._files:
             mapped.madvise(mmap.MADV_DONTNEED)
-        return shape
 
     @cached_property
     def scales(self) -> np.ndarray | None:

@@ -65,6 +65,12 @@ Output: progress on stderr, a fixed-width table on stdout, and per layout one li
     memory, training, cache      the raw numbers behind the ratios
     machine                      cpu count, usable cpus, torch threads, platform, versions, load average
     load_average_at_layout_start the machine's 1/5/15-minute load when this layout began
+
+After the layouts, one line `COMPONENTS_JSON {...}` and a table time the building blocks against
+what the original used, with each one's largest relative error against float64 numpy: singular
+values of 2000 rank-4 factors (a per-matrix `svd_lowrank` loop, batched `svdvals`, ours from the
+Gram matrix), the spectrum of 200 rank-4 updates `up @ down` (formed and decomposed, ours from the
+QR core), and sorting 2000 rows of 320 values (`torch.sort`, ours).
 """
 
 from __future__ import annotations
@@ -644,6 +650,55 @@ def agreement_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# --- components: the building blocks, each against what the original used ---------------------
+
+def best_seconds(fn, device: torch.device, repeats: int = 3) -> float:
+    fn()  # warm-up
+    return min(timed(fn, device)[1] for _ in range(repeats))
+
+
+def max_relative_error(values: torch.Tensor, exact: np.ndarray) -> float:
+    exact = np.asarray(exact, dtype=np.float64)
+    return float(np.max(np.abs(values.double().cpu().numpy() - exact) / np.maximum(np.abs(exact), 1e-30)))
+
+
+def component_timings(device: torch.device) -> dict:
+    """Seconds (best of 3) and accuracy of the pieces the guide's claims are about, on SD-sized matrices:
+    singular values of 2000 rank-4 factors (4 x 320), the weight update's spectrum for 200 rank-4
+    modules (320 x 4 @ 4 x 320), and sorting 2000 rows of 320 values."""
+    generator = torch.Generator().manual_seed(0)
+    factors = torch.randn(2000, 4, 320, generator=generator).to(device)
+    exact = np.linalg.svd(factors.double().cpu().numpy(), compute_uv=False)
+    down = torch.randn(200, 4, 320, generator=generator).to(device)
+    up = torch.randn(200, 320, 4, generator=generator).to(device)
+    exact_delta = np.linalg.svd((up.double() @ down.double()).cpu().numpy(), compute_uv=False)[:, :4]
+    rows = torch.randn(2000, 320, generator=generator).to(device)
+    pair = lambda: vae.PairBatch(vae.MatrixBatch(down), vae.MatrixBatch(up)).delta_singular_values
+    lowrank = lambda: torch.stack([torch.svd_lowrank(m, q=4)[1] for m in factors])
+    return {
+        "singular_values_svd_lowrank_loop": {"seconds": best_seconds(lowrank, device),
+                                             "max_relative_error": max_relative_error(lowrank(), exact)},
+        "singular_values_batched_svdvals": {"seconds": best_seconds(lambda: torch.linalg.svdvals(factors), device),
+                                            "max_relative_error": max_relative_error(torch.linalg.svdvals(factors), exact)},
+        "singular_values_ours_gram": {"seconds": best_seconds(lambda: vae.singular_values(factors), device),
+                                      "max_relative_error": max_relative_error(vae.singular_values(factors), exact)},
+        "delta_spectrum_formed_product": {"seconds": best_seconds(lambda: torch.linalg.svdvals(up @ down)[:, :4], device),
+                                          "max_relative_error": max_relative_error(torch.linalg.svdvals(up @ down)[:, :4], exact_delta)},
+        "delta_spectrum_ours_qr_core": {"seconds": best_seconds(pair, device),
+                                        "max_relative_error": max_relative_error(pair(), exact_delta)},
+        "sort_rows_torch_sort": {"seconds": best_seconds(lambda: rows.sort(dim=1).values, device)},
+        "sort_rows_ours": {"seconds": best_seconds(lambda: vae.sort_rows(rows), device)},
+    }
+
+
+def components_table(components: dict) -> str:
+    lines = [f"{'component':<36} {'ms':>10} {'max rel. error':>15}", "-" * 63]
+    for name, measured in components.items():
+        error = measured.get("max_relative_error")
+        lines.append(f"{name:<36} {1e3 * measured['seconds']:>10.2f} {'' if error is None else f'{error:.1e}':>15}")
+    return "\n".join(lines)
+
+
 def layouts_to_run(args) -> list[tuple[str, int]]:
     names = ("published", "heavy") if args.layout == "both" else (args.layout,)
     return [(name, args.rows or DEFAULT_ROWS[name]) for name in names]
@@ -674,6 +729,10 @@ def main(argv: list[str] | None = None) -> int:
     print(results_table(results))
     print()
     print(agreement_table(results))
+    components = component_timings(torch.device(args.device))
+    print("COMPONENTS_JSON " + json.dumps(components), flush=True)
+    print()
+    print(components_table(components))
     return 0
 
 

@@ -1,0 +1,171 @@
+"""Training: the batched ensemble is the original's MLP, optimiser, schedule and early stopping,
+run for several seeds at once, and the one-run-at-a-time path gives the same runs."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import visual_ablation_experiment_optimized as vae
+
+CPU = torch.device("cpu")
+
+
+def reference_mlp(params, run, in_dim, hidden, classes):
+    """The original's classifier as nn.Modules, holding run `run` of the stacked parameters."""
+    layers = []
+    dims = [in_dim] + [hidden] * vae.NUM_HIDDEN
+    for i in range(vae.NUM_HIDDEN):
+        linear = torch.nn.Linear(dims[i], hidden)
+        linear.weight.data = params[f"w{i}"][run].T.clone()
+        linear.bias.data = params[f"b{i}"][run, 0].clone()
+        norm = torch.nn.BatchNorm1d(hidden)
+        norm.weight.data = params[f"gamma{i}"][run, 0].clone()
+        norm.bias.data = params[f"beta{i}"][run, 0].clone()
+        layers += [linear, norm, torch.nn.ReLU(), torch.nn.Dropout(0.0)]
+    head = torch.nn.Linear(hidden, classes)
+    head.weight.data = params[f"w{vae.NUM_HIDDEN}"][run].T.clone()
+    head.bias.data = params[f"b{vae.NUM_HIDDEN}"][run, 0].clone()
+    return torch.nn.Sequential(*layers, head)
+
+
+def fresh_buffers(runs, hidden):
+    return {**{f"mean{i}": torch.zeros(runs, 1, hidden) for i in range(vae.NUM_HIDDEN)},
+            **{f"var{i}": torch.ones(runs, 1, hidden) for i in range(vae.NUM_HIDDEN)}}
+
+
+def test_each_run_is_initialised_as_nn_linear_with_its_own_seed():
+    params = vae.init_ensemble_params([7, 8], in_dim=5, hidden=4, num_classes=3, device=CPU)
+    again = vae.init_ensemble_params([8], in_dim=5, hidden=4, num_classes=3, device=CPU)
+    assert torch.equal(params["w0"][1], again["w0"][0])  # a run's weights depend on its seed alone
+    assert not torch.equal(params["w0"][0], params["w0"][1])
+    assert params["w0"].abs().max() <= 1 / math.sqrt(5) and params["w1"].abs().max() <= 1 / math.sqrt(4)
+
+
+def test_forward_in_training_mode_equals_the_original_mlp_and_updates_running_statistics_like_batchnorm():
+    torch.manual_seed(0)
+    params = vae.init_ensemble_params([1, 2], in_dim=6, hidden=8, num_classes=3, device=CPU)
+    buffers = fresh_buffers(2, 8)
+    x = torch.randn(2, 16, 6)
+    ours = vae.ensemble_forward(params, buffers, x, torch.ones(2, 16, vae.NUM_HIDDEN, 8), None)
+    for run in range(2):
+        model = reference_mlp(params, run, 6, 8, 3).train()
+        torch.testing.assert_close(ours[run], model(x[run]))
+        norms = [m for m in model if isinstance(m, torch.nn.BatchNorm1d)]
+        for i, norm in enumerate(norms):
+            torch.testing.assert_close(buffers[f"mean{i}"][run, 0], norm.running_mean)
+            torch.testing.assert_close(buffers[f"var{i}"][run, 0], norm.running_var)
+
+
+def test_forward_in_evaluation_mode_uses_running_statistics_and_accepts_rows_shared_by_all_runs():
+    torch.manual_seed(0)
+    params = vae.init_ensemble_params([1, 2, 3], in_dim=6, hidden=8, num_classes=3, device=CPU)
+    buffers = {k: v + torch.rand_like(v) for k, v in fresh_buffers(3, 8).items()}
+    x = torch.randn(10, 6)
+    shared = vae.ensemble_forward(params, buffers, x, None, None)
+    stacked = vae.ensemble_forward(params, buffers, x.expand(3, -1, -1), None, None)
+    torch.testing.assert_close(shared, stacked)
+    for run in range(3):
+        model = reference_mlp(params, run, 6, 8, 3).eval()
+        for i, norm in enumerate(m for m in model if isinstance(m, torch.nn.BatchNorm1d)):
+            norm.running_mean.copy_(buffers[f"mean{i}"][run, 0])
+            norm.running_var.copy_(buffers[f"var{i}"][run, 0])
+        torch.testing.assert_close(shared[run], model(x))
+
+
+def test_adam_step_equals_torch_adam_with_a_learning_rate_per_run():
+    torch.manual_seed(0)
+    params = {"w0": torch.randn(2, 5, 4, requires_grad=True)}
+    state = {"w0": {"m": torch.zeros(2, 5, 4), "v": torch.zeros(2, 5, 4)}}
+    rates = (1e-3, 5e-4)
+    reference = [torch.nn.Parameter(params["w0"][r].detach().clone()) for r in range(2)]
+    optimisers = [torch.optim.Adam([p], lr=lr, weight_decay=1e-4) for p, lr in zip(reference, rates)]
+    for step in range(1, 6):
+        grad = torch.randn(2, 5, 4)
+        params["w0"].grad = grad.clone()
+        vae.adam_step(params, state, torch.tensor(rates), step, 1e-4, None)
+        for run, optimiser in enumerate(optimisers):
+            reference[run].grad = grad[run].clone()
+            optimiser.step()
+    for run in range(2):
+        torch.testing.assert_close(params["w0"][run], reference[run].detach(), rtol=0, atol=1e-7)
+
+
+def test_adam_step_with_non_finite_gradients_under_loss_scaling_changes_nothing():
+    params = {"w0": torch.ones(1, 2, 2, requires_grad=True)}
+    state = {"w0": {"m": torch.full((1, 2, 2), 0.1), "v": torch.full((1, 2, 2), 0.2)}}
+    params["w0"].grad = torch.tensor([[[float("inf"), 1.0], [1.0, 1.0]]])
+    vae.adam_step(params, state, torch.tensor([1e-3]), 1, 1e-4, torch.tensor(False))
+    assert torch.equal(params["w0"].detach(), torch.ones(1, 2, 2))
+    assert torch.equal(state["w0"]["m"], torch.full((1, 2, 2), 0.1))
+    assert torch.equal(state["w0"]["v"], torch.full((1, 2, 2), 0.2))
+
+
+def test_learning_rate_schedule_follows_reduce_lr_on_plateau_in_max_mode():
+    accuracies = [0.1, 0.2, 0.2] + [0.2] * 25 + [0.5] + [0.5] * 12
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimiser = torch.optim.Adam([parameter], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, mode="max", factor=0.5, patience=10)
+    history = vae.RunHistory(seed=0, lr=1e-3)
+    for accuracy in accuracies:
+        scheduler.step(accuracy)
+        vae.plateau_update(history, accuracy)
+        assert history.lr == pytest.approx(optimiser.param_groups[0]["lr"])
+    assert history.lr < 1e-3  # the plateau did lower it
+
+
+@pytest.fixture(scope="module")
+def small_problem():
+    """400 rows of 12 features, 4 classes, a signal an MLP learns in a few epochs."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(4, size=400)
+    features = (rng.standard_normal((400, 12)) + 1.5 * rng.standard_normal((4, 12))[labels]).astype(np.float32)
+    splits = vae.split_indices(400)
+    data = vae.standardise(features, labels, splits, 4, CPU)
+    cfg = vae.Config(num_runs=3, hidden_dim=32, batch_size=64, max_epochs=40, patience=5, device="cpu")
+    return data, cfg
+
+
+def test_best_epoch_weights_are_a_copy_that_reproduces_the_best_validation_accuracy(small_problem):
+    data, cfg = small_problem
+    result = vae.train_runs(data, cfg, CPU, "test")
+    with torch.no_grad():
+        val_acc = (vae.predictions(result.best_params, result.best_buffers, data, "val", None)
+                   == data.y["val"]).float().mean(1)
+    for run, history in enumerate(result.histories):
+        assert val_acc[run].item() == pytest.approx(history.best_val_acc)
+        assert history.val_acc[history.best_epoch - 1] == history.best_val_acc
+        assert len(history.val_acc) == history.best_epoch + cfg.patience or len(history.val_acc) == cfg.max_epochs
+
+
+def test_runs_are_seeded_from_the_base_seed_plus_their_index(small_problem):
+    data, cfg = small_problem
+    result = vae.train_runs(data, dataclasses.replace(cfg, seed=100, max_epochs=1), CPU, "test")
+    assert [h.seed for h in result.histories] == [100, 101, 102]
+
+
+def test_batched_ensemble_trains_the_same_runs_as_one_at_a_time(small_problem):
+    data, cfg = small_problem
+    together = vae.train_runs(data, cfg, CPU, "together")
+    apart = vae.train_runs(data, dataclasses.replace(cfg, sequential_runs=True), CPU, "apart")
+    for a, b in zip(together.histories, apart.histories):
+        assert a.seed == b.seed
+        # the same seeds, batches and dropout draws; only float rounding of batched products differs
+        assert a.val_acc[:3] == pytest.approx(b.val_acc[:3], abs=0.02)
+        assert a.best_val_acc == pytest.approx(b.best_val_acc, abs=0.05)
+
+
+def test_runs_stop_on_their_own_patience_and_keep_their_own_history(small_problem):
+    data, cfg = small_problem
+    result = vae.train_runs(data, dataclasses.replace(cfg, patience=2, max_epochs=60), CPU, "test")
+    for history in result.histories:
+        assert history.epochs_since_best == 2 or len(history.val_acc) == 60
+        assert len(history.train_loss) == len(history.val_acc)
+
+
+def test_mixed_precision_is_used_on_cuda_only_and_can_be_turned_off():
+    cfg = vae.Config()
+    assert vae.amp_dtype(cfg, CPU) is None
+    assert vae.amp_dtype(dataclasses.replace(cfg, no_amp=True), torch.device("cuda")) is None
