@@ -12,12 +12,18 @@ Run it:
     python visual_ablation_experiment_optimized.py --dataset sanity-check --quick   # offline, minutes on a CPU
 
 It writes <output-dir>/visual_ablation_<dataset>/ with
-    results.json  every run's metrics, learning curves, confusion matrices and the configuration
-    results.txt   the comparison table: accuracy on all layers vs each group, drop, retention
-    summary.png   test accuracy per representation and layer group, with error bars
+    results.json        every run's metrics, learning curves, confusion matrices and the configuration
+    results.txt         the comparison table: accuracy on all layers vs each group, drop, retention
+    summary.png         test accuracy per representation and layer group, with error bars
+    retention.png       each group's accuracy as a fraction of all layers', 95% intervals over runs
+    confusion_<best>.png  the best entry's test confusion matrix
+results.json is rewritten after every finished entry; an interrupted run continues with --resume.
+
+--dataset takes a preset (1k, 10k, 50k, 100k, small), a hub id, a save_to_disk or parquet path,
+a folder of adapter .safetensors files (diffusers, PEFT or kohya names), or sanity-check.
 
 Data flows one way, and the sections below follow it:
-    configuration -> data (resolve, load, split, layers) -> representations ->
+    configuration -> data (split, datasets, adapters, resolve, layers, reading) -> representations ->
     feature extraction and cache -> model and training -> metrics and reports -> main
 """
 
@@ -1248,7 +1254,7 @@ def load_experiment_dataset(cfg: Config) -> LoadedDataset:
     return LoadedDataset(ds, dataset_short_name(spec), source, dataset_fingerprint(ds))
 
 
-# --- split, labels and layers -----------------------------------------------------------------
+# --- labels and layers -------------------------------------------------------------------------
 
 @dataclass
 class Labels:
@@ -1453,15 +1459,14 @@ class WeightReader:
 
     def read(self, column: str, start: int, stop: int, out: np.ndarray) -> None:
         """Fill the float32 array `out` (stop - start rows of the column's matrices) with those rows."""
-        flat = out.reshape(-1)
-        pos = 0
-        for values in value_pieces(self.table, column, start, stop):
-            target = flat[pos:pos + len(values)]
-            located = self._file_range(values)
-            if located is not None:
-                _pread_into(located[0], target, located[1])
-            else:
-                target[:] = values.to_numpy(zero_copy_only=False)
+        pieces = value_pieces(self.table, column, start, stop)
+        located = [self._file_range(values) for values in pieces]
+        if None in located:  # held in memory, or not float32
+            out[...] = read_matrices(self.table, column, start, stop, out.shape[1:])
+            return
+        flat, pos = out.reshape(-1), 0
+        for values, (fd, offset) in zip(pieces, located):
+            _pread_into(fd, flat[pos:pos + len(values)], offset)
             pos += len(values)
         self._release_pages()
 
@@ -1596,7 +1601,7 @@ class MatrixBatch:
     @cached_property
     def fft_magnitude(self) -> torch.Tensor:
         spectrum = torch.view_as_real(torch.fft.fft2(self.matrices))
-        return spectrum.square().sum(-1).sqrt().flatten(1)  # |z| without complex abs's slower hypot
+        return spectrum.square_().sum(-1).sqrt_().flatten(1)  # |z| without complex abs's slower hypot
 
 
 class PairBatch:
@@ -1823,6 +1828,20 @@ class FeatureStore:
                 "representation": representation, "params": REPRESENTATION_PARAMS,
                 "nonfinite": "zeroed" if self.zero_nonfinite else "refused"}
 
+    def checked_shapes(self, columns: list[str]) -> dict[str, tuple[int, int]]:
+        """Every column's matrix shape, checked to be the same in every row; the check reads every
+        row's list offsets, so its result is cached with the features."""
+        key = self.key("columns", SHAPES)
+        cached = self.cache.load(key)
+        known = {} if cached is None else {c: (int(r), int(k)) for c, (r, k) in zip(self.reader.table.column_names, cached)
+                                           if r >= 0}
+        if all(c in known for c in columns):
+            return {c: known[c] for c in columns}
+        known.update({c: self.reader.column_shape(c) for c in columns if c not in known})
+        names = self.reader.table.column_names
+        self.cache.save(key, np.array([known.get(c, (-1, -1)) for c in names], dtype=np.int64))
+        return {c: known[c] for c in columns}
+
     def has(self, unit: str, representation: str) -> bool:
         """True when a file holds these features; it is validated when read (get)."""
         return self.cache.path(self.key(unit, representation)).exists()
@@ -1883,7 +1902,9 @@ class FeatureStore:
 
 
 NONFINITE = "nonfinite_count"  # per row, the NaN/Inf values of a column: stored like a representation
-CHUNK_BYTES = 32 << 20  # weights per read: large enough to amortise overheads, small enough to bound memory
+SHAPES = "matrix_shapes"  # per column of the table, its checked (rows, cols), -1 where not checked yet
+CHUNK_BYTES = 8 << 20  # weights per read on a CPU: amortises per-operation overhead; with the ~10 chunk-sized
+                      # intermediates of the statistics it keeps extraction within ~150 MB of its start
 CUDA_CHUNK_BYTES = 256 << 20  # on a GPU larger chunks keep it busy; halved on out-of-memory
 MIN_CHUNK_BYTES = 1 << 20
 
@@ -2025,9 +2046,9 @@ def extract_features(loaded: LoadedDataset, modules: list[Module], cfg: Config, 
     pass over the weights, each column read once, all representations from that read.  On CUDA
     out-of-memory the row chunk is halved and the pass goes on from the first unfinished module."""
     reader = WeightReader(loaded.dataset)
-    shapes = {c: reader.column_shape(c) for m in modules for c in m.columns}
-    store = FeatureStore(loaded.fingerprint, Path(cfg.cache_dir), cfg.cache_features, reader, shapes,
+    store = FeatureStore(loaded.fingerprint, Path(cfg.cache_dir), cfg.cache_features, reader, {},
                          zero_nonfinite=cfg.allow_nonfinite)
+    store.shapes = store.checked_shapes([c for m in modules for c in m.columns])
     chunk_bytes = CUDA_CHUNK_BYTES if device.type == "cuda" else CHUNK_BYTES
 
     def recompute(unit: str, representation: str) -> None:
