@@ -1903,8 +1903,8 @@ class FeatureStore:
 
 NONFINITE = "nonfinite_count"  # per row, the NaN/Inf values of a column: stored like a representation
 SHAPES = "matrix_shapes"  # per column of the table, its checked (rows, cols), -1 where not checked yet
-CHUNK_BYTES = 8 << 20  # weights per read on a CPU: amortises per-operation overhead; with the ~10 chunk-sized
-                      # intermediates of the statistics it keeps extraction within ~150 MB of its start
+CHUNK_BYTES = 4 << 20  # weights per read on a CPU: amortises per-operation overhead, while the chunks in
+                      # flight and the ~10 chunk-sized intermediates of the statistics stay small
 CUDA_CHUNK_BYTES = 256 << 20  # on a GPU larger chunks keep it busy; halved on out-of-memory
 MIN_CHUNK_BYTES = 1 << 20
 
