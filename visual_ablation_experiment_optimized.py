@@ -2973,7 +2973,7 @@ def run_experiment(cfg: Config) -> Path:
         if finished_entries(results):
             table = write_reports(exp.out_dir, results)
     print("\n" + table)
-    print(f"\nwrote {results_path}, results.txt, summary.png in {results['total_seconds']:.0f}s")
+    print(f"\nwrote {results_path}, results.txt and the plots in {results['total_seconds']:.0f}s")
     return exp.out_dir
 
 
