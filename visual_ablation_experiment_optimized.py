@@ -47,6 +47,7 @@ import signal
 import sys
 import tempfile
 import time
+import weakref
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, nullcontext
@@ -1814,6 +1815,7 @@ class FeatureStore:
         self._scratch: tempfile.TemporaryDirectory | None = None
         self.cache = FeatureCache(cache_dir if persistent else self.scratch_dir(), durable=persistent)
         self.recompute = None  # (unit, representation) -> None, set by extract_features
+        self._previous_raw: tuple[dict[str, int], weakref.ref] = ({}, lambda: None)  # column offsets, matrix
         self.computed = 0
 
     def scratch_dir(self) -> Path:
@@ -1878,8 +1880,12 @@ class FeatureStore:
 
     def raw_weights(self, columns: list[str], memory_limit: int | None = None) -> np.ndarray:
         """flat_vec: the columns' weights side by side, (rows, sum of rows*cols), read chunk by chunk;
-        a matrix larger than half the available memory (or memory_limit) is a memory-mapped file."""
+        a matrix larger than half the available memory (or memory_limit) is a memory-mapped file.
+        Columns of the previous matrix, while its caller still holds it (the visual group right
+        after all layers), are copied from it instead of being read again."""
         widths = [math.prod(self.shapes[c]) for c in columns]
+        previous_offsets, previous_ref = self._previous_raw
+        previous = previous_ref()
         n = self.reader.table.num_rows
         limit = free_memory_bytes(torch.device("cpu")) // 2 if memory_limit is None else memory_limit
         if 4 * n * sum(widths) <= limit:
@@ -1889,6 +1895,11 @@ class FeatureStore:
             out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, sum(widths)))
         offset = 0
         for column, width in zip(columns, widths):
+            if previous is not None and column in previous_offsets:
+                start = previous_offsets[column]
+                out[:, offset:offset + width] = previous[:, start:start + width]
+                offset += width
+                continue
             rows = max(1, CHUNK_BYTES // (4 * width))
             buffer = np.empty((rows, width), dtype=np.float32)
             for start in range(0, n, rows):
@@ -1898,6 +1909,7 @@ class FeatureStore:
                 if self.zero_nonfinite:  # counted (and otherwise refused) during extraction
                     np.nan_to_num(out[start:stop, offset:offset + width], copy=False, nan=0.0, posinf=0.0, neginf=0.0)
             offset += width
+        self._previous_raw = (dict(zip(columns, np.cumsum([0] + widths[:-1]).tolist())), weakref.ref(out))
         return out
 
 

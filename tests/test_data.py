@@ -396,3 +396,23 @@ def test_generated_rank_4_dataset_with_four_projections_has_256_tensors(tmp_path
     assert shapes[f"{block}.attn2.to_q.lora.down.weight"] == (4, 640)
     assert shapes[f"{block}.attn1.to_k.lora.down.weight"] == (4, 640)
     assert shapes[f"{block}.attn2.to_out.0.lora.up.weight"] == (640, 4)
+
+
+def test_visual_flat_vec_is_taken_from_the_all_layers_matrix_without_reading_again(tiny_dataset_path, tmp_path,
+                                                                                   monkeypatch):
+    import torch
+    ds = vae.load_local_dataset(tiny_dataset_path)
+    loaded = vae.LoadedDataset(ds, "tiny", "test", vae.dataset_fingerprint(ds))
+    modules = vae.lora_modules(ds.column_names)
+    cfg = vae.Config(representations=("flat_vec",), cache_dir=str(tmp_path), num_workers=0)
+    store = vae.extract_features(loaded, modules, cfg, torch.device("cpu"))
+    groups = vae.layer_groups(modules, ("all", "visual"))
+    all_layers = vae.group_feature_matrix(store, groups["all"], "flat_vec")
+    reads = []
+    monkeypatch.setattr(store.reader, "read", lambda *args: reads.append(args))
+    visual = vae.group_feature_matrix(store, groups["visual"], "flat_vec")
+    assert reads == [] and all_layers is not None
+    columns = [c for m in groups["visual"] for c in m.columns]
+    expected = np.concatenate([vae.read_matrices(ds.data.table, c, 0, ds.num_rows, vae.column_shape(ds.data.table, c))
+                               .reshape(ds.num_rows, -1) for c in columns], axis=1)
+    np.testing.assert_array_equal(visual, expected)
