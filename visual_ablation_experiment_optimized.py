@@ -1807,8 +1807,9 @@ class FeatureStore:
     the weights themselves, so it is read from the dataset when a group needs it, never stored."""
 
     def __init__(self, fingerprint: str, cache_dir: Path, persistent: bool, reader: WeightReader,
-                 shapes: dict[str, tuple[int, int]], zero_nonfinite: bool):
-        self.fingerprint, self.reader, self.shapes = fingerprint, reader, shapes
+                 zero_nonfinite: bool):
+        self.fingerprint, self.reader = fingerprint, reader
+        self.shapes: dict[str, tuple[int, int]] = {}  # checked matrix shapes of the columns in use
         self.zero_nonfinite = zero_nonfinite
         self.nonfinite: dict[str, int] = {}  # column -> NaN/Inf values found in it
         self.cache_dir = cache_dir
@@ -2058,7 +2059,7 @@ def extract_features(loaded: LoadedDataset, modules: list[Module], cfg: Config, 
     pass over the weights, each column read once, all representations from that read.  On CUDA
     out-of-memory the row chunk is halved and the pass goes on from the first unfinished module."""
     reader = WeightReader(loaded.dataset)
-    store = FeatureStore(loaded.fingerprint, Path(cfg.cache_dir), cfg.cache_features, reader, {},
+    store = FeatureStore(loaded.fingerprint, Path(cfg.cache_dir), cfg.cache_features, reader,
                          zero_nonfinite=cfg.allow_nonfinite)
     store.shapes = store.checked_shapes([c for m in modules for c in m.columns])
     chunk_bytes = CUDA_CHUNK_BYTES if device.type == "cuda" else CHUNK_BYTES
@@ -2095,9 +2096,7 @@ def feature_units(modules: list[Module], representation: str) -> list[str]:
 
 def group_feature_matrix(store: FeatureStore, modules: list[Module], representation: str) -> np.ndarray:
     """A layer group's features for one representation: its units' features side by side."""
-    units = feature_units(modules, representation)
-    if not units:
-        raise ExperimentError(f"{representation} needs down/up pairs, and the selected layers have none")
+    units = feature_units(modules, representation)  # prepare_experiment checked that none is empty
     if representation == "flat_vec":
         return store.raw_weights(units)
     return np.concatenate([store.get(u, representation) for u in units], axis=1)
@@ -2388,7 +2387,6 @@ class RunHistory:
     plateau_bad_epochs: int = 0
     lr: float = 0.0
     failed: str | None = None
-    stopped: bool = False
 
 
 def plateau_update(h: RunHistory, val_acc: float) -> None:
@@ -2472,7 +2470,6 @@ def train_ensemble(data: SplitData, cfg: Config, seeds: list[int], device: torch
             h.train_loss.append(epoch_loss[slot])
             if not math.isfinite(epoch_loss[slot]):
                 h.failed = f"training loss became non-finite at epoch {epoch + 1}"
-                h.stopped = True
                 continue
             if val_acc[slot] > h.best_val_acc:
                 h.best_val_acc, h.best_epoch, h.epochs_since_best = val_acc[slot], epoch + 1, 0
@@ -2480,8 +2477,7 @@ def train_ensemble(data: SplitData, cfg: Config, seeds: list[int], device: torch
             else:
                 h.epochs_since_best += 1
             plateau_update(h, val_acc[slot])
-            h.stopped = h.epochs_since_best >= cfg.patience
-            if not h.stopped:
+            if h.epochs_since_best < cfg.patience:
                 keep_slices.append(slot)
         if improved:
             slots = torch.tensor(improved, device=device)

@@ -123,7 +123,7 @@ def test_writes_leave_no_temporary_files(cache):
 
 def store(fingerprint, tmp_path):
     """A persistent feature store over a dataset with this fingerprint (no weights are read here)."""
-    return vae.FeatureStore(fingerprint, tmp_path / "cache", persistent=True, reader=None, shapes={},
+    return vae.FeatureStore(fingerprint, tmp_path / "cache", persistent=True, reader=None,
                             zero_nonfinite=False)
 
 

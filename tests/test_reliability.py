@@ -624,7 +624,7 @@ def test_tampered_cache_file_is_refused_during_a_run_and_its_feature_recomputed(
     args = cli_args(tmp_path, tiny_dataset_path, "--cache-features", "--layer-groups", "all")
     assert vae.main(args) == 0
     loaded = vae.load_experiment_dataset(vae.Config(dataset=str(tiny_dataset_path)))
-    store = vae.FeatureStore(loaded.fingerprint, tmp_path / "cache", persistent=True, reader=None, shapes={},
+    store = vae.FeatureStore(loaded.fingerprint, tmp_path / "cache", persistent=True, reader=None,
                              zero_nonfinite=False)
     key = store.key(next(iter(tiny_spec.shapes)), "simple_stats")
     path = store.cache.path(key)
