@@ -32,8 +32,11 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import errno
+import fcntl
 import functools
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -50,7 +53,7 @@ import time
 import weakref
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import islice
@@ -161,6 +164,10 @@ class Config:
     """zero NaN/Inf weights (recorded in results.json) instead of refusing the dataset"""
     allow_missing_classes: bool = False
     """run even when a split lacks a class (warned and recorded in results.json) instead of refusing"""
+    drop_unlabeled: bool = False
+    """leave out rows whose label is missing (recorded in results.json) instead of refusing the dataset"""
+    min_epochs: int = 0
+    """no early stopping before this epoch (0: the published protocol, stopping whenever patience runs out)"""
 
     @property
     def runs(self) -> int:
@@ -287,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="zero NaN/Inf weights (recorded in results.json) instead of refusing the dataset")
     add("--allow-missing-classes", action="store_true",
         help="run even when a split lacks a class (warned, recorded) instead of refusing")
+    add("--drop-unlabeled", action="store_true",
+        help="leave out rows whose label is missing (None/NaN; recorded in results.json) instead of refusing")
+    add("--min-epochs", type=_non_negative_int, default=defaults.min_epochs,
+        help="no early stopping before this epoch (0: the published protocol); reruns stalled runs")
     return p
 
 
@@ -358,6 +369,7 @@ class LoadedDataset:
     name: str          # short name used in the output directory
     source: str        # what --dataset resolved to, for results.json
     fingerprint: str   # changes whenever the data could have changed
+    warnings: list[str] = field(default_factory=list)  # what loading left out, for results.json
 
 
 def dataset_fingerprint(ds) -> str:
@@ -386,11 +398,26 @@ def load_hub_dataset(hub_id: str):
 def load_local_dataset(path: Path):
     """A save_to_disk directory (Dataset or DatasetDict, taking `train`), or parquet file(s); a
     damaged one (half-copied, not really parquet) is a user error naming what is wrong."""
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own multi-line log of the error below
     try:
         return _load_local_dataset(path)
     except (pa.ArrowInvalid, FileNotFoundError, json.JSONDecodeError) as err:
-        raise ExperimentError(f"{path} cannot be read as a dataset ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+        raise ExperimentError(f"{path} cannot be read as a dataset ({type(err).__name__}: {brief(err)}); "
                               "it may be damaged or half-copied: copy or save it again") from None
+    except DatasetGenerationError as err:  # parquet files that are not one table
+        raise ExperimentError(f"the parquet files of {path} cannot be read as one table ({brief(err.__cause__ or err)}); "
+                              "keep only files with the same columns and types there") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+
+
+def brief(err: BaseException) -> str:
+    """An error's first line, and its last when that says more (a cast error ends with its reason)."""
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    return (lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1].strip()}")[:300]
 
 
 def _load_local_dataset(path: Path):
@@ -640,6 +667,13 @@ WRAPPER_PREFIXES = ("base_model.model.", "unet.")  # PeftModel's wrapper, diffus
 PROCESSOR_TEXT_PROJECTIONS = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 
+def unwrapped_name(name: str) -> str:
+    """A tensor or module path without the wrappers a saving library puts before it."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.removeprefix(prefix)
+    return name
+
+
 def dotted_module_path(flat: str) -> str:
     """A kohya module name (dots flattened to "_") back as the dotted module path of the model."""
     tokens = flat.split("_")
@@ -673,8 +707,7 @@ def canonical_lora_key(key: str) -> tuple[str, str]:
         module = KOHYA_COMPONENTS[kohya["component"]] + dotted_module_path(kohya["flat"])
         kind = KOHYA_KINDS[kohya["suffix"]]
         return lora_column_name(module, kind), kind
-    for prefix in WRAPPER_PREFIXES:
-        key = key.removeprefix(prefix)
+    key = unwrapped_name(key)
     processor = PROCESSOR_KEY.fullmatch(key)
     if processor:
         parent, proj = processor["parent"], processor["proj"]
@@ -773,12 +806,26 @@ def adapter_layout(key_shapes: tuple[tuple[str, tuple[int, ...]], ...]) -> Adapt
         problem="; ".join(problems) or None)
 
 
+def unreadable(path: Path, err: Exception) -> str:
+    """Why a file cannot be read, naming a symlink loop or a dangling symlink as such."""
+    try:
+        os.stat(path)
+    except OSError as stat_err:
+        if stat_err.errno == errno.ELOOP:
+            return f"{path} is a symlink loop (following it leads back to itself)"
+        if os.path.islink(path):
+            return f"{path} is a symlink to {os.readlink(path)}, which does not exist"
+    return f"cannot read {path} ({err.strerror if isinstance(err, OSError) and err.strerror else err})"
+
+
 def json_file(path: Path) -> dict | None:
     """A JSON object from a sidecar file, None when the file is absent."""
+    if not os.path.lexists(path):
+        return None
     try:
         value = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
+    except OSError as err:
+        raise ExperimentError(f"{unreadable(path, err)}; fix or remove it") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ExperimentError(f"{path} is not valid JSON ({err}); fix or remove it") from None
     if not isinstance(value, dict):
@@ -861,7 +908,7 @@ def scan_adapter(adapter: AdapterFile) -> ScannedAdapter:
             alphas = {module: float(f.get_tensor(key)) for module, key in layout.alphas}
             configs = lora_configs(adapter, f.metadata() or {})
     except (OSError, SafetensorError) as err:
-        return ScannedAdapter(adapter, None, 1.0, metadata, f"unreadable: {err}")
+        return ScannedAdapter(adapter, None, 1.0, metadata, f"unreadable: {unreadable(adapter.weights, err)}")
     scales = {module: module_scale(module, rank, alphas.get(module), configs) for module, rank in layout.ranks}
     distinct = sorted(set(np.float32(list(scales.values())).tolist()))
     problem = layout.problem
@@ -1144,11 +1191,21 @@ def write_adapter_table(adapters: list[ScannedAdapter], labels: list[dict], feat
         save_batches(batches(stream), schema, path, {TABLE_INFO_FILE: json.dumps(info, indent=1)})
 
 
+def skipped_description(skipped: list, shown: int) -> str:
+    return (f"left out {len(skipped)} adapters that do not match the others (--skip-mismatched): "
+            + describe_adapters(skipped, shown))
+
+
 def warn_skipped(skipped: list) -> None:
     """One warning naming the adapters left out by --skip-mismatched (also when the table is reused)."""
     if skipped:
-        tqdm.write(f"WARNING: left out {len(skipped)} adapters that do not match the others "
-                   f"(--skip-mismatched): {describe_adapters(skipped, shown=5)}")
+        tqdm.write(f"WARNING: {skipped_description(skipped, shown=5)}")
+
+
+def skipped_adapter_warnings(table: Path) -> list[str]:
+    """For results.json: every adapter a built table left out, each named with its reason."""
+    skipped = json.loads((table / TABLE_INFO_FILE).read_text())["skipped"]
+    return [skipped_description(skipped, shown=len(skipped))] if skipped else []
 
 
 def warn_ignored(adapters: list[ScannedAdapter]) -> None:
@@ -1219,14 +1276,16 @@ def export_dataset(table_path: Path, out_dir: Path) -> Path:
 # --- resolving --dataset -------------------------------------------------------------------
 
 def dataset_short_name(spec: str) -> str:
-    """Preset name, or the last component of a path or hub id (never a whole path)."""
-    name = Path(spec.rstrip("/\\")).name
+    """Preset name, or the last component of a path (`.` and `..` resolved) or hub id (never a whole path)."""
+    path = Path(spec.rstrip("/\\"))
+    name = Path(os.path.abspath(path)).name if os.path.lexists(path) else path.name
+    name = name or "root"
     return Path(name).stem if name.endswith(".parquet") else name
 
 
 def load_experiment_dataset(cfg: Config) -> LoadedDataset:
     """Resolve --dataset to a Dataset: sanity-check, preset, local path, then hub id."""
-    spec = cfg.dataset
+    spec, warnings = cfg.dataset, []
     if spec == SANITY_CHECK:
         path = write_sanity_check_dataset(Path(cfg.data_dir), rows=cfg.sanity_rows)
         ds, source = load_local_dataset(path), f"generated {SANITY_CHECK} ({cfg.sanity_rows} rows)"
@@ -1239,8 +1298,11 @@ def load_experiment_dataset(cfg: Config) -> LoadedDataset:
         if cfg.export_dataset:
             print(f"exported the table to {export_dataset(table, Path(cfg.export_dataset))}")
         ds, source = load_local_dataset(table), f"folder of adapters (labels: {label_source})"
+        warnings = skipped_adapter_warnings(table)
     elif Path(spec).exists():
         ds, source = load_local_dataset(Path(spec)), "local path"
+    elif os.path.islink(spec):
+        raise ExperimentError(f"--dataset: {unreadable(Path(spec), FileNotFoundError())}; fix the link")
     elif HUB_ID.fullmatch(spec):
         ds, source = load_hub_dataset(spec), spec
     else:
@@ -1252,34 +1314,69 @@ def load_experiment_dataset(cfg: Config) -> LoadedDataset:
                               f"{spec} already is a dataset")
     if ds._indices is not None:  # the Arrow table ignores an indices mapping: materialise it
         ds = ds.flatten_indices()
-    return LoadedDataset(ds, dataset_short_name(spec), source, dataset_fingerprint(ds))
+    return LoadedDataset(ds, dataset_short_name(spec), source, dataset_fingerprint(ds), warnings)
 
 
 # --- labels and layers -------------------------------------------------------------------------
 
 @dataclass
 class Labels:
-    codes: np.ndarray           # (rows,) int64 in [0, num_classes)
+    codes: np.ndarray           # (rows,) int64 in [0, num_classes), -1 for a row without a label
     class_names: list[str]      # name of each code
     mapping: dict | None        # original label -> code, when labels were not already 0..K-1
 
+    @property
+    def unlabeled(self) -> int:
+        return int((self.codes < 0).sum())
 
-def encode_labels(ds, column: str) -> Labels:
-    if ds._indices is not None:  # read through the Arrow table, which ignores an indices mapping
-        ds = ds.flatten_indices()
+
+def label_values(ds, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """The label column's values, and which rows have one (not None, not NaN); a column of lists,
+    dicts or matrices holds no class per adapter and is refused."""
     if column not in ds.column_names:
         candidates = [c for c in ds.column_names if not LORA_COLUMN.fullmatch(c)]
         raise ExperimentError(f"label column {column!r} not found; pass --label-column with one of: "
                               + (", ".join(candidates[:10]) or "(no non-tensor columns)"))
-    raw = ds.data.table.column(column).to_numpy(zero_copy_only=False)
-    values, codes = np.unique(raw, return_inverse=True)
-    is_contiguous_int = np.issubdtype(values.dtype, np.integer) and np.array_equal(values, np.arange(len(values)))
-    mapping = None if is_contiguous_int else {str(v): i for i, v in enumerate(values.tolist())}
-    names = [str(v) for v in values.tolist()]
+    chunked = ds.data.table.column(column)
+    if pa.types.is_dictionary(chunked.type):
+        chunked = chunked.cast(chunked.type.value_type)
+    if pa.types.is_nested(chunked.type) or isinstance(chunked.type, pa.ExtensionType):
+        raise ExperimentError(f"label column {column!r} holds {chunked.type} values, not one class per adapter; "
+                              "pass --label-column naming a column of integers or strings")
+    values = chunked.to_numpy(zero_copy_only=False)  # a null becomes None, or NaN in a numeric column
+    labeled = ~chunked.is_null(nan_is_null=True).to_numpy(zero_copy_only=False)
+    return values, labeled
+
+
+def encode_labels(ds, column: str, drop_unlabeled: bool = False) -> Labels:
+    """Class codes of every row.  Rows without a label are refused, or coded -1 with drop_unlabeled;
+    integer labels read as floats (a column holding nulls) are integers again."""
+    if ds._indices is not None:  # read through the Arrow table, which ignores an indices mapping
+        ds = ds.flatten_indices()
+    values, labeled = label_values(ds, column)
+    missing = int((~labeled).sum())
+    if missing and not drop_unlabeled:
+        raise ExperimentError(f"{missing} of {len(values)} rows have no label in {column!r} (None or NaN); "
+                              "label them, or pass --drop-unlabeled to leave them out")
+    present = values[labeled]
+    if present.dtype.kind == "f" and np.array_equal(present, np.round(present)):
+        present = present.astype(np.int64)
+    classes, codes = np.unique(present, return_inverse=True)
+    is_contiguous_int = np.issubdtype(classes.dtype, np.integer) and np.array_equal(classes, np.arange(len(classes)))
+    mapping = None if is_contiguous_int else {str(v): i for i, v in enumerate(classes.tolist())}
+    names = [str(v) for v in classes.tolist()]
     if "category_name" in ds.column_names and column != "category_name":
-        named = ds.data.table.column("category_name").to_numpy(zero_copy_only=False)
-        names = [str(named[np.argmax(codes == i)]) for i in range(len(values))]
-    return Labels(codes.astype(np.int64), names, mapping)
+        named = ds.data.table.column("category_name").to_numpy(zero_copy_only=False)[labeled]
+        names = [str(named[np.argmax(codes == i)]) for i in range(len(classes))]
+    all_codes = np.full(len(values), -1, dtype=np.int64)
+    all_codes[labeled] = codes
+    return Labels(all_codes, names, mapping)
+
+
+def labeled_splits(labels: Labels) -> dict[str, np.ndarray]:
+    """The published split over the labelled rows (all rows, unless some were dropped), as table rows."""
+    rows = np.flatnonzero(labels.codes >= 0)
+    return {split: rows[idx] for split, idx in split_indices(len(rows)).items()}
 
 
 def missing_classes(labels: Labels, splits: dict[str, np.ndarray]) -> dict[str, list[str]]:
@@ -1319,7 +1416,19 @@ def lora_modules(column_names: list[str]) -> list[Module]:
         raise ExperimentError(
             "no LoRA columns (names ending in .lora.down.weight / .lora.up.weight) found; columns: "
             + ", ".join(column_names[:6]) + (" ..." if len(column_names) > 6 else ""))
+    refuse_duplicate_modules(list(by_module))
     return [Module(m, tuple(sorted(cols))) for m, cols in sorted(by_module.items())]
+
+
+def refuse_duplicate_modules(names: list[str]) -> None:
+    """`unet.X` and `X` are one module saved twice; counted as two, every layer count and feature
+    dimension would be wrong."""
+    seen = {}
+    for name in sorted(names):
+        other = seen.setdefault(unwrapped_name(name), name)
+        if other != name:
+            raise ExperimentError(f"columns of {other} and {name} are the same LoRA module under two names; "
+                                  "keep one of them in the dataset")
 
 
 def sample_modules(modules: list[Module], fraction: float, seed: int) -> list[Module]:
@@ -1344,6 +1453,24 @@ def layer_groups(modules: list[Module], names: tuple[str, ...],
 
 
 # --- reading weights -----------------------------------------------------------------------
+
+MAX_LORA_SCALE = 1e4  # alpha / rank beyond this is no trained adapter: a corrupted or mislabelled column
+
+
+def lora_scales(table: pa.Table) -> np.ndarray | None:
+    """alpha / rank per adapter when the table records it (lora_scale): it scales the update up @ down.
+    A missing, non-finite, non-positive or absurd scale would silently distort delta_spectral: refused."""
+    if "lora_scale" not in table.column_names:
+        return None
+    column = table.column("lora_scale")
+    scales = column.to_numpy(zero_copy_only=False).astype(np.float64)
+    bad = np.flatnonzero(column.is_null(nan_is_null=True).to_numpy(zero_copy_only=False)
+                         | ~np.isfinite(scales) | (scales <= 0) | (scales > MAX_LORA_SCALE))
+    if bad.size:
+        raise ExperimentError(f"lora_scale of {bad.size} rows is missing or outside (0, {MAX_LORA_SCALE:g}] "
+                              f"(row {bad[0]}: {scales[bad[0]]}); it must be alpha / rank of each adapter: "
+                              "fix the column or remove it")
+    return scales.astype(np.float32)
 
 def _storage(chunk: pa.Array) -> pa.Array:
     """The list<list<float>> storage of a chunk, whether nested lists or Array2D."""
@@ -1405,7 +1532,8 @@ def read_matrices(table: pa.Table, column: str, start: int, stop: int, shape: tu
     """Rows [start, stop) of a 2-D tensor column as a float32 (n, rows, cols) array, without per-row objects."""
     pieces = [p.to_numpy(zero_copy_only=False) for p in value_pieces(table, column, start, stop)]
     flat = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-    return flat.astype(np.float32, copy=False).reshape(stop - start, *shape)
+    with np.errstate(over="ignore"):  # float64 beyond float32 becomes Inf: counted and refused as such
+        return flat.astype(np.float32, copy=False).reshape(stop - start, *shape)
 
 
 def _pread_into(fd: int, target: np.ndarray, offset: int) -> None:
@@ -1486,10 +1614,7 @@ class WeightReader:
 
     @cached_property
     def scales(self) -> np.ndarray | None:
-        """alpha / rank per adapter when the table records it (lora_scale): it scales the update up @ down."""
-        if "lora_scale" not in self.table.column_names:
-            return None
-        return self.table.column("lora_scale").to_numpy().astype(np.float32)
+        return lora_scales(self.table)
 
     def _close_files(self) -> None:
         for _, _, fd, mapped in self._files:
@@ -1730,11 +1855,44 @@ MATRIX_REPRESENTATIONS = {
 PAIR_REPRESENTATIONS = {"delta_spectral": delta_spectral}
 assert set(MATRIX_REPRESENTATIONS) | set(PAIR_REPRESENTATIONS) == set(REPRESENTATION_NAMES)
 
-# parameters that change a representation's output; part of the cache key
-REPRESENTATION_PARAMS = {
-    "top_k": TOP_K, "quantiles_rank_based": QUANTILES_RANK_BASED,
-    "quantiles_distribution": QUANTILES_DISTRIBUTION, "histogram_bins": HISTOGRAM_BINS, "eps": EPS,
-}
+
+
+@functools.cache
+def code_fingerprint(function) -> str:
+    """A hash of the source of a function and of everything of this script it reads: the functions
+    it calls, the members of the batch classes it uses, the constants it reads (transitively).  Part
+    of the cache key, so editing a representation (or a constant it uses, such as the Gram floor)
+    recomputes exactly the representations that depend on it."""
+    script = sys.modules[function.__module__]
+    members = {name: getattr(member, "func", member) for cls in (MatrixBatch, PairBatch)
+               for name, member in vars(cls).items() if callable(getattr(member, "func", member))}
+    parts, seen, todo = [], set(), [function]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        parts.append(inspect.getsource(current))
+        for name in sorted(referenced_names(current.__code__)):
+            value = vars(script).get(name)
+            if name in members:
+                todo.append(members[name])
+            if inspect.isfunction(value) and value.__module__ == script.__name__:
+                todo.append(value)
+            elif inspect.isclass(value) and value.__module__ == script.__name__ and inspect.isfunction(value.__init__):
+                todo.append(value.__init__)
+            elif isinstance(value, (int, float, str, tuple)):
+                parts.append(f"{name} = {value!r}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def referenced_names(code) -> set[str]:
+    """Global and attribute names a code object uses, nested functions and comprehensions included."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            names |= referenced_names(const)
+    return names
 
 
 # =============================================================================================
@@ -1759,13 +1917,20 @@ class FeatureCache:
     def __init__(self, directory: Path, durable: bool = True):
         self.directory = directory
         self.durable = durable  # fsync before the rename, so a crash never leaves a torn file
+        self.in_memory: dict[Path, np.ndarray] = {}  # arrays whose file could not be written (disk full)
 
     def path(self, key: dict) -> Path:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
         return self.directory / f"{digest}.pkl"
 
+    def exists(self, key: dict) -> bool:
+        path = self.path(key)
+        return path in self.in_memory or path.is_file()
+
     def load(self, key: dict) -> np.ndarray | None:
         path = self.path(key)
+        if path in self.in_memory:
+            return self.in_memory[path]
         if not path.exists():
             return None
         try:
@@ -1776,12 +1941,26 @@ class FeatureCache:
             if hashlib.sha256(data).hexdigest() != payload["sha256"]:
                 raise CacheError("checksum mismatch")
             return np.frombuffer(data, dtype=payload["dtype"]).reshape(payload["shape"]).copy()
+        except OSError as err:  # e.g. a directory where the file should be: left alone
+            tqdm.write(f"warning: cache file {path} cannot be read ({err.strerror or err}); recomputing")
+            return None
         except (CacheError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as err:
             tqdm.write(f"warning: cache file {path.name} is unusable ({err}); removing it and recomputing")
             path.unlink(missing_ok=True)
             return None
 
     def save(self, key: dict, array: np.ndarray) -> None:
+        """Write the array; when that fails (disk full, a directory in the way) keep it in memory for
+        this run and say so once: the run goes on, only later runs lose the cache."""
+        try:
+            self._write(key, array)
+        except OSError as err:
+            if not self.in_memory:
+                tqdm.write(f"warning: cannot write feature files to {self.directory} ({err.strerror or err}); "
+                           "keeping features in memory for this run, nothing more is cached")
+            self.in_memory[self.path(key)] = np.array(array)
+
+    def _write(self, key: dict, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array)
         data = array.tobytes()
         payload = {"key": key, "dtype": array.dtype.str, "shape": array.shape,
@@ -1812,6 +1991,7 @@ class FeatureStore:
         self.shapes: dict[str, tuple[int, int]] = {}  # checked matrix shapes of the columns in use
         self.zero_nonfinite = zero_nonfinite
         self.nonfinite: dict[str, int] = {}  # column -> NaN/Inf values found in it
+        self.nonfinite_features: dict[str, int] = {}  # "<representation> of <unit>" -> NaN/Inf features
         self.cache_dir = cache_dir
         self._scratch: tempfile.TemporaryDirectory | None = None
         self.cache = FeatureCache(cache_dir if persistent else self.scratch_dir(), durable=persistent)
@@ -1826,10 +2006,11 @@ class FeatureStore:
             self._scratch = tempfile.TemporaryDirectory(dir=self.cache_dir, prefix="scratch-")
         return Path(self._scratch.name)
 
-    def key(self, unit: str, representation: str) -> dict:
+    def key(self, unit: str, representation: str, part: str = "features") -> dict:
+        """Identifies stored features: the data, the unit, the representation, and the code that computes it."""
         return {"format": FEATURE_FORMAT_VERSION, "dataset": self.fingerprint, "unit": unit,
-                "representation": representation, "params": REPRESENTATION_PARAMS,
-                "nonfinite": "zeroed" if self.zero_nonfinite else "refused"}
+                "representation": representation, "code": code_fingerprint(STORED_CODE[representation]),
+                "part": part}
 
     def checked_shapes(self, columns: list[str]) -> dict[str, tuple[int, int]]:
         """Every column's matrix shape, checked to be the same in every row; the check reads every
@@ -1846,8 +2027,8 @@ class FeatureStore:
         return {c: known[c] for c in columns}
 
     def has(self, unit: str, representation: str) -> bool:
-        """True when a file holds these features; it is validated when read (get)."""
-        return self.cache.path(self.key(unit, representation)).exists()
+        """True when the features and their NaN/Inf count are stored; they are validated when read (get)."""
+        return all(self.cache.exists(self.key(unit, representation, part)) for part in ("features", "nonfinite"))
 
     def count_nonfinite(self, columns: list[str]) -> None:
         """Total the stored per-row NaN/Inf counts of these columns (computed or cached alike), and
@@ -1863,17 +2044,35 @@ class FeatureStore:
             raise ExperimentError(f"the weights hold {total} NaN/Inf values in {len(self.nonfinite)} columns: "
                                   f"{listed}{more}; fix the dataset or pass --allow-nonfinite to zero them")
 
+    def count_nonfinite_features(self, units: list[tuple[str, str]]) -> None:
+        """Features can overflow where weights are finite (|w| ~ 1e30 squares past float32): their
+        stored NaN/Inf counts are totalled per (unit, representation) and refused unless zeroed."""
+        for unit, representation in units:
+            count = int(self.get(unit, representation, "nonfinite").sum())
+            if count:
+                self.nonfinite_features[f"{representation} of {unit}"] = count
+        if self.nonfinite_features and not self.zero_nonfinite:
+            listed = ", ".join(f"{name} ({n})" for name, n in list(self.nonfinite_features.items())[:3])
+            more = f" and {len(self.nonfinite_features) - 3} more" if len(self.nonfinite_features) > 3 else ""
+            raise ExperimentError(f"features overflow to NaN/Inf although the weights are finite: {listed}{more}; "
+                                  "the weights are too large for float32 arithmetic: rescale the dataset, leave "
+                                  "those representations out, or pass --allow-nonfinite to zero those values")
+
     def put(self, unit: str, representation: str, array: np.ndarray) -> None:
+        """Store features with NaN/Inf zeroed and counted: the count decides whether they may be used."""
+        bad = ~np.isfinite(array)
+        array[bad] = 0
+        self.cache.save(self.key(unit, representation, "nonfinite"), np.array([bad.sum()]))
         self.cache.save(self.key(unit, representation), array)
         self.computed += 1
 
-    def get(self, unit: str, representation: str) -> np.ndarray:
-        """The features, read and checked; a file found unusable (reported and removed by the cache)
-        is recomputed from the weights at once."""
-        array = self.cache.load(self.key(unit, representation))
+    def get(self, unit: str, representation: str, part: str = "features") -> np.ndarray:
+        """The features (or their NaN/Inf count), read and checked; a file found unusable (reported and
+        removed by the cache) is recomputed from the weights at once."""
+        array = self.cache.load(self.key(unit, representation, part))
         if array is None and self.recompute is not None:
             self.recompute(unit, representation)
-            array = self.cache.load(self.key(unit, representation))
+            array = self.cache.load(self.key(unit, representation, part))
         if array is None:
             raise ExperimentError(f"features of {unit} ({representation}) cannot be read back from "
                                   f"{self.cache.directory}; is another process changing it? Run again")
@@ -1907,8 +2106,8 @@ class FeatureStore:
                 stop = min(start + rows, n)
                 self.reader.read(column, start, stop, buffer[:stop - start])
                 out[start:stop, offset:offset + width] = buffer[:stop - start]
-                if self.zero_nonfinite:  # counted (and otherwise refused) during extraction
-                    np.nan_to_num(out[start:stop, offset:offset + width], copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+                # counted during extraction and refused there unless --allow-nonfinite
+                np.nan_to_num(out[start:stop, offset:offset + width], copy=False, nan=0.0, posinf=0.0, neginf=0.0)
             offset += width
         self._previous_raw = (dict(zip(columns, np.cumsum([0] + widths[:-1]).tolist())), weakref.ref(out))
         return out
@@ -1916,6 +2115,15 @@ class FeatureStore:
 
 NONFINITE = "nonfinite_count"  # per row, the NaN/Inf values of a column: stored like a representation
 SHAPES = "matrix_shapes"  # per column of the table, its checked (rows, cols), -1 where not checked yet
+
+
+def nonfinite_per_row(weights: torch.Tensor) -> torch.Tensor:
+    """(N, 1): the NaN/Inf values of each matrix."""
+    return (~torch.isfinite(weights)).flatten(1).sum(1, keepdim=True)
+
+
+# the code behind each kind of stored array, whose fingerprint is part of its cache key
+STORED_CODE = {**MATRIX_REPRESENTATIONS, **PAIR_REPRESENTATIONS, NONFINITE: nonfinite_per_row, SHAPES: column_shape}
 CHUNK_BYTES = 4 << 20  # weights per read on a CPU: amortises per-operation overhead, while the chunks in
                       # flight and the ~10 chunk-sized intermediates of the statistics stay small
 CUDA_CHUNK_BYTES = 256 << 20  # on a GPU larger chunks keep it busy; halved on out-of-memory
@@ -2021,10 +2229,12 @@ def chunk_features(task: ChunkTask, host: dict[str, torch.Tensor], store: Featur
                    device: torch.device) -> dict[tuple[str, str], torch.Tensor]:
     """Every pending feature of one chunk, computed on the device from one read of each column."""
     weights = {c: t.to(device, non_blocking=True) for c, t in host.items()}
-    out = {(c, NONFINITE): (~torch.isfinite(w)).flatten(1).sum(1, keepdim=True) for c, w in weights.items()
-           if (c, NONFINITE) in task.todo}
-    if store.zero_nonfinite:
-        weights = {c: torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0) for c, w in weights.items()}
+    counts = {c: nonfinite_per_row(w) for c, w in weights.items()}
+    out = {(c, NONFINITE): counts[c] for c in weights if (c, NONFINITE) in task.todo}
+    # representations see finite weights (linear algebra fails on Inf); the counts refuse the dataset
+    # unless --allow-nonfinite, which keeps these zeros
+    weights = {c: torch.nan_to_num(w, nan=0.0, posinf=0.0, neginf=0.0) if counts[c].any() else w
+               for c, w in weights.items()}
     batches = {c: MatrixBatch(w) for c, w in weights.items()}
     module = task.module
     scales = store.reader.scales
@@ -2084,6 +2294,8 @@ def extract_features(loaded: LoadedDataset, modules: list[Module], cfg: Config, 
             tqdm.write(f"notice: out of GPU memory during feature extraction; continuing with {chunk_bytes >> 20} MB chunks")
             work = list(pending_work(store, modules, cfg.representations))
     store.count_nonfinite([c for m in modules for c in m.columns])
+    store.count_nonfinite_features([(unit, r) for r in cfg.representations if r != "flat_vec"
+                                    for unit in feature_units(modules, r)])
     return store
 
 
@@ -2477,7 +2689,7 @@ def train_ensemble(data: SplitData, cfg: Config, seeds: list[int], device: torch
             else:
                 h.epochs_since_best += 1
             plateau_update(h, val_acc[slot])
-            if h.epochs_since_best < cfg.patience:
+            if h.epochs_since_best < cfg.patience or epoch + 1 < cfg.min_epochs:
                 keep_slices.append(slot)
         if improved:
             slots = torch.tensor(improved, device=device)
@@ -2578,6 +2790,23 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return (float(arr.mean()), float(arr.std())) if arr.size else (float("nan"), float("nan"))
 
 
+# A run "stalled" when the weights it keeps (its best epoch's) barely fit even the training split:
+# their train accuracy covers less than STALL_MARGIN of the way from chance (the majority class's
+# share) to 1, or, when the best epoch is among the first STALL_EARLY_EPOCHS, less than
+# STALL_EARLY_MARGIN of it (early stopping ended the run before it fitted anything).
+STALL_MARGIN, STALL_EARLY_MARGIN, STALL_EARLY_EPOCHS = 0.1, 0.5, 5
+
+
+def stalled_runs(train_acc: list[float], best_epochs: list[int], y_train: torch.Tensor) -> list[bool]:
+    """Per run, whether it stalled (see STALL_MARGIN)."""
+    chance = torch.bincount(y_train).max().item() / y_train.numel()
+    stalled = []
+    for acc, epoch in zip(train_acc, best_epochs):
+        learned = (acc - chance) / max(1 - chance, EPS)
+        stalled.append(learned < STALL_MARGIN or (epoch <= STALL_EARLY_EPOCHS and learned < STALL_EARLY_MARGIN))
+    return stalled
+
+
 def evaluate_entry(result: EnsembleResult, data: SplitData, cfg: Config, device: torch.device,
                    entry_name: str, num_layers: int) -> dict:
     """One results.json entry: the best weights of every run evaluated on every split."""
@@ -2590,11 +2819,12 @@ def evaluate_entry(result: EnsembleResult, data: SplitData, cfg: Config, device:
             metrics[split] = {k: v.tolist() for k, v in classification_metrics(confusions[split]).items()}
     runs = len(result.histories)
     ok = [k for k, h in enumerate(result.histories) if h.failed is None]
+    stalled = stalled_runs(metrics["train"]["acc"], [h.best_epoch for h in result.histories], data.y["train"])
     per_run_time = result.seconds / runs  # runs train together: each is charged an equal share
     per_run = []
     for k, h in enumerate(result.histories):
         row = {"run": k, "seed": h.seed, "training_time": per_run_time, "best_epoch": h.best_epoch,
-               "feature_dim": data.feature_dim, "failed": h.failed}
+               "feature_dim": data.feature_dim, "failed": h.failed, "stalled": k in ok and stalled[k]}
         for split in ("train", "val", "test"):
             row[f"{split}_acc"] = metrics[split]["acc"][k]
         for split in ("val", "test"):
@@ -2603,9 +2833,11 @@ def evaluate_entry(result: EnsembleResult, data: SplitData, cfg: Config, device:
         per_run.append(row)
 
     entry = {"representation": entry_name, "num_layers": num_layers, "feature_dim": data.feature_dim,
-             "num_successful_runs": len(ok), "failed_runs": [k for k in range(runs) if k not in ok]}
+             "num_successful_runs": len(ok), "failed_runs": [k for k in range(runs) if k not in ok],
+             "stalled_runs": [k for k in ok if stalled[k]]}
     for split in ("train", "val", "test"):
         entry[f"{split}_acc_mean"], entry[f"{split}_acc_std"] = mean_std([metrics[split]["acc"][k] for k in ok])
+        entry[f"{split}_acc_median"] = float(np.median([metrics[split]["acc"][k] for k in ok])) if ok else float("nan")
     for split in ("val", "test"):
         for m in ("f1", "precision", "recall"):
             entry[f"{split}_{m}_mean"], entry[f"{split}_{m}_std"] = mean_std([metrics[split][m][k] for k in ok])
@@ -2844,6 +3076,20 @@ def check_writable(directory: Path, flag: str) -> None:
 RESUME_MAY_DIFFER = {"resume", "num_workers", "cache_features", "cache_dir", "data_dir", "output_dir", "device"}
 
 
+def results_shape_problem(results) -> str | None:
+    """What makes a parsed results.json unusable for --resume, or None."""
+    if not isinstance(results, dict):
+        return f"it holds a JSON {type(results).__name__}, not an object"
+    if not isinstance(results.get("groups", []), list) or not isinstance(results.get("config", {}), dict):
+        return "its groups or config have the wrong type"
+    for group in results.get("groups", []):
+        entries = results.get(group_result_key(group)[0], []) if isinstance(group, str) else None
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("representation"), str)
+                                                    for e in entries):
+            return f"the entries of group {group!r} lack a representation name"
+    return None
+
+
 def finished_entries(results: dict) -> set[str]:
     return {e["representation"] for g in results["groups"] for e in results.get(group_result_key(g)[0], [])}
 
@@ -2857,6 +3103,9 @@ def previous_results(path: Path, header: dict, cfg: Config) -> dict | None:
         previous = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ExperimentError(f"{path} is unreadable ({err}); move it away to start afresh") from None
+    problem = results_shape_problem(previous)
+    if problem:
+        raise ExperimentError(f"{path} is not a results file of this script ({problem}); move it away to start afresh")
     if not previous.get("groups") or not finished_entries(previous):
         return None  # nothing finished: nothing to keep or to resume
     if not cfg.resume:
@@ -2864,7 +3113,9 @@ def previous_results(path: Path, header: dict, cfg: Config) -> dict | None:
             raise ExperimentError(f"{path} holds an interrupted run: continue it with --resume, "
                                   "or move it away / choose another --output-dir to start afresh")
         return None
-    old, new = previous.get("config", {}), json.loads(json.dumps(header["config"]))  # tuples as JSON lists
+    new = json.loads(json.dumps(header["config"]))  # tuples as JSON lists
+    defaults = json.loads(json.dumps(dataclasses.asdict(Config())))  # for settings added since that run
+    old = {**defaults, **previous.get("config", {})}
     changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in RESUME_MAY_DIFFER and old.get(k) != v]
     if previous.get("dataset_fingerprint") != header["dataset_fingerprint"]:
         changed.append("the dataset's data")
@@ -2901,25 +3152,52 @@ class Experiment:
     warnings: list[str]
 
 
-def prepare_experiment(cfg: Config, device: torch.device) -> Experiment:
-    """Resolve and check everything that can be checked before computing: one clear error each."""
-    check_writable(Path(cfg.output_dir), "--output-dir")
-    check_writable(Path(cfg.cache_dir), "--cache-dir")
-    loaded = load_experiment_dataset(cfg)
-    labels = encode_labels(loaded.dataset, cfg.label_column)
+def output_directory(cfg: Config) -> Path:
+    return Path(cfg.output_dir) / f"visual_ablation_{dataset_short_name(cfg.dataset)}"
+
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def exclusive_output_dir(out_dir: Path):
+    """Hold an exclusive lock on the experiment directory for the whole run: two runs writing one
+    directory would leave one run's results.json beside the other's plots.  The kernel releases
+    the lock when its holder dies, so the lock of a dead process is simply taken over."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / LOCK_FILE, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "a process that is starting"
+            raise ExperimentError(f"{out_dir} is in use by another run ({holder}); wait for it to finish, "
+                                  "or choose another --output-dir") from None
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
+        lock.flush()
+        yield
+
+
+def checked_splits(cfg: Config, labels: Labels, warnings: list[str]) -> dict[str, np.ndarray]:
+    """The split of the labelled rows, refused (or warned of) when a split lacks a class."""
     if len(labels.class_names) < 2:
         raise ExperimentError(f"label column {cfg.label_column!r} holds a single class; a classifier needs two or more")
-    splits = split_indices(loaded.dataset.num_rows)
-    warnings = []
+    if labels.unlabeled:
+        warn(warnings, f"left out {labels.unlabeled} rows without a label in {cfg.label_column!r} (--drop-unlabeled)")
+    splits = labeled_splits(labels)
     missing = missing_classes(labels, splits)
     if missing:
         detail = "; ".join(f"{split} lacks {', '.join(names[:5])}" for split, names in missing.items())
         if not cfg.allow_missing_classes:
             raise ExperimentError(f"the split is too small to hold every class ({detail}); use more adapters "
                                   "per class, or pass --allow-missing-classes to run anyway")
-        warnings.append(f"split lacks classes: {detail}")
-        tqdm.write(f"WARNING: {warnings[-1]}; metrics on those splits are not comparable")
-    modules = sample_modules(lora_modules(loaded.dataset.column_names), cfg.sample_layers, cfg.seed)
+        warn(warnings, f"split lacks classes: {detail}; metrics on those splits are not comparable")
+    return splits
+
+
+def checked_groups(cfg: Config, modules: list[Module]) -> dict[str, list[Module]]:
+    """The layer groups that select something, each able to feed every requested representation."""
     groups = {g: ms for g, ms in layer_groups(modules, cfg.group_names, cfg.custom_groups).items() if ms}
     if not groups:
         raise ExperimentError(f"the layer groups {', '.join(cfg.group_names)} select no LoRA layers in this dataset")
@@ -2931,16 +3209,66 @@ def prepare_experiment(cfg: Config, device: torch.device) -> Experiment:
         if unpaired:
             raise ExperimentError(f"{rep} needs down/up pairs of a module, and group {unpaired[0]} has none; "
                                   f"leave {rep} out of --representations")
-    out_dir = Path(cfg.output_dir) / f"visual_ablation_{loaded.name}"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    return groups
+
+
+def warn(warnings: list[str], message: str) -> None:
+    """A warning printed now and kept for results.json."""
+    warnings.append(message)
+    tqdm.write(f"WARNING: {message}")
+
+
+def prepare_experiment(cfg: Config, out_dir: Path) -> Experiment:
+    """Resolve and check everything that can be checked before computing: one clear error each."""
+    check_writable(Path(cfg.cache_dir), "--cache-dir")
+    loaded = load_experiment_dataset(cfg)
+    warnings = list(loaded.warnings)
+    labels = encode_labels(loaded.dataset, cfg.label_column, cfg.drop_unlabeled)
+    splits = checked_splits(cfg, labels, warnings)
+    modules = sample_modules(lora_modules(loaded.dataset.column_names), cfg.sample_layers, cfg.seed)
+    if any(r in PAIR_REPRESENTATIONS for r in cfg.representations):
+        lora_scales(loaded.dataset.data.table)  # checked now, read during extraction
+    groups = checked_groups(cfg, modules)
     return Experiment(loaded, labels, splits, modules, groups, out_dir, warnings)
+
+
+def save_results(path: Path, results: dict) -> None:
+    """results.json, atomically; a failed write (disk full) is a user error: the previous file stays whole."""
+    try:
+        write_json_atomic(path, results)
+    except OSError as err:
+        raise ExperimentError(f"cannot write {path} ({err.strerror or err}); free space on that disk, then run "
+                              "the same command with --resume: entries already in results.json and cached "
+                              "features are kept") from None
+
+
+def stalled_warning(results: dict, cfg: Config) -> str | None:
+    """One line naming every entry with stalled runs, or None."""
+    stalled = [f"{e['representation']} (runs {', '.join(map(str, e['stalled_runs']))})"
+               for g in results["groups"] for e in results.get(group_result_key(g)[0], []) if e.get("stalled_runs")]
+    if not stalled:
+        return None
+    return (f"{len(stalled)} entries have stalled runs, which never learned (kept in the means, as the published "
+            f"protocol does; see the per-run values in results.txt): {'; '.join(stalled)}; rerun with "
+            f"--min-epochs {max(cfg.min_epochs, 2 * cfg.patience)} to train past them")
 
 
 def run_experiment(cfg: Config) -> Path:
     device = resolve_device(cfg)
+    check_writable(Path(cfg.output_dir), "--output-dir")
+    out_dir = output_directory(cfg)
+    with exclusive_output_dir(out_dir):
+        run_entries(cfg, prepare_experiment(cfg, out_dir), device)
+    return out_dir
+
+
+def run_entries(cfg: Config, exp: Experiment, device: torch.device) -> None:
+    """Extract the features, then train and evaluate every (representation, group) entry not yet
+    finished, writing results.json after each; reports are written even when interrupted."""
     started = time.perf_counter()
-    exp = prepare_experiment(cfg, device)
     results = results_header(cfg, exp.loaded, exp.labels, exp.modules, exp.groups, device)
+    results["split_sizes"] = {split: len(rows) for split, rows in exp.splits.items()}
+    results["unlabeled_rows"] = exp.labels.unlabeled
     results["warnings"] = exp.warnings
     results_path = exp.out_dir / "results.json"
     previous = previous_results(results_path, results, cfg)
@@ -2960,6 +3288,10 @@ def run_experiment(cfg: Config) -> Path:
         results["feature_extraction"] = {"seconds": time.perf_counter() - extraction_started,
                                          "computed": store.computed, "loaded_from_cache": store.loaded}
         results["nonfinite_weights"] = {"zeroed": cfg.allow_nonfinite, "counts": store.nonfinite}
+        results["nonfinite_features"] = {"zeroed": cfg.allow_nonfinite, "counts": store.nonfinite_features}
+        if store.nonfinite_features:
+            warn(results["warnings"], f"zeroed NaN/Inf features (--allow-nonfinite) in {len(store.nonfinite_features)} "
+                                      "(representation, layer) pairs; see nonfinite_features")
         for rep, group in tqdm(entries, desc="entries", unit="entry"):
             key, suffix = group_result_key(group)
             name = f"{rep}_{suffix}"
@@ -2972,17 +3304,22 @@ def run_experiment(cfg: Config) -> Path:
             results["feature_extraction"]["computed"] = store.computed  # with any recomputed on reading
             tqdm.write(f"{name:<32} test acc {entry['test_acc_mean']:.3f} +- {entry['test_acc_std']:.3f}  "
                        f"({result.seconds:.1f}s, best epoch {entry['best_epoch_mean']:.0f})"
-                       + (f"  {len(entry['failed_runs'])} runs failed" if entry["failed_runs"] else ""))
-            write_json_atomic(results_path, results)
+                       + (f"  {len(entry['failed_runs'])} runs failed" if entry["failed_runs"] else "")
+                       + (f"  {len(entry['stalled_runs'])} runs stalled" if entry["stalled_runs"] else ""))
+            save_results(results_path, results)
+        stalled = stalled_warning(results, cfg)
+        if stalled:
+            results["warnings"].append(stalled)
         results["complete"] = True
     finally:
         results["total_seconds"] = time.perf_counter() - started
-        write_json_atomic(results_path, results)
+        save_results(results_path, results)
         if finished_entries(results):
             table = write_reports(exp.out_dir, results)
     print("\n" + table)
+    if stalled:
+        print(f"\nWARNING: {stalled}")
     print(f"\nwrote {results_path}, results.txt and the plots in {results['total_seconds']:.0f}s")
-    return exp.out_dir
 
 
 def _interrupt(signum, frame):

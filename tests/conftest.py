@@ -1,5 +1,6 @@
 """Shared fixtures: the script imported as a module, and small generated datasets in the real format."""
 
+import signal
 import sys
 from pathlib import Path
 
@@ -28,3 +29,23 @@ def tiny_spec():
 def tiny_dataset_path(tmp_path_factory, tiny_spec):
     """tiny_spec written with save_to_disk, as a user's local dataset would be."""
     return vae.write_synthetic_dataset(tiny_spec, tmp_path_factory.mktemp("data") / "tiny")
+
+
+@pytest.fixture(autouse=True)
+def keep_sigterm_handler():
+    """main() installs a SIGTERM handler; the test process gets its own back afterwards."""
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)
+
+
+@pytest.fixture
+def no_computing(monkeypatch):
+    """Fail the test if any feature is computed or any model trained: the check must come first."""
+    def refuse(name):
+        def computed(*args, **kwargs):
+            raise AssertionError(f"{name} was called before the input was checked")
+        return computed
+
+    monkeypatch.setattr(vae, "compute_pending", refuse("compute_pending (features)"))
+    monkeypatch.setattr(vae, "train_runs", refuse("train_runs (training)"))

@@ -414,6 +414,13 @@ def test_skip_mismatched_leaves_the_adapter_out_with_a_warning(tmp_path, capsys)
     assert "dog/odd" in capsys.readouterr().out
 
 
+def test_adapters_left_out_by_skip_mismatched_are_named_for_results_json(tmp_path):
+    table, _ = vae.build_adapter_table(folder_with_one_odd_adapter(tmp_path / "adapters"), tmp_path / "cache", None, 2,
+                                       skip_mismatched=True)
+    [warning] = vae.skipped_adapter_warnings(table)
+    assert "left out 1 adapters" in warning and "dog/odd (missing" in warning
+
+
 def test_adapter_with_other_shapes_is_mismatched(tmp_path):
     labelled_folder(tmp_path / "adapters", "kohya", labels=("cat", "dog"))
     write_adapter(tmp_path / "adapters", "kohya", "rank4", lora_weights(5, rank=4), label="dog")
