@@ -317,7 +317,11 @@ def resolve_device(cfg: Config) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ExperimentError(f"--device {cfg.device} asked for CUDA, but no CUDA device is available; use --device cpu")
-    return torch.device(cfg.device)
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and device.index is not None:
+        # made current: events and streams that guard pinned reader buffers are those of this device
+        torch.cuda.set_device(device)
+    return device
 
 
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -2731,15 +2735,17 @@ def train_fitting(data: SplitData, cfg: Config, seeds: list[int], device: torch.
     try:
         return train_ensemble(data, cfg, seeds, device, label)
     except torch.OutOfMemoryError:
-        if len(seeds) == 1:
-            raise ExperimentError(f"out of GPU memory training one run of {label}; "
-                                  "lower --batch-size or --hidden-dim, or free the GPU") from None
+        pass  # retried below, outside the handler: its traceback holds the failed attempt's tensors
+    if len(seeds) == 1:
+        raise ExperimentError(f"out of GPU memory training one run of {label}; "
+                              "lower --batch-size or --hidden-dim, or free the GPU")
+    if device.type == "cuda":
         torch.cuda.empty_cache()
-        half = len(seeds) // 2
-        tqdm.write(f"notice: out of GPU memory training {len(seeds)} runs of {label} together; "
-                   f"training {half} and {len(seeds) - half} at a time")
-        return merge_results([train_fitting(data, cfg, seeds[:half], device, label),
-                              train_fitting(data, cfg, seeds[half:], device, label)])
+    half = len(seeds) // 2
+    tqdm.write(f"notice: out of GPU memory training {len(seeds)} runs of {label} together; "
+               f"training {half} and {len(seeds) - half} at a time")
+    return merge_results([train_fitting(data, cfg, seeds[:half], device, label),
+                          train_fitting(data, cfg, seeds[half:], device, label)])
 
 
 def train_runs(data: SplitData, cfg: Config, device: torch.device, label: str) -> EnsembleResult:

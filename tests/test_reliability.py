@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import datasets
@@ -200,6 +201,14 @@ def test_directory_that_cannot_be_written_is_an_error_naming_the_flag(flag, wher
 def test_cuda_device_without_cuda_is_an_error(tiny_dataset_path, tmp_path, capsys):
     message = user_error(capsys, cli_args(tmp_path, tiny_dataset_path, "--device", "cuda"))
     assert "CUDA" in message and "--device cpu" in message
+
+
+def test_cuda_device_with_an_index_becomes_the_current_device(monkeypatch):
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    assert vae.resolve_device(vae.Config(device="cuda:1")) == torch.device("cuda:1")
+    assert made_current == [torch.device("cuda:1")]
 
 
 # --- numbers that are wrong say so ------------------------------------------------------------
@@ -567,6 +576,23 @@ def test_training_out_of_memory_splits_the_ensemble_keeps_every_run_and_says_so(
     assert result.best_params["w0"].shape[0] == 4
     out = capsys.readouterr().out
     assert "out of GPU memory" in out and "2 and 2 at a time" in out
+
+
+def test_training_retry_after_out_of_memory_starts_after_the_failed_attempt_is_freed(monkeypatch):
+    real_train = vae.train_ensemble
+    failed_attempt = []
+
+    def fails_while_holding_an_ensemble(data, cfg, seeds, *args, **kwargs):
+        if len(seeds) > 1:
+            parameters = torch.zeros(len(seeds), 1024)  # what a failed attempt holds when it runs out of memory
+            failed_attempt.append(weakref.ref(parameters))
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        assert failed_attempt[0]() is None, "the failed attempt's tensors are still alive during the retry"
+        return real_train(data, cfg, seeds, *args, **kwargs)
+
+    monkeypatch.setattr(vae, "train_ensemble", fails_while_holding_an_ensemble)
+    cfg = vae.Config(num_runs=2, max_epochs=2, patience=2, hidden_dim=8, batch_size=16, num_workers=0)
+    assert len(vae.train_runs(tiny_split_data(), cfg, CPU, "spectral_all_layers").histories) == 2
 
 
 @pytest.fixture
