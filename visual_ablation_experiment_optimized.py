@@ -2873,8 +2873,13 @@ def json_safe(value):
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write to a temporary file beside the target, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    """Write to a temporary file beside the target, then rename: readers never see half a file.
+
+    The temporary file is opened with mode 0o666 for the kernel to apply the umask, so results.json
+    gets the permissions of the other outputs (mkstemp would make it 0600: unreadable to the group).
+    """
+    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(json_safe(obj), f, indent=2, allow_nan=False)
@@ -2882,7 +2887,7 @@ def write_json_atomic(path: Path, obj: dict) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -2924,31 +2929,137 @@ def retention_interval(results: dict, group: str, representation: str, resamples
     return float(group_acc.mean() / max(base_acc.mean(), EPS)), float(low), float(high)
 
 
+def successful_runs(entry: dict) -> list[int]:
+    """The runs whose training loss stayed finite: means, spreads and medians are over these."""
+    failed = set(entry["failed_runs"])
+    return [k for k in range(len(entry["test_acc_all_runs"])) if k not in failed]
+
+
+def measured(entry: dict | None) -> bool:
+    """Whether an entry has finished with at least one successful run to report."""
+    return entry is not None and bool(successful_runs(entry))
+
+
+def all_runs_failed(entry: dict | None) -> bool:
+    return entry is not None and not measured(entry)
+
+
+def successful_accuracies(entry: dict) -> np.ndarray:
+    return np.array([entry["test_acc_all_runs"][k] for k in successful_runs(entry)], dtype=np.float64)
+
+
+def median_accuracy(entry: dict) -> float:
+    """The median test accuracy over successful runs; computed here for results.json files that predate it."""
+    median = entry.get("test_acc_median")
+    if median is None:
+        accs = successful_accuracies(entry)
+        median = float(np.median(accs)) if accs.size else float("nan")
+    return median
+
+
+def clearly_above_chance(entry: dict, num_classes: int) -> bool:
+    """Whether an entry's test accuracy is clearly above chance, so that a ratio to it (retention) means something.
+
+    With chance = 1 / num_classes and the n successful runs (failed runs left out, stalled runs kept):
+    the mean test accuracy is at least chance + 0.2 * (1 - chance), a fifth of the way from chance
+    to perfect, and mean - 2 * std / sqrt(n) > chance, about the lower end of a 95% interval of
+    the mean (std over runs with ddof=1; 0 for a single run).  0.18 with 10 classes is not: it needs 0.28.
+    """
+    accs = successful_accuracies(entry)
+    if not accs.size:
+        return False
+    chance = 1 / num_classes
+    mean = accs.mean()
+    std = accs.std(ddof=1) if accs.size > 1 else 0.0
+    return bool(mean >= chance + 0.2 * (1 - chance) and mean - 2 * std / math.sqrt(accs.size) > chance)
+
+
+def near_chance_baseline(results: dict, representation: str) -> bool:
+    """Whether a representation's all-layers accuracy is measured but not clearly above chance:
+    the retentions of its groups then mean nothing."""
+    base = find_entry(results, "all", representation)
+    return measured(base) and not clearly_above_chance(base, results["num_classes"])
+
+
+def all_entries(results: dict) -> list[dict]:
+    """Every finished entry, group after group."""
+    return [e for g in results["groups"] for e in results.get(group_result_key(g)[0], [])]
+
+
+STALLED_MARK = "*"      # after a run whose training never learned
+NEAR_CHANCE_MARK = "~"  # after a retention whose all-layers accuracy is not clearly above chance
+
+
 def comparison_table(results: dict) -> str:
-    """Fixed-width table: test accuracy on all layers vs each other group, drop and retention."""
+    """Fixed-width table: test accuracy on all layers vs each other group, drop and retention; below it
+    every entry's accuracy run by run, and a footnote for each mark used."""
     groups = [g for g in results["groups"] if g != "all"]
-    header = f"{'representation':<16} {'all layers':>16}"
+    header = f"{'representation':<16} {'all layers':>22}"
     for g in groups:
-        header += f" {g:>16} {'drop':>8} {'retention':>10}"
-    lines = [f"Test accuracy, mean +- std over runs ({results['dataset']}, {results['num_runs']} runs, "
-             f"{results['num_classes']} classes, chance {1 / results['num_classes']:.3f})", header, "-" * len(header)]
+        header += f" {g:>22} {'drop':>8} {'retention':>11}"
+    lines = [f"Test accuracy, mean +- std (median) over the successful runs ({results['dataset']}, "
+             f"{results['num_runs']} runs, {results['num_classes']} classes, chance {1 / results['num_classes']:.3f})",
+             header, "-" * len(header)]
     for rep in results["config"]["representations"]:
-        base = entry_accuracy(results, "all", rep)
-        line = f"{rep:<16} {format_acc(base):>16}"
+        line = f"{rep:<16} {format_acc(find_entry(results, 'all', rep)):>22}"
         for g in groups:
-            acc = entry_accuracy(results, g, rep)
-            if base and acc:
-                line += f" {format_acc(acc):>16} {base[0] - acc[0]:>+8.3f} {100 * acc[0] / max(base[0], EPS):>9.1f}%"
-            else:
-                line += f" {format_acc(acc):>16} {'':>8} {'':>10}"
+            line += f" {format_acc(find_entry(results, g, rep)):>22} {drop_and_retention(results, g, rep)}"
         lines.append(line)
+    lines += ["", *per_run_lines(results)]
+    notes = table_notes(results, groups)
+    if notes:
+        lines += ["", *notes]
     if not results.get("complete"):
         lines.append("(partial: the run did not finish; continue it with --resume)")
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
-def format_acc(acc: tuple[float, float] | None) -> str:
-    return "-" if acc is None else f"{acc[0]:.3f} +- {acc[1]:.3f}"
+def format_acc(entry: dict | None) -> str:
+    """An entry's table cell: mean +- std (median) over its successful runs."""
+    if entry is None:
+        return "-"
+    if not measured(entry):
+        return "all runs failed"
+    return f"{entry['test_acc_mean']:.3f} +- {entry['test_acc_std']:.3f} ({median_accuracy(entry):.3f})"
+
+
+def drop_and_retention(results: dict, group: str, representation: str) -> str:
+    """A group's drop and retention cells; the retention is marked when all layers' accuracy is near chance."""
+    base, entry = find_entry(results, "all", representation), find_entry(results, group, representation)
+    if not (measured(base) and measured(entry)):
+        return f"{'':>8} {'':>11}"
+    base_acc, acc = base["test_acc_mean"], entry["test_acc_mean"]
+    mark = NEAR_CHANCE_MARK if near_chance_baseline(results, representation) else " "
+    return f"{base_acc - acc:>+8.3f} {100 * acc / max(base_acc, EPS):>9.1f}%{mark}"
+
+
+def run_cells(entry: dict) -> list[str]:
+    """Each run's test accuracy as listed under the table: stalled runs marked, failed runs named."""
+    failed, stalled = set(entry["failed_runs"]), set(entry.get("stalled_runs", []))
+    return ["failed" if k in failed else f"{acc:.3f}{STALLED_MARK if k in stalled else ''}"
+            for k, acc in enumerate(entry["test_acc_all_runs"])]
+
+
+def per_run_lines(results: dict) -> list[str]:
+    entries = all_entries(results)
+    width = max((len(e["representation"]) for e in entries), default=0)
+    return ["Test accuracy of each run (run 0 first)"] + [
+        f"{e['representation']:<{width}} " + " ".join(f"{cell:>6}" for cell in run_cells(e)) for e in entries]
+
+
+def table_notes(results: dict, groups: list[str]) -> list[str]:
+    """A footnote for each mark the table uses."""
+    entries = all_entries(results)
+    notes = []
+    if any(e.get("stalled_runs") for e in entries):
+        notes.append(f"{STALLED_MARK} stalled run: its training never learned; it is counted in the mean and median; "
+                     "rerun with --min-epochs N")
+    if any(e["failed_runs"] for e in entries):
+        notes.append("failed: the run's training loss became non-finite; it is left out of the mean, std and median")
+    if groups and any(near_chance_baseline(results, rep) for rep in results["config"]["representations"]):
+        notes.append(f"{NEAR_CHANCE_MARK} all-layers accuracy near chance: retention not meaningful (its mean is below "
+                     "chance + 0.2 * (1 - chance), or mean - 2 * sample std / sqrt(runs) is not above chance)")
+    return notes
 
 
 def _pyplot():
@@ -2958,83 +3069,195 @@ def _pyplot():
     return plt
 
 
-def grouped_bars(ax, reps: list[str], groups: list[str], values) -> None:
-    """Bars per representation, one per group; values(group, rep) -> (height, (err_low, err_high)) or None."""
+def save_figure(fig, path: Path) -> None:
+    """Write a figure as PNG and free it; a "tight" box grows the image to any text past its edges."""
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
+
+
+def set_figure_title(fig, text: str) -> None:
+    """A title centred on the figure, wrapped to its width (10 characters an inch at 10 pt, wider than most
+    text), so that long entry names are not cut off; an axes title would sit off-centre beside long labels."""
+    import textwrap
+    width = int(fig.get_figwidth() * 10)
+    fig.suptitle("\n".join(textwrap.fill(line, width) for line in text.split("\n")), fontsize=10)
+
+
+def bar_axes(reps: list[str]):
+    """A figure and axes wide enough for a slot of bars per representation."""
+    return _pyplot().subplots(figsize=(max(8, 0.9 * len(reps) + 2), 5))
+
+
+MUTED_BAR = {"hatch": "//", "alpha": 0.35}  # a bar drawn but not to be read at face value
+
+
+def grouped_bars(ax, reps: list[str], groups: list[str], values,
+                 muted=lambda g, r: False) -> dict[tuple[str, str], float]:
+    """Bars per representation, one per group; values(group, rep) -> (height, (err_low, err_high)) or None.
+    Bars where muted(group, rep) are hatched and faded.  Returns each bar's x position by (group, rep)."""
     width = 0.8 / len(groups)
+    positions = {}
     for i, g in enumerate(groups):
         points = [values(g, r) or (np.nan, (0.0, 0.0)) for r in reps]
         xs = np.arange(len(reps)) + (i - (len(groups) - 1) / 2) * width
         errors = np.array([p[1] for p in points]).T
-        ax.bar(xs, [p[0] for p in points], width, yerr=errors, capsize=3, label=group_result_key(g)[1].replace("_", " "))
+        bars = ax.bar(xs, [p[0] for p in points], width, yerr=errors, capsize=3, label=group_result_key(g)[1].replace("_", " "))
+        for r, x, bar in zip(reps, xs, bars):
+            positions[g, r] = float(x)
+            if muted(g, r):
+                bar.set(**MUTED_BAR)
     ax.set_xticks(np.arange(len(reps)), reps, rotation=30, ha="right")
+    ax.set_xlim(-0.5, len(reps) - 0.5)  # every slot shown, also one whose bar is missing and carries a note
+    return positions
 
 
-def plot_summary(results: dict, path: Path) -> None:
-    """Grouped bars: test accuracy per representation and layer group, error bars one std."""
-    plt = _pyplot()
-    reps = list(results["config"]["representations"])
-    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(reps) + 2), 5))
+def note_bars(ax, positions: dict[tuple[str, str], float], note) -> None:
+    """note(group, rep) written upright at the foot of its bar where it returns text: an empty slot says why."""
+    for (g, r), x in positions.items():
+        text = note(g, r)
+        if text:
+            ax.text(x, 0.02, text, transform=ax.get_xaxis_transform(), rotation=90, ha="center", va="bottom",
+                    fontsize=8, color="dimgray")
+
+
+def failure_note(*entries: dict | None) -> str | None:
+    return "all runs failed" if any(all_runs_failed(e) for e in entries) else None
+
+
+def run_dots(ax, bars: list[tuple[float, dict | None]]) -> None:
+    """Each successful run's test accuracy as a circle over its bar (x, entry); stalled runs as red crosses."""
+    normal, stalled = ([], []), ([], [])
+    for x, entry in bars:
+        if entry is None:
+            continue
+        stalled_runs = set(entry.get("stalled_runs", []))
+        for k in successful_runs(entry):
+            xs, ys = stalled if k in stalled_runs else normal
+            xs.append(x)
+            ys.append(entry["test_acc_all_runs"][k])
+    if normal[0]:
+        ax.scatter(*normal, s=16, facecolors="none", edgecolors="black", linewidths=0.8, zorder=3, label="single run")
+    if stalled[0]:
+        ax.scatter(*stalled, s=28, marker="x", color="red", zorder=4, label="stalled run (never learned)")
+
+
+def legend_beside(ax, handles=None) -> None:
+    """The legend right of the axes, where it hides no bar or dot."""
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+
+
+def figure_summary(results: dict):
+    """Grouped bars: mean test accuracy per representation and layer group, error bars one std, a dot per run."""
+    reps, groups = list(results["config"]["representations"]), list(results["groups"])
+    fig, ax = bar_axes(reps)
 
     def accuracy(g, r):
-        acc = entry_accuracy(results, g, r)
-        return acc and (acc[0], (acc[1], acc[1]))
-    grouped_bars(ax, reps, list(results["groups"]), accuracy)
+        if not measured(find_entry(results, g, r)):
+            return None
+        mean, std = entry_accuracy(results, g, r)
+        return mean, (std, std)
+    positions = grouped_bars(ax, reps, groups, accuracy)
+    run_dots(ax, [(x, find_entry(results, g, r)) for (g, r), x in positions.items()])
+    note_bars(ax, positions, lambda g, r: failure_note(find_entry(results, g, r)))
     ax.axhline(1 / results["num_classes"], color="gray", linestyle="--", linewidth=1, label="chance")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
-    ax.set_title(f"Test accuracy per representation and layer group ({results['dataset']}, {results['num_runs']} runs)")
-    ax.legend()
+    set_figure_title(fig, f"Test accuracy per representation and layer group ({results['dataset']})\n"
+                          f"bars: mean ±1 std over {results['num_runs']} runs (failed runs left out); "
+                          "dots: single runs")
+    legend_beside(ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
-def plot_retention(results: dict, path: Path) -> None:
-    """Grouped bars: each group's accuracy as a fraction of all layers', with 95% intervals over runs."""
-    plt = _pyplot()
+def plot_summary(results: dict, path: Path) -> None:
+    save_figure(figure_summary(results), path)
+
+
+RELIABLE_BOOTSTRAP_RUNS = 5  # fewer runs give too few distinct resamples for a 95% interval
+
+
+def figure_retention(results: dict):
+    """Grouped bars: each group's accuracy as a fraction of all layers', with 95% intervals over runs;
+    representations whose all-layers accuracy is near chance are hatched."""
+    from matplotlib.patches import Patch
     reps = list(results["config"]["representations"])
     groups = [g for g in results["groups"] if g != "all"]
-    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(reps) + 2), 5))
+    fig, ax = bar_axes(reps)
 
     def retention(g, r):
         ratio = retention_interval(results, g, r)
         return ratio and (ratio[0], (ratio[0] - ratio[1], ratio[2] - ratio[0]))
-    grouped_bars(ax, reps, groups, retention)
+    positions = grouped_bars(ax, reps, groups, retention, muted=lambda g, r: near_chance_baseline(results, r))
+    note_bars(ax, positions, lambda g, r: failure_note(find_entry(results, "all", r), find_entry(results, g, r)))
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="all layers")
+    handles = ax.get_legend_handles_labels()[0]
+    if any(near_chance_baseline(results, r) for r in reps):
+        handles.append(Patch(facecolor="lightgray", **MUTED_BAR,
+                             label="all-layers accuracy near chance:\nretention not meaningful"))
     ax.set_ylabel("accuracy / all-layers accuracy")
-    ax.set_title(f"Retention of each layer group, 95% bootstrap intervals over runs ({results['dataset']})")
-    ax.legend()
+    title = f"Retention of each layer group, 95% bootstrap intervals over runs ({results['dataset']})"
+    if results["num_runs"] < RELIABLE_BOOTSTRAP_RUNS:
+        title += f"\nthe bootstrap interval is unreliable with {results['num_runs']} runs"
+    set_figure_title(fig, title)
+    legend_beside(ax, handles)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def plot_retention(results: dict, path: Path) -> None:
+    save_figure(figure_retention(results), path)
 
 
 def best_entry(results: dict) -> dict | None:
-    entries = [e for g in results["groups"] for e in results.get(group_result_key(g)[0], [])]
+    """The entry with the best mean test accuracy among those where no run failed, or None: the confusion
+    matrix sums every run's, and a diverged run's predictions would distort it."""
+    entries = [e for e in all_entries(results) if not e["failed_runs"]]
     return max(entries, key=lambda e: e["test_acc_mean"], default=None)
 
 
-def plot_confusion(results: dict, entry: dict, path: Path) -> None:
+@functools.cache
+def plot_font():
+    """The font matplotlib draws text in by default."""
+    from matplotlib import font_manager, ft2font
+    return ft2font.FT2Font(font_manager.findfont(font_manager.FontProperties()))
+
+
+def drawable(text: str) -> bool:
+    """Whether the plot font has a glyph for every character (else matplotlib draws boxes and warns)."""
+    return all(plot_font().get_char_index(ord(c)) for c in text)
+
+
+def class_labels(names: list) -> list[str]:
+    """Class names for the plot axes; a name the font cannot draw (CJK, emoji) is shown as its label index."""
+    return [str(name) if drawable(str(name)) else str(i) for i, name in enumerate(names)]
+
+
+def figure_confusion(results: dict, entry: dict):
     """The test confusion matrix of one entry, summed over runs, each true class's row normalised."""
-    plt = _pyplot()
     counts = np.asarray(entry["test_confusion_matrices"]).sum(0)
     rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    names = results["class_names"]
+    names = class_labels(results["class_names"])
+    renamed = names != [str(name) for name in results["class_names"]]
     size = max(5, 0.5 * len(names) + 2)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
+    fig, ax = _pyplot().subplots(figsize=(size + 1, size))
     image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(np.arange(len(names)), names, rotation=45, ha="right")
     ax.set_yticks(np.arange(len(names)), names)
     if len(names) <= 20:
         for (i, j), rate in np.ndenumerate(rates):
             ax.text(j, i, f"{rate:.2f}", ha="center", va="center", fontsize=7, color="white" if rate > 0.5 else "black")
-    ax.set_xlabel("predicted")
+    ax.set_xlabel("predicted" + (" (a number: the label index of a name the font cannot draw)" if renamed else ""))
     ax.set_ylabel("true")
-    ax.set_title(f"{entry['representation']}: test accuracy {entry['test_acc_mean']:.3f} (rows sum to 1, all runs)")
+    set_figure_title(fig, f"{entry['representation']}: test accuracy {entry['test_acc_mean']:.3f}\n"
+                          f"rows sum to 1, counts summed over all {len(entry['test_confusion_matrices'])} runs")
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def plot_confusion(results: dict, entry: dict, path: Path) -> None:
+    save_figure(figure_confusion(results, entry), path)
 
 
 # =============================================================================================
@@ -3141,7 +3364,8 @@ def write_reports(out_dir: Path, results: dict) -> str:
     best = best_entry(results)
     for old in out_dir.glob("confusion_*.png"):
         old.unlink()
-    plot_confusion(results, best, out_dir / f"confusion_{best['representation']}.png")
+    if best is not None:  # every entry had a failed run: no confusion matrix worth showing
+        plot_confusion(results, best, out_dir / f"confusion_{best['representation']}.png")
     return table
 
 
