@@ -4,8 +4,9 @@ Question: how much of what a LoRA adapter was trained on (its label) can a class
 from its weights, and how much of that survives when only the visual (self-attention,
 `attn1`) layers are kept?  Every LoRA tensor of every adapter is turned into feature
 representations (statistics, quantiles, singular-value spectra, norms, FFT, histograms,
-raw weights); an MLP is trained on each representation for repeated seeded runs, once on
-all layers and once on the visual layers alone (and on any other layer group asked for).
+raw weights, the weight update's canonical factors); an MLP is trained on each representation
+for repeated seeded runs, once on all layers and once on the visual layers alone (and on any
+other layer group asked for).
 
 Run it:
     python visual_ablation_experiment_optimized.py --dataset 50k --cache-features
@@ -81,7 +82,7 @@ SANITY_CHECK = "sanity-check"
 
 REPRESENTATION_NAMES = (
     "simple_stats", "rank_based", "stats", "spectral", "matrix_norms", "distribution",
-    "frequency", "flat_vec", "info_theoretic", "ensemble", "delta_spectral",
+    "frequency", "flat_vec", "info_theoretic", "ensemble", "delta_spectral", "delta_canonical",
 )
 BUILTIN_GROUPS = ("all", "visual", "text")
 
@@ -1463,7 +1464,7 @@ MAX_LORA_SCALE = 1e4  # alpha / rank beyond this is no trained adapter: a corrup
 
 def lora_scales(table: pa.Table) -> np.ndarray | None:
     """alpha / rank per adapter when the table records it (lora_scale): it scales the update up @ down.
-    A missing, non-finite, non-positive or absurd scale would silently distort delta_spectral: refused."""
+    A missing, non-finite, non-positive or absurd scale would silently distort the pair representations: refused."""
     if "lora_scale" not in table.column_names:
         return None
     column = table.column("lora_scale")
@@ -1639,6 +1640,7 @@ QUANTILES_RANK_BASED = (0.01, 0.05, 0.10, 0.25, 0.50, 0.75, 0.90, 0.95, 0.99)
 QUANTILES_DISTRIBUTION = (0.05, 0.10, 0.25, 0.50, 0.75, 0.90, 0.95)
 HISTOGRAM_BINS = 50
 GRAM_RELATIVE_FLOOR = 1e-5  # below s_max * this, Gram-derived singular values lose digits: use an SVD
+SIGN_TIE_RELATIVE = 1e-6  # entries of a singular vector this close to its largest magnitude tie for pivot
 
 
 def singular_values(matrices: torch.Tensor) -> torch.Tensor:
@@ -1735,17 +1737,33 @@ class MatrixBatch:
 
 
 class PairBatch:
-    """A batch of LoRA modules: down (N, r, in) and up (N, out, r), the update being up @ down."""
+    """A batch of LoRA modules: down (N, r, in) and up (N, out, r), the update being scale * up @ down
+    (scale (N,), or None for 1).  The update is never formed: with up = Q_up R_up and
+    down^T = Q_down R_down (QR, float64), up @ down = Q_up (R_up R_down^T) Q_down^T, so the SVD of
+    the r x r core, mapped through the two Qs, is the update's."""
 
     def __init__(self, down: MatrixBatch, up: MatrixBatch, scale: torch.Tensor | None = None):
         self.down, self.up, self.scale = down, up, scale
 
     @cached_property
+    def up_qr(self):
+        """Q_up (N, out, r), R_up (N, r, r), float64."""
+        return torch.linalg.qr(self.up.matrices.double())
+
+    @cached_property
+    def down_qr(self):
+        """Q_down (N, in, r), R_down (N, r, r) of down^T, float64."""
+        return torch.linalg.qr(self.down.matrices.double().mT)
+
+    @cached_property
+    def core(self) -> torch.Tensor:
+        """(N, r, r) float64: R_up R_down^T, which has the singular values of up @ down (unscaled)."""
+        return self.up_qr.R @ self.down_qr.R.mT
+
+    @cached_property
     def delta_singular_values(self) -> torch.Tensor:
-        """Singular values of up @ down without forming it: QR of both factors, then the r x r core."""
-        _, r_up = torch.linalg.qr(self.up.matrices.double())
-        _, r_down = torch.linalg.qr(self.down.matrices.double().mT)
-        values = torch.linalg.svdvals(r_up @ r_down.mT).float()
+        """(N, r) float32: singular values of the update, descending, times |scale|."""
+        values = torch.linalg.svdvals(self.core).float()
         return values if self.scale is None else values * self.scale.abs()[:, None]
 
 
@@ -1850,13 +1868,44 @@ def delta_spectral(p: PairBatch) -> torch.Tensor:
     return spectrum_features(p.delta_singular_values)
 
 
+def pivot_signs(u: torch.Tensor) -> torch.Tensor:
+    """(N, k): the sign of each column's pivot in u (N, m, k), the first entry (lowest row index)
+    whose magnitude is within SIGN_TIE_RELATIVE of the column's largest; +1 for a zero pivot.
+    An exact argmax would let rounding choose between entries that are equal in exact arithmetic
+    (structured factors), so the sign would depend on how the update was factorised."""
+    magnitude = u.abs()
+    near_largest = magnitude >= (1 - SIGN_TIE_RELATIVE) * magnitude.amax(1, keepdim=True)
+    first = near_largest.to(torch.uint8).argmax(1, keepdim=True)  # argmax returns the first of equal maxima
+    pivot = u.gather(1, first).squeeze(1)
+    return torch.where(pivot < 0, -1.0, 1.0).to(u.dtype)
+
+
+def delta_canonical(p: PairBatch) -> torch.Tensor:
+    """(out + in) * r: the canonical factors of the weight update scale * up @ down = U S V^T (its
+    thin SVD, S descending, |scale| folded into S): U S^1/2 row-major (out x r: row i holds the r
+    pairs' entries i), then sign(scale) V S^1/2 row-major (in x r), so the first part times the
+    second transposed is the update.  Each pair's sign makes the pivot of its U column positive
+    (pivot_signs).  Unchanged by up -> up G^-1, down -> G down (any invertible G, sign flips of a
+    pair included) where the singular values are distinct; equal ones leave their vectors free up
+    to a rotation, and a pair whose singular value is zero is all zeros."""
+    u_core, values, v_core_t = torch.linalg.svd(p.core, full_matrices=False)
+    u = p.up_qr.Q @ u_core
+    v = p.down_qr.Q @ v_core_t.mT
+    # the scale enters after the shared, unscaled decomposition (delta_spectral reads it too); a
+    # negative one flips V rather than U, so U keeps the sign convention
+    scale = torch.ones_like(values[:, 0]) if p.scale is None else p.scale.to(values)
+    u_weights = (values * scale.abs()[:, None]).sqrt() * pivot_signs(u)
+    v_weights = u_weights * scale.sign()[:, None]
+    return torch.cat([(u * u_weights[:, None]).flatten(1), (v * v_weights[:, None]).flatten(1)], 1).float()
+
+
 # name -> function; per-matrix functions take a MatrixBatch, pair functions a PairBatch
 MATRIX_REPRESENTATIONS = {
     "simple_stats": simple_stats, "rank_based": rank_based, "stats": stats, "spectral": spectral,
     "matrix_norms": matrix_norms, "distribution": distribution, "frequency": frequency,
     "flat_vec": flat_vec, "info_theoretic": info_theoretic, "ensemble": ensemble,
 }
-PAIR_REPRESENTATIONS = {"delta_spectral": delta_spectral}
+PAIR_REPRESENTATIONS = {"delta_spectral": delta_spectral, "delta_canonical": delta_canonical}
 assert set(MATRIX_REPRESENTATIONS) | set(PAIR_REPRESENTATIONS) == set(REPRESENTATION_NAMES)
 
 

@@ -13,7 +13,7 @@ import visual_ablation_experiment_optimized as vae
 
 SCRIPT = Path(vae.__file__).resolve()
 ALL_REPRESENTATIONS = ("simple_stats", "rank_based", "stats", "spectral", "matrix_norms", "distribution",
-                       "frequency", "flat_vec", "info_theoretic", "ensemble", "delta_spectral")
+                       "frequency", "flat_vec", "info_theoretic", "ensemble", "delta_spectral", "delta_canonical")
 FLAGS = ("--dataset", "--num-runs", "--output-dir", "--quick", "--cache-features", "--cache-dir", "--data-dir",
          "--dropout", "--weight-decay", "--hidden-dim", "--batch-size", "--sample-layers", "--no-amp",
          "--num-workers", "--representations", "--layer-groups", "--max-epochs", "--patience", "--lr", "--seed",
@@ -93,7 +93,7 @@ def test_user_error_is_one_line_on_stderr_and_exit_code_2(tmp_path, monkeypatch,
 
 # --- end to end -------------------------------------------------------------------------------
 
-REPRESENTATIONS = ("simple_stats", "spectral", "delta_spectral")
+REPRESENTATIONS = ("simple_stats", "spectral", "delta_spectral", "delta_canonical")
 GROUP_KEYS = {"all_layers_results": "all_layers", "visual_only_results": "visual_only", "text_only_results": "text_only"}
 TOP_LEVEL_KEYS = {"dataset", "num_runs", "num_classes", "num_all_layers", "num_visual_layers", "num_text_layers",
                   "optimizations", "all_layers_results", "visual_only_results", "text_only_results", "config",
@@ -206,10 +206,12 @@ def test_entries_count_their_layers(results):
 
 
 def test_feature_dim_is_the_representation_width_times_the_layers(results):
-    simple_stats, spectral, delta_spectral = results["all_layers_results"]
+    simple_stats, spectral, delta_spectral, delta_canonical = results["all_layers_results"]
     assert simple_stats["feature_dim"] == 5 * 128
     assert spectral["feature_dim"] == 32 * 128
     assert delta_spectral["feature_dim"] == 32 * 64  # one update per down/up pair
+    # (out + in) * rank per pair: at rank 1 as many features as the factors hold weights
+    assert delta_canonical["feature_dim"] == sum(rows * cols for rows, cols in vae.sd15_lora_shapes(rank=1).values())
 
 
 def test_confusion_matrices_count_every_row_of_their_split(results):

@@ -352,6 +352,126 @@ def test_delta_spectral_scale_multiplies_the_singular_values_by_its_absolute_val
     assert not np.allclose(got[:2], delta_features(down, up)[:2])  # the scale did change something
 
 
+# --- delta_canonical and the factorisation ambiguity ------------------------------------------
+
+def pair_features(name, down, up, scale=None):
+    """A pair representation of float64 factors: invariances are checked without float32 inputs' rounding."""
+    pair = vae.PairBatch(vae.MatrixBatch(torch.from_numpy(down)), vae.MatrixBatch(torch.from_numpy(up)),
+                         None if scale is None else torch.tensor(scale, dtype=torch.float64))
+    return vae.PAIR_REPRESENTATIONS[name](pair).numpy()
+
+
+def canonical_parts(features, fan_out, fan_in):
+    """delta_canonical's features split into U S^1/2 (N, out, r) and V S^1/2 (N, in, r), in float64."""
+    rank = features.shape[1] // (fan_out + fan_in)
+    u_part = features[:, :fan_out * rank].reshape(-1, fan_out, rank).astype(np.float64)
+    v_part = features[:, fan_out * rank:].reshape(-1, fan_in, rank).astype(np.float64)
+    return u_part, v_part
+
+
+def random_factors(rank, fan_in, fan_out, n=3, seed=0):
+    """n float64 (down, up) pairs of LoRA scale."""
+    rng = np.random.default_rng([seed, rank, fan_in, fan_out])
+    return 0.05 * rng.standard_normal((n, rank, fan_in)), 0.05 * rng.standard_normal((n, fan_out, rank))
+
+
+def well_conditioned(rng, n, rank):
+    """n random invertible r x r matrices with singular values in [0.5, 2]."""
+    return np.stack([orthonormal_columns(rng, rank, rank) @ np.diag(rng.uniform(0.5, 2.0, rank))
+                     @ orthonormal_columns(rng, rank, rank).T for _ in range(n)])
+
+
+def assert_same_features(got, want):
+    """Equal up to float32 rounding of float64 results (a float32 computation would miss by ~1e-5)."""
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9 * np.abs(want).max())
+
+
+# (rank, in_features, out_features): attn1 to_q of the 320-wide block, attn2 to_v of the 1280-wide one
+INVARIANCE_SHAPES = [(4, 320, 320), (4, 768, 1280), (1, 320, 320)]
+
+
+@pytest.mark.parametrize("name", list(vae.PAIR_REPRESENTATIONS))
+@pytest.mark.parametrize("rank,fan_in,fan_out", INVARIANCE_SHAPES, ids=lambda v: str(v))
+def test_pair_representation_is_unchanged_by_an_invertible_change_of_factor_basis(name, rank, fan_in, fan_out):
+    down, up = random_factors(rank, fan_in, fan_out)
+    g = well_conditioned(np.random.default_rng(1), len(down), rank)
+    assert_same_features(pair_features(name, g @ down, up @ np.linalg.inv(g)), pair_features(name, down, up))
+
+
+@pytest.mark.parametrize("rank,fan_in,fan_out", INVARIANCE_SHAPES, ids=lambda v: str(v))
+def test_delta_canonical_is_unchanged_by_flipping_the_sign_of_a_factor_pair(rank, fan_in, fan_out):
+    down, up = random_factors(rank, fan_in, fan_out)
+    flipped_down, flipped_up = down.copy(), up.copy()
+    flipped_down[:, 0] *= -1
+    flipped_up[:, :, 0] *= -1
+    flipped_down[:, -1] *= -1  # rank 1: the same pair flipped back, which must change nothing either
+    flipped_up[:, :, -1] *= -1
+    assert_same_features(pair_features("delta_canonical", flipped_down, flipped_up),
+                         pair_features("delta_canonical", down, up))
+
+
+@pytest.mark.parametrize("rank,fan_in,fan_out", DELTA_SHAPES, ids=lambda v: str(v))
+def test_delta_canonical_part_norms_multiply_to_the_singular_values_of_the_formed_update(rank, fan_in, fan_out):
+    down, up = random_factors(rank, fan_in, fan_out)
+    scale = [2.0, -0.5, 1.0]
+    u_part, v_part = canonical_parts(pair_features("delta_canonical", down, up, scale), fan_out, fan_in)
+    got = np.linalg.norm(u_part, axis=1) * np.linalg.norm(v_part, axis=1)
+    want = np.array([abs(c) * update_spectrum(d, u) for d, u, c in zip(down, up, scale)])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("rank,fan_in,fan_out", INVARIANCE_SHAPES, ids=lambda v: str(v))
+def test_delta_canonical_u_part_times_v_part_transposed_is_the_scaled_update(rank, fan_in, fan_out):
+    down, up = random_factors(rank, fan_in, fan_out)
+    scale = [2.0, -0.5, 1.0]
+    u_part, v_part = canonical_parts(pair_features("delta_canonical", down, up, scale), fan_out, fan_in)
+    update = np.asarray(scale)[:, None, None] * (up @ down)
+    np.testing.assert_allclose(u_part @ v_part.transpose(0, 2, 1), update, rtol=0, atol=1e-6 * np.abs(update).max())
+
+
+@pytest.mark.parametrize("rank,fan_in,fan_out", [(1, 320, 320), (1, 768, 1280), (4, 640, 640)], ids=lambda v: str(v))
+def test_delta_canonical_has_out_plus_in_times_rank_features(rank, fan_in, fan_out):
+    down, up = random_factors(rank, fan_in, fan_out)
+    features = vae.PAIR_REPRESENTATIONS["delta_canonical"](vae.PairBatch(
+        vae.MatrixBatch(torch.from_numpy(down).float()), vae.MatrixBatch(torch.from_numpy(up).float())))
+    assert features.dtype == torch.float32
+    assert features.shape == (3, (fan_out + fan_in) * rank)
+
+
+def test_delta_canonical_makes_the_largest_entry_of_each_u_column_positive():
+    down, up = random_factors(4, 320, 640, n=5)
+    u_part, _ = canonical_parts(pair_features("delta_canonical", down, up, [1.0, -1.0, 2.0, -3.0, 0.5]), 640, 320)
+    largest = np.take_along_axis(u_part, np.abs(u_part).argmax(1)[:, None], 1)
+    assert (largest > 0).all()
+
+
+def test_delta_canonical_breaks_a_tie_for_largest_entry_at_the_first_one():
+    # u = (1, -1, 0, ...) / sqrt(2) exactly; each factorisation's rounding may make either entry the
+    # larger, so an exact argmax would give either sign
+    up = np.zeros((1, 320, 1))
+    up[0, :2, 0] = [1.0, -1.0]
+    down = np.random.default_rng(2).standard_normal((1, 1, 320))
+    factors = np.geomspace(1e-3, 1e3, 12) * np.resize([1, -1], 12)
+    features = [pair_features("delta_canonical", down / g, up * g) for g in factors]
+    for got in features:
+        u_part, _ = canonical_parts(got, 320, 320)
+        assert u_part[0, 0, 0] > 0 and u_part[0, 1, 0] < 0
+        assert_same_features(got, features[0])
+
+
+def test_delta_canonical_of_a_batch_equals_each_module_computed_alone():
+    down, up = random_factors(4, 768, 320, n=6)
+    scale = [1.0, 2.0, -0.5, 0.25, 3.0, 1.5]
+    alone = np.concatenate([pair_features("delta_canonical", down[i:i + 1], up[i:i + 1], scale[i:i + 1])
+                            for i in range(len(down))])
+    np.testing.assert_allclose(pair_features("delta_canonical", down, up, scale), alone, rtol=1e-6, atol=0)
+
+
+def test_delta_canonical_of_a_zero_update_is_zeros():
+    features = pair_features("delta_canonical", np.zeros((2, 4, 320)), np.zeros((2, 640, 4)))
+    assert np.array_equal(features, np.zeros((2, (640 + 320) * 4), np.float32))
+
+
 # --- degenerate matrices --------------------------------------------------------------------
 
 @pytest.mark.parametrize("fill", [0.0, 0.5], ids=["zeros", "constant"])
