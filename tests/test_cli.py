@@ -68,7 +68,7 @@ def test_defaults_match_the_users_guide():
     assert cfg.seed == 42
     assert cfg.label_column == "category_label"
     assert tuple(cfg.layer_groups) == ("all", "visual")
-    assert tuple(cfg.representations) == ALL_REPRESENTATIONS
+    assert tuple(cfg.representations) == ALL_REPRESENTATIONS[:-1]  # delta_canonical by name only
 
 
 def test_quick_trains_three_runs():
