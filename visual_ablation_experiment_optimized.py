@@ -3530,9 +3530,11 @@ def stalled_warning(results: dict, cfg: Config) -> str | None:
                for g in results["groups"] for e in results.get(group_result_key(g)[0], []) if e.get("stalled_runs")]
     if not stalled:
         return None
+    suggested = 2 * cfg.patience
+    remedy = (f"rerun with --min-epochs {suggested} to train past them" if cfg.min_epochs < suggested else
+              f"they stalled although --min-epochs {cfg.min_epochs}: the classifier does not learn from those features")
     return (f"{len(stalled)} entries have stalled runs, which never learned (kept in the means, as the published "
-            f"protocol does; see the per-run values in results.txt): {'; '.join(stalled)}; rerun with "
-            f"--min-epochs {max(cfg.min_epochs, 2 * cfg.patience)} to train past them")
+            f"protocol does; see the per-run values in results.txt): {'; '.join(stalled)}; {remedy}")
 
 
 def run_experiment(cfg: Config) -> Path:

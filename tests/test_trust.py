@@ -177,6 +177,13 @@ def test_stalled_runs_are_warned_at_the_end_suggesting_min_epochs(frozen_run):
     assert any("simple_stats_all_layers (runs 0, 1)" in w for w in results["warnings"])
 
 
+def test_stalled_warning_does_not_suggest_min_epochs_the_run_already_had():
+    results = {"groups": ["all"], "all_layers_results": [{"representation": "flat_vec_all_layers", "stalled_runs": [1]}]}
+    assert "rerun with --min-epochs 30" in vae.stalled_warning(results, vae.Config(patience=15))
+    warning = vae.stalled_warning(results, vae.Config(patience=15, min_epochs=30))
+    assert "rerun" not in warning and "although --min-epochs 30" in warning
+
+
 def test_sequential_runs_flag_the_same_stalled_runs(frozen_run, tmp_path, capsys):
     _, ensemble = frozen_run
     run_ok(capsys, frozen_args(tmp_path, tmp_path / "frozen", "--sequential-runs", "--output-dir", str(tmp_path / "seq")))
