@@ -2083,8 +2083,8 @@ class FeatureStore:
         return {c: known[c] for c in columns}
 
     def has(self, unit: str, representation: str) -> bool:
-        """True when the features and their NaN/Inf count are stored; they are validated when read (get)."""
-        return all(self.cache.exists(self.key(unit, representation, part)) for part in ("features", "nonfinite"))
+        """True when a file holds these features; it is validated when read (get)."""
+        return self.cache.exists(self.key(unit, representation))
 
     def count_nonfinite(self, columns: list[str]) -> None:
         """Total the stored per-row NaN/Inf counts of these columns (computed or cached alike), and
@@ -2104,9 +2104,8 @@ class FeatureStore:
         """Features can overflow where weights are finite (|w| ~ 1e30 squares past float32): their
         stored NaN/Inf counts are totalled per (unit, representation) and refused unless zeroed."""
         for unit, representation in units:
-            count = int(self.get(unit, representation, "nonfinite").sum())
-            if count:
-                self.nonfinite_features[f"{representation} of {unit}"] = count
+            if self.cache.exists(self.key(unit, representation, "nonfinite")):
+                self.nonfinite_features[f"{representation} of {unit}"] = int(self.get(unit, representation, "nonfinite").sum())
         if self.nonfinite_features and not self.zero_nonfinite:
             listed = ", ".join(f"{name} ({n})" for name, n in list(self.nonfinite_features.items())[:3])
             more = f" and {len(self.nonfinite_features) - 3} more" if len(self.nonfinite_features) > 3 else ""
@@ -2115,10 +2114,13 @@ class FeatureStore:
                                   "those representations out, or pass --allow-nonfinite to zero those values")
 
     def put(self, unit: str, representation: str, array: np.ndarray) -> None:
-        """Store features with NaN/Inf zeroed and counted: the count decides whether they may be used."""
+        """Store features with NaN/Inf zeroed and counted: the count decides whether they may be used.
+        A count is stored only when it is not zero, and before the features, so stored features
+        without a count file have none."""
         bad = ~np.isfinite(array)
-        array[bad] = 0
-        self.cache.save(self.key(unit, representation, "nonfinite"), np.array([bad.sum()]))
+        if bad.any():
+            array[bad] = 0
+            self.cache.save(self.key(unit, representation, "nonfinite"), np.array([bad.sum()]))
         self.cache.save(self.key(unit, representation), array)
         self.computed += 1
 
