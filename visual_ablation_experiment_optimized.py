@@ -317,14 +317,15 @@ def parse_config(argv: list[str] | None = None) -> Config:
 
 def resolve_device(cfg: Config) -> torch.device:
     """The one place that decides where tensors live."""
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ExperimentError(f"--device {cfg.device} asked for CUDA, but no CUDA device is available; use --device cpu")
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and device.index is not None:
-        # made current: events and streams that guard pinned reader buffers are those of this device
-        torch.cuda.set_device(device)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if cfg.device == "auto" else cfg.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 training matmuls on tensor cores (features stay float64)
+        if device.index is not None:
+            # made current: events and streams that guard pinned reader buffers are those of this device
+            torch.cuda.set_device(device)
     return device
 
 

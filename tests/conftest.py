@@ -12,6 +12,10 @@ sys.path.insert(0, str(ROOT))
 import visual_ablation_experiment_optimized as vae  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: runs a CUDA path on a real GPU (skipped without one)")
+
+
 @pytest.fixture(scope="session")
 def script():
     """The experiment script, imported as a module."""
