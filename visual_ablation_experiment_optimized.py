@@ -84,8 +84,8 @@ REPRESENTATION_NAMES = (
     "simple_stats", "rank_based", "stats", "spectral", "matrix_norms", "distribution",
     "frequency", "flat_vec", "info_theoretic", "ensemble", "delta_spectral", "delta_canonical",
 )
-# delta_canonical is as wide as the raw weights, and unlike flat_vec (read from the dataset into a
-# memory-mapped matrix when large) its group matrix is assembled in memory: asked for by name only
+# delta_canonical is as wide as the raw weights: training on it costs as much as flat_vec, the
+# largest entry, so it is asked for by name
 DEFAULT_REPRESENTATIONS = REPRESENTATION_NAMES[:-1]
 BUILTIN_GROUPS = ("all", "visual", "text")
 
@@ -2137,6 +2137,16 @@ class FeatureStore:
                                   f"{self.cache.directory}; is another process changing it? Run again")
         return array
 
+    def empty_matrix(self, width: int, memory_limit: int | None = None) -> np.ndarray:
+        """A float32 (rows of the table, width) matrix to fill: in memory, or a memory-mapped scratch
+        file when larger than half the available memory (or memory_limit)."""
+        n = self.reader.table.num_rows
+        limit = free_memory_bytes(torch.device("cpu")) // 2 if memory_limit is None else memory_limit
+        if 4 * n * width <= limit:
+            return np.empty((n, width), dtype=np.float32)
+        path = Path(tempfile.mkstemp(dir=self.scratch_dir(), suffix=".npy")[1])
+        return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, width))
+
     def raw_weights(self, columns: list[str], memory_limit: int | None = None) -> np.ndarray:
         """flat_vec: the columns' weights side by side, (rows, sum of rows*cols), read chunk by chunk;
         a matrix larger than half the available memory (or memory_limit) is a memory-mapped file.
@@ -2146,12 +2156,7 @@ class FeatureStore:
         previous_offsets, previous_ref = self._previous_raw
         previous = previous_ref()
         n = self.reader.table.num_rows
-        limit = free_memory_bytes(torch.device("cpu")) // 2 if memory_limit is None else memory_limit
-        if 4 * n * sum(widths) <= limit:
-            out = np.empty((n, sum(widths)), dtype=np.float32)
-        else:
-            path = Path(tempfile.mkstemp(dir=self.scratch_dir(), suffix=".npy")[1])
-            out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, sum(widths)))
+        out = self.empty_matrix(sum(widths), memory_limit)
         offset = 0
         for column, width in zip(columns, widths):
             if previous is not None and column in previous_offsets:
@@ -2358,19 +2363,38 @@ def extract_features(loaded: LoadedDataset, modules: list[Module], cfg: Config, 
     return store
 
 
+def unit_columns(modules: list[Module], representation: str) -> list[tuple[str, tuple[str, ...]]]:
+    """(store unit, the columns it is computed from) making up a representation for a set of modules, in order."""
+    if representation in PAIR_REPRESENTATIONS:
+        return [(m.name, (m.down, m.up)) for m in modules if m.down and m.up]
+    return [(c, (c,)) for m in modules for c in m.columns]
+
+
 def feature_units(modules: list[Module], representation: str) -> list[str]:
     """The store units whose features make up a representation for a set of modules, in order."""
+    return [unit for unit, _ in unit_columns(modules, representation)]
+
+
+def unit_width(representation: str, shapes: list[tuple[int, int]]) -> int:
+    """How many features one unit gives: the representation run on a zero matrix of each shape."""
+    batches = [MatrixBatch(torch.zeros(1, *shape)) for shape in shapes]
     if representation in PAIR_REPRESENTATIONS:
-        return [m.name for m in modules if m.down and m.up]
-    return [c for m in modules for c in m.columns]
+        return PAIR_REPRESENTATIONS[representation](PairBatch(*batches)).shape[1]
+    return MATRIX_REPRESENTATIONS[representation](batches[0]).shape[1]
 
 
-def group_feature_matrix(store: FeatureStore, modules: list[Module], representation: str) -> np.ndarray:
-    """A layer group's features for one representation: its units' features side by side."""
-    units = feature_units(modules, representation)  # prepare_experiment checked that none is empty
+def group_feature_matrix(store: FeatureStore, modules: list[Module], representation: str,
+                         memory_limit: int | None = None) -> np.ndarray:
+    """A layer group's features for one representation: its units' features side by side, filled
+    unit by unit into a matrix that is memory-mapped when large (delta_canonical is as wide as the weights)."""
+    units = unit_columns(modules, representation)  # prepare_experiment checked that none is empty
     if representation == "flat_vec":
-        return store.raw_weights(units)
-    return np.concatenate([store.get(u, representation) for u in units], axis=1)
+        return store.raw_weights([unit for unit, _ in units], memory_limit)
+    widths = [unit_width(representation, [store.shapes[c] for c in columns]) for _, columns in units]
+    out = store.empty_matrix(sum(widths), memory_limit)
+    for (unit, _), start, width in zip(units, np.cumsum([0] + widths[:-1]).tolist(), widths):
+        out[:, start:start + width] = store.get(unit, representation)
+    return out
 
 
 # =============================================================================================

@@ -1,6 +1,8 @@
 """Data: resolving and loading a dataset, the published split, labels, LoRA layers and their groups,
 reading weight matrices from Arrow tables, and the generated dataset."""
 
+import math
+
 import datasets
 import numpy as np
 import pyarrow as pa
@@ -416,3 +418,32 @@ def test_visual_flat_vec_is_taken_from_the_all_layers_matrix_without_reading_aga
     expected = np.concatenate([vae.read_matrices(ds.data.table, c, 0, ds.num_rows, vae.column_shape(ds.data.table, c))
                                .reshape(ds.num_rows, -1) for c in columns], axis=1)
     np.testing.assert_array_equal(visual, expected)
+
+
+@pytest.fixture(scope="module")
+def canonical_store(tiny_dataset_path, tmp_path_factory):
+    import torch
+    ds = vae.load_local_dataset(tiny_dataset_path)
+    loaded = vae.LoadedDataset(ds, "tiny", "test", vae.dataset_fingerprint(ds))
+    modules = vae.lora_modules(ds.column_names)
+    cfg = vae.Config(representations=("delta_canonical", "spectral"), cache_dir=str(tmp_path_factory.mktemp("cache")),
+                     num_workers=0)
+    return vae.extract_features(loaded, modules, cfg, torch.device("cpu")), modules
+
+
+@pytest.mark.parametrize("representation", ["delta_canonical", "spectral"])
+def test_stored_features_larger_than_the_memory_limit_are_assembled_in_a_memory_mapped_file(canonical_store,
+                                                                                          representation):
+    store, modules = canonical_store
+    in_memory = vae.group_feature_matrix(store, modules, representation)
+    mapped = vae.group_feature_matrix(store, modules, representation, memory_limit=1)
+    assert isinstance(mapped, np.memmap) and not isinstance(in_memory, np.memmap)
+    expected = np.concatenate([store.get(u, representation) for u in vae.feature_units(modules, representation)], axis=1)
+    np.testing.assert_array_equal(mapped, expected)
+    np.testing.assert_array_equal(in_memory, expected)
+
+
+def test_delta_canonical_of_a_group_is_as_wide_as_its_weights(canonical_store):
+    store, modules = canonical_store
+    width = sum(math.prod(store.shapes[c]) for m in modules for c in m.columns)
+    assert vae.group_feature_matrix(store, modules, "delta_canonical").shape[1] == width
