@@ -2438,7 +2438,8 @@ class ResidentFeatures:
     def __init__(self, features: np.ndarray, splits: dict[str, np.ndarray], device: torch.device):
         self.x = {s: torch.from_numpy(np.ascontiguousarray(features[idx])).to(device) for s, idx in splits.items()}
         mean, std = standardisation(self.x["train"].split(EVAL_CHUNK_ROWS))
-        self.x = {s: (v - mean) / std for s, v in self.x.items()}
+        for v in self.x.values():  # in place: the raw rows are never held beside their standardised copy
+            v.sub_(mean).div_(std)
 
     def epoch_batches(self, order: torch.Tensor, batch: int, steps: int):
         """(idx, features) per step; idx (runs, batch) rows of the training split."""

@@ -278,6 +278,20 @@ def test_feature_constant_on_the_training_split_standardises_to_finite_values_on
     assert x["val"][1, 0].item() == pytest.approx(5.0 - 0.3, rel=1e-5)  # unit scale, not divided by ~0
 
 
+def test_resident_standardisation_matches_the_formula_and_leaves_the_callers_features_unchanged():
+    rng = np.random.default_rng(3)
+    features = rng.standard_normal((40, 5)).astype(np.float32) * 7 + 2
+    original = features.copy()
+    splits = {"train": np.arange(0, 30), "val": np.arange(30, 35), "test": np.arange(35, 40)}
+
+    data = vae.standardise(features, np.arange(40) % 2, splits, 2, CPU)
+
+    np.testing.assert_array_equal(features, original)
+    train = original[splits["train"]].astype(np.float64)
+    expected = (original[splits["test"]] - train.mean(0)) / (train.std(0, ddof=1) + vae.EPS)
+    np.testing.assert_allclose(torch.cat(list(data.features.eval_chunks("test"))).numpy(), expected, rtol=1e-5)
+
+
 def tiny_split_data(rows=60, features=6, classes=3):
     """Standardised features with a class signal, split 40 / 10 / 10."""
     rng = np.random.default_rng(0)
