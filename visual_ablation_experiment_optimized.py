@@ -2447,8 +2447,8 @@ class ResidentFeatures:
             idx = order[:, step * batch:(step + 1) * batch]
             yield idx, self.x["train"][idx]
 
-    def eval_chunks(self, split: str):
-        yield from self.x[split].split(EVAL_CHUNK_ROWS)
+    def eval_chunks(self, split: str, rows: int = EVAL_CHUNK_ROWS):
+        yield from self.x[split].split(rows)
 
 
 class MemmapRows(torch.utils.data.Dataset):
@@ -2508,10 +2508,10 @@ class StreamedFeatures:
             x = (rows.to(self.device, non_blocking=True) - self.mean) / self.std
             yield order[:, step * batch:(step + 1) * batch], x[inverse[step].to(self.device, non_blocking=True)]
 
-    def eval_chunks(self, split: str):
+    def eval_chunks(self, split: str, chunk_rows: int = EVAL_CHUNK_ROWS):
         rows = self.splits[split]
-        for i in range(0, len(rows), EVAL_CHUNK_ROWS):
-            chunk = rows[i:i + EVAL_CHUNK_ROWS]
+        for i in range(0, len(rows), chunk_rows):
+            chunk = rows[i:i + chunk_rows]
             order = np.argsort(chunk)  # read in file order, return in split order
             x = self._rows(chunk)[torch.from_numpy(np.argsort(order)).to(self.device)]
             yield (x - self.mean) / self.std
@@ -2696,10 +2696,25 @@ def plateau_update(h: RunHistory, val_acc: float) -> None:
             h.plateau_bad_epochs = 0
 
 
-def predictions(params, buffers, data: SplitData, split: str, amp) -> torch.Tensor:
-    """Per-run predicted classes on a whole split, (runs, N), evaluation mode, in row chunks."""
-    out = [ensemble_forward(params, buffers, x, None, amp).argmax(-1) for x in data.features.eval_chunks(split)]
+def predictions(params, buffers, data: SplitData, split: str, amp, rows: int = EVAL_CHUNK_ROWS) -> torch.Tensor:
+    """Per-run predicted classes on a whole split, (runs, N), evaluation mode, in chunks of rows."""
+    out = [ensemble_forward(params, buffers, x, None, amp).argmax(-1) for x in data.features.eval_chunks(split, rows)]
     return torch.cat(out, 1)
+
+
+def predictions_fitting(params, buffers, data: SplitData, split: str, amp) -> torch.Tensor:
+    """predictions, halving the row chunk for as long as the device runs out of memory."""
+    rows = EVAL_CHUNK_ROWS
+    while True:
+        try:
+            return predictions(params, buffers, data, split, amp, rows)
+        except torch.OutOfMemoryError:
+            if rows == 1:
+                raise ExperimentError("out of GPU memory evaluating one row; free the GPU or use --device cpu") from None
+        rows //= 2  # outside the handler, whose traceback holds the failed chunk's activations
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        tqdm.write(f"notice: out of GPU memory during evaluation; continuing with {rows}-row chunks")
 
 
 @dataclass
@@ -2900,7 +2915,7 @@ def evaluate_entry(result: EnsembleResult, data: SplitData, cfg: Config, device:
     metrics, confusions = {}, {}
     with torch.no_grad():
         for split in ("train", "val", "test"):
-            pred = predictions(result.best_params, result.best_buffers, data, split, amp)
+            pred = predictions_fitting(result.best_params, result.best_buffers, data, split, amp)
             confusions[split] = confusion_matrices(pred, data.y[split], data.num_classes)
             metrics[split] = {k: v.tolist() for k, v in classification_metrics(confusions[split]).items()}
     runs = len(result.histories)

@@ -609,6 +609,24 @@ def test_training_retry_after_out_of_memory_starts_after_the_failed_attempt_is_f
     assert len(vae.train_runs(tiny_split_data(), cfg, CPU, "spectral_all_layers").histories) == 2
 
 
+def test_evaluation_out_of_memory_halves_its_row_chunk_and_gives_the_same_predictions(monkeypatch, capsys):
+    data = tiny_split_data()
+    cfg = vae.Config(num_runs=2, max_epochs=2, patience=2, hidden_dim=8, batch_size=16, num_workers=0)
+    result = vae.train_runs(data, cfg, CPU, "spectral_all_layers")
+    expected = vae.predictions(result.best_params, result.best_buffers, data, "train", None)
+    real_forward = vae.ensemble_forward
+
+    def fits_four_rows(params, buffers, x, *args):
+        if x.shape[-2] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_forward(params, buffers, x, *args)
+
+    monkeypatch.setattr(vae, "ensemble_forward", fits_four_rows)
+    got = vae.predictions_fitting(result.best_params, result.best_buffers, data, "train", None)
+    assert torch.equal(got, expected)
+    assert "4-row chunks" in capsys.readouterr().out
+
+
 @pytest.fixture
 def tiny_loaded(tiny_dataset_path):
     loaded = vae.load_experiment_dataset(vae.Config(dataset=str(tiny_dataset_path)))
