@@ -1481,6 +1481,7 @@ def lora_scales(table: pa.Table) -> np.ndarray | None:
                               "fix the column or remove it")
     return scales.astype(np.float32)
 
+
 def _storage(chunk: pa.Array) -> pa.Array:
     """The list<list<float>> storage of a chunk, whether nested lists or Array2D."""
     return chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
@@ -1913,7 +1914,6 @@ PAIR_REPRESENTATIONS = {"delta_spectral": delta_spectral, "delta_canonical": del
 assert set(MATRIX_REPRESENTATIONS) | set(PAIR_REPRESENTATIONS) == set(REPRESENTATION_NAMES)
 
 
-
 @functools.cache
 def code_fingerprint(function) -> str:
     """A hash of the source of a function and of everything of this script it reads: the functions
@@ -2106,7 +2106,8 @@ class FeatureStore:
         stored NaN/Inf counts are totalled per (unit, representation) and refused unless zeroed."""
         for unit, representation in units:
             if self.cache.exists(self.key(unit, representation, "nonfinite")):
-                self.nonfinite_features[f"{representation} of {unit}"] = int(self.get(unit, representation, "nonfinite").sum())
+                count = int(self.get(unit, representation, "nonfinite").sum())
+                self.nonfinite_features[f"{representation} of {unit}"] = count
         if self.nonfinite_features and not self.zero_nonfinite:
             listed = ", ".join(f"{name} ({n})" for name, n in list(self.nonfinite_features.items())[:3])
             more = f" and {len(self.nonfinite_features) - 3} more" if len(self.nonfinite_features) > 3 else ""
@@ -2188,6 +2189,7 @@ def nonfinite_per_row(weights: torch.Tensor) -> torch.Tensor:
 
 # the code behind each kind of stored array, whose fingerprint is part of its cache key
 STORED_CODE = {**MATRIX_REPRESENTATIONS, **PAIR_REPRESENTATIONS, NONFINITE: nonfinite_per_row, SHAPES: column_shape}
+
 CHUNK_BYTES = 4 << 20  # weights per read on a CPU: amortises per-operation overhead, while the chunks in
                       # flight and the ~10 chunk-sized intermediates of the statistics stay small
 CUDA_CHUNK_BYTES = 256 << 20  # on a GPU larger chunks keep it busy; halved on out-of-memory
@@ -3139,7 +3141,7 @@ def per_run_lines(results: dict) -> list[str]:
     entries = all_entries(results)
     width = max((len(e["representation"]) for e in entries), default=0)
     return ["Test accuracy of each run (run 0 first)"] + [
-        (f"{e['representation']:<{width}} " + " ".join(f"{cell:<6}" for cell in run_cells(e))).rstrip() for e in entries]
+        f"{e['representation']:<{width}} " + " ".join(f"{cell:<6}" for cell in run_cells(e)) for e in entries]
 
 
 def table_notes(results: dict, groups: list[str]) -> list[str]:
@@ -3415,7 +3417,7 @@ def results_shape_problem(results) -> str | None:
 
 
 def finished_entries(results: dict) -> set[str]:
-    return {e["representation"] for g in results["groups"] for e in results.get(group_result_key(g)[0], [])}
+    return {e["representation"] for e in all_entries(results)}
 
 
 def previous_results(path: Path, header: dict, cfg: Config) -> dict | None:
@@ -3570,7 +3572,7 @@ def save_results(path: Path, results: dict) -> None:
 def stalled_warning(results: dict, cfg: Config) -> str | None:
     """One line naming every entry with stalled runs, or None."""
     stalled = [f"{e['representation']} (runs {', '.join(map(str, e['stalled_runs']))})"
-               for g in results["groups"] for e in results.get(group_result_key(g)[0], []) if e.get("stalled_runs")]
+               for e in all_entries(results) if e.get("stalled_runs")]
     if not stalled:
         return None
     suggested = 2 * cfg.patience

@@ -99,8 +99,9 @@ def huge_weights(path, magnitude, dtype):
 
 def test_finite_weights_whose_features_overflow_are_refused_naming_layer_and_representation(tmp_path, capsys):
     dataset = huge_weights(tmp_path / "huge", 1e30, np.float32)
-    message = error_line(capsys.readouterr().err if vae.main(cli_args(tmp_path, dataset)) == 2 else "")
-    assert "features overflow" in message
+    code = vae.main(cli_args(tmp_path, dataset))
+    message = error_line(capsys.readouterr().err)
+    assert code == 2 and "features overflow" in message
     assert f"simple_stats of {VISUAL_DOWN}" in message and "--allow-nonfinite" in message
 
 
