@@ -53,6 +53,7 @@ import tempfile
 import time
 import weakref
 from collections import Counter, defaultdict, deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ REPRESENTATION_NAMES = (
 # largest entry, so it is asked for by name
 DEFAULT_REPRESENTATIONS = REPRESENTATION_NAMES[:-1]
 BUILTIN_GROUPS = ("all", "visual", "text")
+CLASSIFIER_NAMES = ("mlp", "linear")  # mlp: the published protocol; linear: an L2-regularised logistic-regression probe
 
 SPLIT_SEED = 42  # the published split; fixed so results stay comparable with the paper
 EPS = 1e-8       # the original's guard for divisions and standardisation
@@ -172,6 +174,12 @@ class Config:
     """leave out rows whose label is missing (recorded in results.json) instead of refusing the dataset"""
     min_epochs: int = 0
     """no early stopping before this epoch (0: the published protocol, stopping whenever patience runs out)"""
+    classifiers: tuple[str, ...] = ("mlp",)
+    """classifiers trained on every entry: mlp (the published protocol), linear (logistic regression probe)"""
+    layer_map: tuple[str, ...] = ()
+    """representations whose accuracy is mapped module by module, one linear probe per module"""
+    block_ablation: bool = False
+    """also train on all layers minus one block at a time, and report each block's drop"""
 
     @property
     def runs(self) -> int:
@@ -302,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave out rows whose label is missing (None/NaN; recorded in results.json) instead of refusing")
     add("--min-epochs", type=_non_negative_int, default=defaults.min_epochs,
         help="no early stopping before this epoch (0: the published protocol); reruns stalled runs")
+    add("--classifiers", type=_choice_list(CLASSIFIER_NAMES), default=defaults.classifiers,
+        help="comma list: mlp (the published protocol), linear (multinomial logistic regression, L2 chosen on val)")
+    add("--layer-map", type=_choice_list(REPRESENTATION_NAMES), default=defaults.layer_map, metavar="REPR[,REPR...]",
+        help="map test accuracy module by module for these representations (one linear probe per module)")
+    add("--block-ablation", action="store_true",
+        help="also train on all layers minus one block at a time (for every representation and classifier)")
     return p
 
 
@@ -2434,6 +2448,14 @@ def standardisation(chunks) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.float(), std.float()
 
 
+def slice_rows(x: torch.Tensor, idx: torch.Tensor, blocks: torch.Tensor | None, width: int | None) -> torch.Tensor:
+    """Rows idx (slices, batch) of x, each slice's own: all columns, or with blocks (the layer map) only
+    columns blocks[slice] * width onwards, its module's."""
+    if blocks is None:
+        return x[idx]
+    return x.view(x.shape[0], -1, width)[idx, blocks[:, None]]
+
+
 class ResidentFeatures:
     """Every split's standardised features held on the training device; mini-batches are gathers."""
 
@@ -2443,11 +2465,11 @@ class ResidentFeatures:
         for v in self.x.values():  # in place: the raw rows are never held beside their standardised copy
             v.sub_(mean).div_(std)
 
-    def epoch_batches(self, order: torch.Tensor, batch: int, steps: int):
-        """(idx, features) per step; idx (runs, batch) rows of the training split."""
+    def epoch_batches(self, order: torch.Tensor, batch: int, steps: int, blocks: torch.Tensor | None, width: int | None):
+        """(idx, features) per step; idx (slices, batch) rows of the training split (see slice_rows)."""
         for step in range(steps):
             idx = order[:, step * batch:(step + 1) * batch]
-            yield idx, self.x["train"][idx]
+            yield idx, slice_rows(self.x["train"], idx, blocks, width)
 
     def eval_chunks(self, split: str, rows: int = EVAL_CHUNK_ROWS):
         yield from self.x[split].split(rows)
@@ -2496,7 +2518,7 @@ class StreamedFeatures:
     def _rows(self, rows: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(self.features[np.sort(rows)])).to(self.device)
 
-    def epoch_batches(self, order: torch.Tensor, batch: int, steps: int):
+    def epoch_batches(self, order: torch.Tensor, batch: int, steps: int, blocks: torch.Tensor | None, width: int | None):
         train_rows = self.splits["train"]
         host_order = order.cpu().numpy()  # once per epoch: the loader's workers need the rows ahead of time
         needed, inverse = [], []
@@ -2508,7 +2530,8 @@ class StreamedFeatures:
         self.sampler.steps = needed
         for step, rows in enumerate(self.loader):
             x = (rows.to(self.device, non_blocking=True) - self.mean) / self.std
-            yield order[:, step * batch:(step + 1) * batch], x[inverse[step].to(self.device, non_blocking=True)]
+            yield order[:, step * batch:(step + 1) * batch], slice_rows(x, inverse[step].to(self.device, non_blocking=True),
+                                                                         blocks, width)
 
     def eval_chunks(self, split: str, chunk_rows: int = EVAL_CHUNK_ROWS):
         rows = self.splits[split]
@@ -2527,9 +2550,16 @@ class SplitData:
     y: dict[str, torch.Tensor]
     num_classes: int
     feature_dim: int
+    block_width: int | None = None
+    """for the layer map: every module's features padded to this width, module after module"""
 
     def size(self, split: str) -> int:
         return self.y[split].shape[0]
+
+    @property
+    def input_dim(self) -> int:
+        """Derived: the features one model reads."""
+        return self.block_width or self.feature_dim
 
 
 def feature_budget_bytes(device: torch.device, limit_gb: float) -> int:
@@ -2539,7 +2569,8 @@ def feature_budget_bytes(device: torch.device, limit_gb: float) -> int:
 
 
 def standardise(features: np.ndarray, labels: np.ndarray, splits: dict[str, np.ndarray], num_classes: int,
-                device: torch.device, budget_bytes: int | None = None, workers: int = 0) -> SplitData:
+                device: torch.device, budget_bytes: int | None = None, workers: int = 0,
+                block_width: int | None = None) -> SplitData:
     """The training data: features kept on the device when they fit the budget, else streamed."""
     budget = feature_budget_bytes(device, 0) if budget_bytes is None else budget_bytes
     resident = features.nbytes <= budget
@@ -2548,43 +2579,92 @@ def standardise(features: np.ndarray, labels: np.ndarray, splits: dict[str, np.n
         tqdm.write(f"notice: {features.nbytes / 2 ** 30:.1f} GB of features exceed the {budget / 2 ** 30:.1f} GB "
                    "device budget; streaming mini-batches from disk")
     y = {s: torch.from_numpy(labels[idx]).to(device) for s, idx in splits.items()}
-    return SplitData(source, y, num_classes, features.shape[1])
+    return SplitData(source, y, num_classes, features.shape[1], block_width)
 
 
-def init_ensemble_params(seeds: list[int], in_dim: int, hidden: int, num_classes: int,
-                         device: torch.device) -> dict[str, torch.Tensor]:
-    """Stacked MLP parameters, one slice per run, each initialised as nn.Linear would with its run's seed."""
-    dims = [in_dim] + [hidden] * NUM_HIDDEN + [num_classes]
-    per_run = []
+# --- the classifiers: one stacked set of parameters, a slice per model trained ----------------
+
+def uniform_like_linear(gen: torch.Generator, fan_in: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """nn.Linear's initialisation: uniform in +-1/sqrt(fan_in)."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return (torch.rand(*shape, generator=gen) * 2 - 1) * bound
+
+
+def init_layer_stack(seeds: list[int], dims: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+    """Stacked linear layers dims[i] -> dims[i + 1], one slice per seed, each drawn as nn.Linear would with it."""
+    per_slice = []
     for seed in seeds:
         gen = torch.Generator().manual_seed(seed)
         params = {}
         for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:])):
-            bound = 1.0 / math.sqrt(fan_in)
-            params[f"w{i}"] = (torch.rand(fan_in, fan_out, generator=gen) * 2 - 1) * bound
-            params[f"b{i}"] = ((torch.rand(1, fan_out, generator=gen) * 2 - 1) * bound)
-        per_run.append(params)
-    stacked = {k: torch.stack([p[k] for p in per_run]).to(device) for k in per_run[0]}
-    runs = len(seeds)
+            params[f"w{i}"] = uniform_like_linear(gen, fan_in, (fan_in, fan_out))
+            params[f"b{i}"] = uniform_like_linear(gen, fan_in, (1, fan_out))
+        per_slice.append(params)
+    return {k: torch.stack([p[k] for p in per_slice]).to(device) for k in per_slice[0]}
+
+
+def init_mlp_params(seeds: list[int], in_dim: int, hidden: int, num_classes: int,
+                    device: torch.device) -> dict[str, torch.Tensor]:
+    """Stacked MLP parameters, one slice per run, each initialised as nn.Linear would with its run's seed."""
+    params = init_layer_stack(seeds, [in_dim] + [hidden] * NUM_HIDDEN + [num_classes], device)
     for i in range(NUM_HIDDEN):
-        stacked[f"gamma{i}"] = torch.ones(runs, 1, hidden, device=device)
-        stacked[f"beta{i}"] = torch.zeros(runs, 1, hidden, device=device)
-    return stacked
+        params[f"gamma{i}"] = torch.ones(len(seeds), 1, hidden, device=device)
+        params[f"beta{i}"] = torch.zeros(len(seeds), 1, hidden, device=device)
+    return params
+
+
+def init_mlp(seeds: list[int], in_dim: int, num_classes: int, cfg: Config, device: torch.device):
+    """The MLP's parameters and BatchNorm running statistics."""
+    buffers = {}
+    for i in range(NUM_HIDDEN):
+        buffers[f"mean{i}"] = torch.zeros(len(seeds), 1, cfg.hidden_dim, device=device)
+        buffers[f"var{i}"] = torch.ones(len(seeds), 1, cfg.hidden_dim, device=device)
+    return init_mlp_params(seeds, in_dim, cfg.hidden_dim, num_classes, device), buffers
+
+
+def init_linear(seeds: list[int], in_dim: int, num_classes: int, cfg: Config, device: torch.device):
+    """The linear probe's weights and intercepts; it keeps no running statistics."""
+    return init_layer_stack(seeds, [in_dim, num_classes], device), {}
+
+
+def shared_rows_product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(batch, in) rows shared by every slice -> (slices, batch, out): one product per slice, never a
+    copy of the rows per slice."""
+    return torch.stack([torch.addmm(bs[0], x, ws) for bs, ws in zip(b, w)])
+
+
+def input_layer(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, blocks: torch.Tensor | None) -> torch.Tensor:
+    """Every slice's first layer.  x is (slices, batch, in), rows gathered per slice, or (batch, columns),
+    rows shared by every slice, of which a slice reads all columns (blocks None) or only its own
+    block of `in` columns (blocks[slice]: the layer map's module)."""
+    if x.dim() == 3:
+        return torch.baddbmm(b, x, w)
+    if blocks is None:
+        return shared_rows_product(x, w, b)
+    width, parts, order = w.shape[1], [], []
+    for block in blocks.unique().tolist():  # one product per block over its slices
+        slices = (blocks == block).nonzero().squeeze(1)
+        ws, bs = w[slices], b[slices]
+        k, out = ws.shape[0], ws.shape[2]
+        product = torch.addmm(bs.transpose(0, 1).reshape(1, k * out), x[:, block * width:(block + 1) * width],
+                              ws.transpose(0, 1).reshape(width, k * out))
+        parts.append(product.view(x.shape[0], k, out).transpose(0, 1))
+        order.append(slices)
+    return torch.cat(parts)[torch.argsort(torch.cat(order))]
 
 
 def ensemble_forward(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor,
-                     dropout_scales: torch.Tensor | None, amp: torch.dtype | None) -> torch.Tensor:
-    """(runs, batch, features), or (batch, features) shared by every run, -> (runs, batch, classes).
-    Linear -> BatchNorm -> ReLU -> Dropout, three times, then Linear.  dropout_scales (runs, batch,
-    3, hidden), each 0 or 1/(1-p), means training mode: batch statistics (running statistics updated
-    in place) and dropout; None means evaluation."""
+                     dropout_scales: torch.Tensor | None, amp: torch.dtype | None,
+                     blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """The MLP: (slices, batch, features), or (batch, features) shared by every slice (see input_layer),
+    -> (slices, batch, classes).  Linear -> BatchNorm -> ReLU -> Dropout, three times, then Linear.
+    dropout_scales (slices, batch, 3, hidden), each 0 or 1/(1-p), means training mode: batch
+    statistics (running statistics updated in place) and dropout; None means evaluation."""
     autocast = torch.autocast(x.device.type, dtype=amp) if amp is not None else nullcontext()
-    h = x
     with autocast:
+        h = input_layer(x, params["w0"], params["b0"], blocks)
         for i in range(NUM_HIDDEN):
-            if h.dim() == 2:  # shared rows: one product per run, never a copy of the rows per run
-                h = torch.stack([torch.addmm(b[0], h, w) for b, w in zip(params[f"b{i}"], params[f"w{i}"])])
-            else:
+            if i > 0:
                 h = torch.baddbmm(params[f"b{i}"], h, params[f"w{i}"])
             h = h.float()  # normalise in float32
             if dropout_scales is not None:
@@ -2604,24 +2684,60 @@ def ensemble_forward(params: dict[str, torch.Tensor], buffers: dict[str, torch.T
     return out.float()
 
 
+def linear_forward(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor,
+                   dropout_scales: torch.Tensor | None, amp: torch.dtype | None,
+                   blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """Multinomial logistic regression: logits x w + b per slice (no dropout, no running statistics)."""
+    autocast = torch.autocast(x.device.type, dtype=amp) if amp is not None else nullcontext()
+    with autocast:
+        out = input_layer(x, params["w0"], params["b0"], blocks)
+    return out.float()
+
+
+# The L2 strengths the linear probe tries, on the mean cross-entropy + l2/2 * |w|^2 (the intercept is
+# not penalised, as in scikit-learn: C = 1 / (l2 * training rows)); the validation split picks one per run.
+LINEAR_L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """A model trained as a stacked ensemble: how its slices start, how they compute, which parameters
+    the L2 penalty applies to, and the penalties tried (None: --weight-decay, the published protocol)."""
+
+    name: str
+    init: Callable
+    forward: Callable
+    penalised: Callable[[str], bool]
+    dropout: bool
+    l2_grid: tuple[float, ...] | None
+
+
+CLASSIFIERS = {
+    "mlp": Classifier("mlp", init_mlp, ensemble_forward, penalised=lambda name: True, dropout=True, l2_grid=None),
+    "linear": Classifier("linear", init_linear, linear_forward, penalised=lambda name: name.startswith("w"),
+                         dropout=False, l2_grid=LINEAR_L2_GRID),
+}
+
+
 @functools.lru_cache(maxsize=None)
-def _forward_for(mode: str, device_type: str):
+def _forward_for(classifier: str, mode: str, device_type: str):
+    forward = CLASSIFIERS[classifier].forward
     wanted = mode == "on" or (mode == "auto" and device_type == "cuda")
     if not wanted:
-        return ensemble_forward
+        return forward
     reason = compile_available(torch.device(device_type))
     if reason is None:
-        return torch.compile(ensemble_forward, dynamic=True)  # runs drop out of the stack: shapes vary
+        return torch.compile(forward, dynamic=True)  # slices drop out of the stack: shapes vary
     if mode == "on":
         raise ExperimentError(f"--compile on: {reason}; use --compile off")
     tqdm.write(f"notice: {reason}; training without torch.compile")
-    return ensemble_forward
+    return forward
 
 
-def training_forward(cfg: Config, device: torch.device):
+def training_forward(cfg: Config, classifier: Classifier, device: torch.device):
     """The training step's forward: compiled with torch.compile where asked (auto: on CUDA, where
     compilation pays for itself within an ensemble's first epochs), decided once per process."""
-    return _forward_for(cfg.compile, device.type)
+    return _forward_for(classifier.name, cfg.compile, device.type)
 
 
 class LossScaler:
@@ -2647,10 +2763,11 @@ class LossScaler:
 
 
 def adam_step(params: dict[str, torch.Tensor], state: dict[str, dict[str, torch.Tensor]], lr: torch.Tensor,
-              step: int, weight_decay: float, finite: torch.Tensor | None) -> None:
-    """torch.optim.Adam's update (L2 weight decay) with a learning rate per run (lr: (runs,)), in place
-    on stacked (runs, a, b) parameters.  With a loss scaler, a step whose gradients were not finite
-    leaves parameters and moments unchanged."""
+              step: int, decay: dict[str, torch.Tensor], finite: torch.Tensor | None) -> None:
+    """torch.optim.Adam's update with a learning rate per slice (lr: (slices,)) and an L2 penalty per
+    slice (decay[name]: (slices, 1, 1), for the parameters penalised), in place on stacked
+    (slices, a, b) parameters.  With a loss scaler, a step whose gradients were not finite leaves
+    parameters and moments unchanged."""
     beta1, beta2 = ADAM_BETAS
     step_size = (lr / (1 - beta1 ** step)).view(-1, 1, 1)
     root_bias2 = math.sqrt(1 - beta2 ** step)
@@ -2660,7 +2777,8 @@ def adam_step(params: dict[str, torch.Tensor], state: dict[str, dict[str, torch.
             before = (p.clone(), m.clone(), v.clone()) if finite is not None else None
             if before is not None:
                 g.nan_to_num_(0.0, 0.0, 0.0)
-            g.add_(p, alpha=weight_decay)
+            if name in decay:
+                g.addcmul_(p, decay[name])
             m.lerp_(g, 1 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             denom = v.sqrt().div_(root_bias2).add_(ADAM_EPS).div_(step_size)
@@ -2673,7 +2791,7 @@ def adam_step(params: dict[str, torch.Tensor], state: dict[str, dict[str, torch.
 
 @dataclass
 class RunHistory:
-    """What one run records while it trains."""
+    """What one slice (a run, at one L2 strength, of one module) records while it trains."""
 
     seed: int
     val_acc: list[float] = field(default_factory=list)
@@ -2684,6 +2802,7 @@ class RunHistory:
     plateau_best: float = -math.inf
     plateau_bad_epochs: int = 0
     lr: float = 0.0
+    l2: float = 0.0
     failed: str | None = None
 
 
@@ -2698,18 +2817,71 @@ def plateau_update(h: RunHistory, val_acc: float) -> None:
             h.plateau_bad_epochs = 0
 
 
-def predictions(params, buffers, data: SplitData, split: str, amp, rows: int = EVAL_CHUNK_ROWS) -> torch.Tensor:
-    """Per-run predicted classes on a whole split, (runs, N), evaluation mode, in chunks of rows."""
-    out = [ensemble_forward(params, buffers, x, None, amp).argmax(-1) for x in data.features.eval_chunks(split, rows)]
-    return torch.cat(out, 1)
+@dataclass
+class Slices:
+    """What each slice of a stacked ensemble is: its seed (initialisation, shuffling, dropout), its L2
+    penalty, the reported unit it is a candidate for (a run; for the layer map a module's run), and
+    for the layer map the block of columns (the module) it reads."""
+
+    seeds: list[int]
+    l2: list[float]
+    units: list[int]
+    blocks: list[int] | None = None
+
+    def part(self, picks: list[int]) -> Slices:
+        return Slices([self.seeds[i] for i in picks], [self.l2[i] for i in picks], [self.units[i] for i in picks],
+                      None if self.blocks is None else [self.blocks[i] for i in picks])
+
+    def __len__(self) -> int:
+        return len(self.seeds)
 
 
-def predictions_fitting(params, buffers, data: SplitData, split: str, amp) -> torch.Tensor:
+def run_slices(cfg: Config, classifier: Classifier, num_blocks: int | None = None) -> Slices:
+    """Every slice of one entry, block by block, run by run, then L2 strength: run k is seeded
+    run_seed(cfg, k) whatever its block or strength, so paired comparisons stay paired."""
+    grid = classifier.l2_grid or (cfg.weight_decay,)
+    picks = [(b, k, l2) for b in range(num_blocks or 1) for k in range(cfg.runs) for l2 in grid]
+    return Slices(seeds=[run_seed(cfg, k) for _, k, _ in picks], l2=[l2 for _, _, l2 in picks],
+                  units=[b * cfg.runs + k for b, k, _ in picks],
+                  blocks=None if num_blocks is None else [b for b, _, _ in picks])
+
+
+@dataclass
+class EnsembleResult:
+    classifier: Classifier
+    slices: Slices
+    histories: list[RunHistory]
+    best_params: dict[str, torch.Tensor]
+    best_buffers: dict[str, torch.Tensor]
+    seconds: float
+
+    def part(self, picks: list[int]) -> EnsembleResult:
+        index = torch.tensor(picks, device=self.device)
+        return EnsembleResult(self.classifier, self.slices.part(picks), [self.histories[i] for i in picks],
+                              {k: p[index] for k, p in self.best_params.items()},
+                              {k: b[index] for k, b in self.best_buffers.items()}, self.seconds)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.best_params.values())).device
+
+    def logits(self, amp: torch.dtype | None):
+        """x -> every slice's logits, evaluation mode, with its best weights."""
+        blocks = None if self.slices.blocks is None else torch.tensor(self.slices.blocks, device=self.device)
+        return lambda x: self.classifier.forward(self.best_params, self.best_buffers, x, None, amp, blocks)
+
+
+def predictions(logits, data: SplitData, split: str, rows: int = EVAL_CHUNK_ROWS) -> torch.Tensor:
+    """Every slice's predicted classes on a whole split, (slices, N), in chunks of rows."""
+    return torch.cat([logits(x).argmax(-1) for x in data.features.eval_chunks(split, rows)], 1)
+
+
+def predictions_fitting(logits, data: SplitData, split: str) -> torch.Tensor:
     """predictions, halving the row chunk for as long as the device runs out of memory."""
     rows = EVAL_CHUNK_ROWS
     while True:
         try:
-            return predictions(params, buffers, data, split, amp, rows)
+            return predictions(logits, data, split, rows)
         except torch.OutOfMemoryError:
             if rows == 1:
                 raise ExperimentError("out of GPU memory evaluating one row; free the GPU or use --device cpu") from None
@@ -2719,37 +2891,28 @@ def predictions_fitting(params, buffers, data: SplitData, split: str, amp) -> to
         tqdm.write(f"notice: out of GPU memory during evaluation; continuing with {rows}-row chunks")
 
 
-@dataclass
-class EnsembleResult:
-    histories: list[RunHistory]
-    best_params: dict[str, torch.Tensor]
-    best_buffers: dict[str, torch.Tensor]
-    seconds: float
-
-
-def train_ensemble(data: SplitData, cfg: Config, seeds: list[int], device: torch.device,
+def train_ensemble(data: SplitData, cfg: Config, slices: Slices, classifier: Classifier, device: torch.device,
                    progress_label: str = "") -> EnsembleResult:
-    """Train one MLP per seed, all at once as stacked weights, each with its own initialisation,
-    shuffling and dropout stream, learning-rate schedule, early stopping and best weights.
-    Runs that stop are dropped from the stack so the rest train at the cost of what is left."""
+    """Train one model per slice, all at once as stacked weights, each with its own initialisation,
+    shuffling and dropout stream, L2 penalty, learning-rate schedule, early stopping and best weights.
+    Slices that stop are dropped from the stack so the rest train at the cost of what is left."""
     started = time.perf_counter()
     amp = amp_dtype(cfg, device)
-    runs = len(seeds)
-    params = init_ensemble_params(seeds, data.feature_dim, cfg.hidden_dim, data.num_classes, device)
+    count = len(slices)
+    params, buffers = classifier.init(slices.seeds, data.input_dim, data.num_classes, cfg, device)
     for p in params.values():
         p.requires_grad_(True)
-    buffers = {}
-    for i in range(NUM_HIDDEN):
-        buffers[f"mean{i}"] = torch.zeros(runs, 1, cfg.hidden_dim, device=device)
-        buffers[f"var{i}"] = torch.ones(runs, 1, cfg.hidden_dim, device=device)
+    per_slice = {"l2": torch.tensor(slices.l2, device=device).view(-1, 1, 1)}
+    if slices.blocks is not None:
+        per_slice["blocks"] = torch.tensor(slices.blocks, device=device)
     opt_state = {k: {"m": torch.zeros_like(p), "v": torch.zeros_like(p)} for k, p in params.items()}
     best_params = {k: p.detach().clone() for k, p in params.items()}
     best_buffers = {k: b.clone() for k, b in buffers.items()}
-    histories = [RunHistory(seed=s, lr=cfg.lr) for s in seeds]
-    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    histories = [RunHistory(seed=s, lr=cfg.lr, l2=l2) for s, l2 in zip(slices.seeds, slices.l2)]
+    generators = [torch.Generator(device=device).manual_seed(s) for s in slices.seeds]
     scaler = LossScaler(device, enabled=amp == torch.float16)
-    active = list(range(runs))  # original run index of each slice of the stack
-    forward = training_forward(cfg, device)
+    active = list(range(count))  # original slice index of each slice of the stack
+    forward = training_forward(cfg, classifier, device)
     y_train = data.y["train"]
     n_train = data.size("train")
     batch = min(cfg.batch_size, n_train)
@@ -2760,21 +2923,26 @@ def train_ensemble(data: SplitData, cfg: Config, seeds: list[int], device: torch
     epochs = tqdm(range(cfg.max_epochs), desc=f"epochs {progress_label}".strip(), leave=False, unit="ep")
     for epoch in epochs:
         lr = torch.tensor([histories[r].lr for r in active], device=device)
+        decay = {k: per_slice["l2"] for k in params if classifier.penalised(k)}
+        blocks = per_slice.get("blocks")
         order = torch.stack([torch.randperm(n_train, generator=generators[r], device=device) for r in active])
         loss_sum = torch.zeros(len(active), device=device)
-        for idx, x in data.features.epoch_batches(order, batch, steps):
-            draws = torch.stack([torch.rand(idx.shape[1], NUM_HIDDEN, cfg.hidden_dim, generator=generators[r], device=device)
-                                 for r in active])
-            dropout_scales = (draws >= cfg.dropout).float().mul_(1.0 / (1.0 - cfg.dropout))
+        for idx, x in data.features.epoch_batches(order, batch, steps, blocks, data.block_width):
+            dropout_scales = None
+            if classifier.dropout:
+                draws = torch.stack([torch.rand(idx.shape[1], NUM_HIDDEN, cfg.hidden_dim, generator=generators[r],
+                                                device=device) for r in active])
+                dropout_scales = (draws >= cfg.dropout).float().mul_(1.0 / (1.0 - cfg.dropout))
             logits = forward(params, buffers, x, dropout_scales, amp)
             losses = F.cross_entropy(logits.flatten(0, 1), y_train[idx].flatten(), reduction="none").view(len(active), -1).mean(1)
             (losses.sum() * scaler.scale).backward()
             finite = scaler.unscale([p.grad for p in params.values()])
             step_count += 1
-            adam_step(params, opt_state, lr, step_count, cfg.weight_decay, finite)
+            adam_step(params, opt_state, lr, step_count, decay, finite)
             loss_sum += losses.detach()
         with torch.no_grad():
-            val_acc = (predictions(params, buffers, data, "val", amp) == data.y["val"]).float().mean(1).tolist()
+            current = lambda x: classifier.forward(params, buffers, x, None, amp, blocks)
+            val_acc = (predictions(current, data, "val") == data.y["val"]).float().mean(1).tolist()
         epoch_loss = (loss_sum / steps).tolist()  # one host sync per epoch
         improved, keep_slices = [], []
         for slot, r in enumerate(active):
@@ -2803,54 +2971,79 @@ def train_ensemble(data: SplitData, cfg: Config, seeds: list[int], device: torch
         if not keep_slices:
             break
         if len(keep_slices) < len(active):
-            params, buffers, opt_state = compact_ensemble(params, buffers, opt_state, keep_slices, device)
+            params, buffers, opt_state, per_slice = compact_ensemble(params, buffers, opt_state, per_slice,
+                                                                     keep_slices, device)
             active = [active[s] for s in keep_slices]
     epochs.close()
-    return EnsembleResult(histories, best_params, best_buffers, time.perf_counter() - started)
+    return EnsembleResult(classifier, slices, histories, best_params, best_buffers, time.perf_counter() - started)
 
 
-def compact_ensemble(params, buffers, opt_state, keep_slices: list[int], device: torch.device):
-    """Keep only the slices of runs still training."""
+def compact_ensemble(params, buffers, opt_state, per_slice, keep_slices: list[int], device: torch.device):
+    """Keep only the slices still training."""
     keep = torch.tensor(keep_slices, device=device)
     params = {k: p.detach()[keep].requires_grad_(True) for k, p in params.items()}
     buffers = {k: b[keep] for k, b in buffers.items()}
     opt_state = {k: {s: t[keep] for s, t in st.items()} for k, st in opt_state.items()}
-    return params, buffers, opt_state
+    per_slice = {k: t[keep] for k, t in per_slice.items()}
+    return params, buffers, opt_state, per_slice
 
 
 def merge_results(parts: list[EnsembleResult]) -> EnsembleResult:
-    """Runs trained in separate parts, as if trained together (run order kept)."""
+    """Slices trained in separate parts, as if trained together (slice order kept)."""
+    slices = [p.slices for p in parts]
     return EnsembleResult(
+        classifier=parts[0].classifier,
+        slices=Slices([s for part in slices for s in part.seeds], [v for part in slices for v in part.l2],
+                      [u for part in slices for u in part.units],
+                      None if slices[0].blocks is None else [b for part in slices for b in part.blocks]),
         histories=[h for p in parts for h in p.histories],
         best_params={k: torch.cat([p.best_params[k] for p in parts]) for k in parts[0].best_params},
         best_buffers={k: torch.cat([p.best_buffers[k] for p in parts]) for k in parts[0].best_buffers},
         seconds=sum(p.seconds for p in parts))
 
 
-def train_fitting(data: SplitData, cfg: Config, seeds: list[int], device: torch.device, label: str) -> EnsembleResult:
+def train_fitting(data: SplitData, cfg: Config, slices: Slices, classifier: Classifier, device: torch.device,
+                  label: str) -> EnsembleResult:
     """train_ensemble, splitting the ensemble in halves for as long as it runs out of GPU memory."""
     try:
-        return train_ensemble(data, cfg, seeds, device, label)
+        return train_ensemble(data, cfg, slices, classifier, device, label)
     except torch.OutOfMemoryError:
         pass  # retried below, outside the handler: its traceback holds the failed attempt's tensors
-    if len(seeds) == 1:
+    if len(slices) == 1:
         raise ExperimentError(f"out of GPU memory training one run of {label}; "
                               "lower --batch-size or --hidden-dim, or free the GPU")
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    half = len(seeds) // 2
-    tqdm.write(f"notice: out of GPU memory training {len(seeds)} runs of {label} together; "
-               f"training {half} and {len(seeds) - half} at a time")
-    return merge_results([train_fitting(data, cfg, seeds[:half], device, label),
-                          train_fitting(data, cfg, seeds[half:], device, label)])
+    half = len(slices) // 2
+    tqdm.write(f"notice: out of GPU memory training {len(slices)} models of {label} together; "
+               f"training {half} and {len(slices) - half} at a time")
+    return merge_results([train_fitting(data, cfg, slices.part(list(range(half))), classifier, device, label),
+                          train_fitting(data, cfg, slices.part(list(range(half, len(slices)))), classifier, device, label)])
 
 
-def train_runs(data: SplitData, cfg: Config, device: torch.device, label: str) -> EnsembleResult:
-    """All runs of one (representation, group): one ensemble, or one at a time with --sequential-runs."""
-    seeds = [run_seed(cfg, k) for k in range(cfg.runs)]
+def best_of_grid(result: EnsembleResult) -> EnsembleResult:
+    """Per reported unit, in unit order, the slice of the L2 grid with the best validation accuracy
+    (ties go to the stronger penalty, the simpler model; a slice whose training failed only when all did)."""
+    units = result.slices.units
+    chosen = []
+    for unit in sorted(set(units)):
+        candidates = [i for i, u in enumerate(units) if u == unit]
+        usable = [i for i in candidates if result.histories[i].failed is None] or candidates
+        chosen.append(max(usable, key=lambda i: (result.histories[i].best_val_acc, result.slices.l2[i])))
+    return result.part(chosen)
+
+
+def train_runs(data: SplitData, cfg: Config, device: torch.device, label: str, classifier: str = "mlp",
+               num_blocks: int | None = None) -> EnsembleResult:
+    """All runs of one entry (for the layer map: of every module) as one ensemble, or one run at a time
+    with --sequential-runs; for the linear probe, each run's L2 strength chosen on the validation split."""
+    model = CLASSIFIERS[classifier]
+    slices = run_slices(cfg, model, num_blocks)
     if not cfg.sequential_runs:
-        return train_fitting(data, cfg, seeds, device, label)
-    return merge_results([train_fitting(data, cfg, [s], device, f"{label} run {k + 1}") for k, s in enumerate(seeds)])
+        return best_of_grid(train_fitting(data, cfg, slices, model, device, label))
+    runs = [[i for i, unit in enumerate(slices.units) if unit % cfg.runs == k] for k in range(cfg.runs)]
+    return best_of_grid(merge_results([train_fitting(data, cfg, slices.part(picks), model, device, f"{label} run {k + 1}")
+                                       for k, picks in enumerate(runs)]))
 
 
 # =============================================================================================
@@ -2910,16 +3103,22 @@ def stalled_runs(train_acc: list[float], best_epochs: list[int], y_train: torch.
     return stalled
 
 
-def evaluate_entry(result: EnsembleResult, data: SplitData, cfg: Config, device: torch.device,
-                   entry_name: str, num_layers: int) -> dict:
-    """One results.json entry: the best weights of every run evaluated on every split."""
-    amp = amp_dtype(cfg, device)
+def split_metrics(result: EnsembleResult, data: SplitData, amp) -> tuple[dict, dict]:
+    """Every slice's best weights evaluated on every split: (metrics per split as lists over slices,
+    confusion matrices per split)."""
     metrics, confusions = {}, {}
     with torch.no_grad():
         for split in ("train", "val", "test"):
-            pred = predictions_fitting(result.best_params, result.best_buffers, data, split, amp)
+            pred = predictions_fitting(result.logits(amp), data, split)
             confusions[split] = confusion_matrices(pred, data.y[split], data.num_classes)
             metrics[split] = {k: v.tolist() for k, v in classification_metrics(confusions[split]).items()}
+    return metrics, confusions
+
+
+def evaluate_entry(result: EnsembleResult, data: SplitData, cfg: Config, device: torch.device,
+                   entry_name: str, num_layers: int) -> dict:
+    """One results.json entry: the best weights of every run evaluated on every split."""
+    metrics, confusions = split_metrics(result, data, amp_dtype(cfg, device))
     runs = len(result.histories)
     ok = [k for k, h in enumerate(result.histories) if h.failed is None]
     stalled = stalled_runs(metrics["train"]["acc"], [h.best_epoch for h in result.histories], data.y["train"])
@@ -2928,6 +3127,8 @@ def evaluate_entry(result: EnsembleResult, data: SplitData, cfg: Config, device:
     for k, h in enumerate(result.histories):
         row = {"run": k, "seed": h.seed, "training_time": per_run_time, "best_epoch": h.best_epoch,
                "feature_dim": data.feature_dim, "failed": h.failed, "stalled": k in ok and stalled[k]}
+        if result.classifier.l2_grid:
+            row["l2"] = h.l2  # the strength the validation split chose
         for split in ("train", "val", "test"):
             row[f"{split}_acc"] = metrics[split]["acc"][k]
         for split in ("val", "test"):
@@ -2935,7 +3136,8 @@ def evaluate_entry(result: EnsembleResult, data: SplitData, cfg: Config, device:
                 row[f"{split}_{m}"] = metrics[split][m][k]
         per_run.append(row)
 
-    entry = {"representation": entry_name, "num_layers": num_layers, "feature_dim": data.feature_dim,
+    entry = {"representation": entry_name, "classifier": result.classifier.name, "num_layers": num_layers,
+             "feature_dim": data.feature_dim,
              "num_successful_runs": len(ok), "failed_runs": [k for k in range(runs) if k not in ok],
              "stalled_runs": [k for k in ok if stalled[k]]}
     for split in ("train", "val", "test"):

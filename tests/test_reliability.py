@@ -308,7 +308,7 @@ TINY_CONFIG = vae.Config(num_runs=3, max_epochs=6, patience=3, hidden_dim=16, ba
 @pytest.fixture(scope="module")
 def diverged_entry():
     """A results entry of 3 runs where run 1 starts from NaN weights, so its loss is NaN at once."""
-    real_init = vae.init_ensemble_params
+    real_init = vae.init_mlp_params
 
     def nan_in_run_1(seeds, *args, **kwargs):
         params = real_init(seeds, *args, **kwargs)
@@ -318,7 +318,7 @@ def diverged_entry():
 
     data = tiny_split_data()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(vae, "init_ensemble_params", nan_in_run_1)
+        patch.setattr(vae, "init_mlp_params", nan_in_run_1)
         result = vae.train_runs(data, TINY_CONFIG, CPU, "diverging")
     return vae.evaluate_entry(result, data, TINY_CONFIG, CPU, "simple_stats_all_layers", num_layers=4)
 
@@ -576,10 +576,10 @@ def test_tampered_cache_file_is_refused_during_a_run_and_its_feature_recomputed(
 def test_training_out_of_memory_splits_the_ensemble_keeps_every_run_and_says_so(monkeypatch, capsys):
     real_train = vae.train_ensemble
 
-    def fits_one_run_at_a_time(data, cfg, seeds, *args, **kwargs):
-        if len(seeds) > 1:
+    def fits_one_run_at_a_time(data, cfg, slices, *args, **kwargs):
+        if len(slices) > 1:
             raise torch.OutOfMemoryError("CUDA out of memory")
-        return real_train(data, cfg, seeds, *args, **kwargs)
+        return real_train(data, cfg, slices, *args, **kwargs)
 
     monkeypatch.setattr(vae, "train_ensemble", fits_one_run_at_a_time)
     cfg = vae.Config(num_runs=4, max_epochs=3, patience=3, hidden_dim=16, batch_size=16, num_workers=0)
@@ -596,13 +596,13 @@ def test_training_retry_after_out_of_memory_starts_after_the_failed_attempt_is_f
     real_train = vae.train_ensemble
     failed_attempt = []
 
-    def fails_while_holding_an_ensemble(data, cfg, seeds, *args, **kwargs):
-        if len(seeds) > 1:
-            parameters = torch.zeros(len(seeds), 1024)  # what a failed attempt holds when it runs out of memory
+    def fails_while_holding_an_ensemble(data, cfg, slices, *args, **kwargs):
+        if len(slices) > 1:
+            parameters = torch.zeros(len(slices), 1024)  # what a failed attempt holds when it runs out of memory
             failed_attempt.append(weakref.ref(parameters))
             raise torch.OutOfMemoryError("CUDA out of memory")
         assert failed_attempt[0]() is None, "the failed attempt's tensors are still alive during the retry"
-        return real_train(data, cfg, seeds, *args, **kwargs)
+        return real_train(data, cfg, slices, *args, **kwargs)
 
     monkeypatch.setattr(vae, "train_ensemble", fails_while_holding_an_ensemble)
     cfg = vae.Config(num_runs=2, max_epochs=2, patience=2, hidden_dim=8, batch_size=16, num_workers=0)
@@ -613,16 +613,15 @@ def test_evaluation_out_of_memory_halves_its_row_chunk_and_gives_the_same_predic
     data = tiny_split_data()
     cfg = vae.Config(num_runs=2, max_epochs=2, patience=2, hidden_dim=8, batch_size=16, num_workers=0)
     result = vae.train_runs(data, cfg, CPU, "spectral_all_layers")
-    expected = vae.predictions(result.best_params, result.best_buffers, data, "train", None)
-    real_forward = vae.ensemble_forward
+    expected = vae.predictions(result.logits(None), data, "train")
+    real_logits = result.logits(None)
 
-    def fits_four_rows(params, buffers, x, *args):
+    def fits_four_rows(x):
         if x.shape[-2] > 4:
             raise torch.OutOfMemoryError("CUDA out of memory")
-        return real_forward(params, buffers, x, *args)
+        return real_logits(x)
 
-    monkeypatch.setattr(vae, "ensemble_forward", fits_four_rows)
-    got = vae.predictions_fitting(result.best_params, result.best_buffers, data, "train", None)
+    got = vae.predictions_fitting(fits_four_rows, data, "train")
     assert torch.equal(got, expected)
     assert "4-row chunks" in capsys.readouterr().out
 

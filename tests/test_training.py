@@ -37,8 +37,8 @@ def fresh_buffers(runs, hidden):
 
 
 def test_each_run_is_initialised_as_nn_linear_with_its_own_seed():
-    params = vae.init_ensemble_params([7, 8], in_dim=5, hidden=4, num_classes=3, device=CPU)
-    again = vae.init_ensemble_params([8], in_dim=5, hidden=4, num_classes=3, device=CPU)
+    params = vae.init_mlp_params([7, 8], in_dim=5, hidden=4, num_classes=3, device=CPU)
+    again = vae.init_mlp_params([8], in_dim=5, hidden=4, num_classes=3, device=CPU)
     assert torch.equal(params["w0"][1], again["w0"][0])  # a run's weights depend on its seed alone
     assert not torch.equal(params["w0"][0], params["w0"][1])
     assert params["w0"].abs().max() <= 1 / math.sqrt(5) and params["w1"].abs().max() <= 1 / math.sqrt(4)
@@ -46,7 +46,7 @@ def test_each_run_is_initialised_as_nn_linear_with_its_own_seed():
 
 def test_forward_in_training_mode_equals_the_original_mlp_and_updates_running_statistics_like_batchnorm():
     torch.manual_seed(0)
-    params = vae.init_ensemble_params([1, 2], in_dim=6, hidden=8, num_classes=3, device=CPU)
+    params = vae.init_mlp_params([1, 2], in_dim=6, hidden=8, num_classes=3, device=CPU)
     buffers = fresh_buffers(2, 8)
     x = torch.randn(2, 16, 6)
     ours = vae.ensemble_forward(params, buffers, x, torch.ones(2, 16, vae.NUM_HIDDEN, 8), None)
@@ -61,7 +61,7 @@ def test_forward_in_training_mode_equals_the_original_mlp_and_updates_running_st
 
 def test_forward_in_evaluation_mode_uses_running_statistics_and_accepts_rows_shared_by_all_runs():
     torch.manual_seed(0)
-    params = vae.init_ensemble_params([1, 2, 3], in_dim=6, hidden=8, num_classes=3, device=CPU)
+    params = vae.init_mlp_params([1, 2, 3], in_dim=6, hidden=8, num_classes=3, device=CPU)
     buffers = {k: v + torch.rand_like(v) for k, v in fresh_buffers(3, 8).items()}
     x = torch.randn(10, 6)
     shared = vae.ensemble_forward(params, buffers, x, None, None)
@@ -85,7 +85,7 @@ def test_adam_step_equals_torch_adam_with_a_learning_rate_per_run():
     for step in range(1, 6):
         grad = torch.randn(2, 5, 4)
         params["w0"].grad = grad.clone()
-        vae.adam_step(params, state, torch.tensor(rates), step, 1e-4, None)
+        vae.adam_step(params, state, torch.tensor(rates), step, {"w0": torch.tensor(1e-4)}, None)
         for run, optimiser in enumerate(optimisers):
             reference[run].grad = grad[run].clone()
             optimiser.step()
@@ -97,7 +97,7 @@ def test_adam_step_with_non_finite_gradients_under_loss_scaling_changes_nothing(
     params = {"w0": torch.ones(1, 2, 2, requires_grad=True)}
     state = {"w0": {"m": torch.full((1, 2, 2), 0.1), "v": torch.full((1, 2, 2), 0.2)}}
     params["w0"].grad = torch.tensor([[[float("inf"), 1.0], [1.0, 1.0]]])
-    vae.adam_step(params, state, torch.tensor([1e-3]), 1, 1e-4, torch.tensor(False))
+    vae.adam_step(params, state, torch.tensor([1e-3]), 1, {"w0": torch.tensor(1e-4)}, torch.tensor(False))
     assert torch.equal(params["w0"].detach(), torch.ones(1, 2, 2))
     assert torch.equal(state["w0"]["m"], torch.full((1, 2, 2), 0.1))
     assert torch.equal(state["w0"]["v"], torch.full((1, 2, 2), 0.2))
@@ -132,8 +132,7 @@ def test_best_epoch_weights_are_a_copy_that_reproduces_the_best_validation_accur
     data, cfg = small_problem
     result = vae.train_runs(data, cfg, CPU, "test")
     with torch.no_grad():
-        val_acc = (vae.predictions(result.best_params, result.best_buffers, data, "val", None)
-                   == data.y["val"]).float().mean(1)
+        val_acc = (vae.predictions(result.logits(None), data, "val") == data.y["val"]).float().mean(1)
     for run, history in enumerate(result.histories):
         assert val_acc[run].item() == pytest.approx(history.best_val_acc)
         assert history.val_acc[history.best_epoch - 1] == history.best_val_acc
