@@ -39,6 +39,7 @@ import functools
 import hashlib
 import inspect
 import io
+import itertools
 import json
 import math
 import mmap
@@ -58,7 +59,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -1208,7 +1208,7 @@ def write_adapter_table(adapters: list[ScannedAdapter], labels: list[dict], feat
     def batches(stream):
         for start in range(0, len(adapters), rows_per_batch):
             stop = min(start + rows_per_batch, len(adapters))
-            yield batch_table(adapters[start:stop], labels[start:stop], list(islice(stream, stop - start)), schema)
+            yield batch_table(adapters[start:stop], labels[start:stop], list(itertools.islice(stream, stop - start)), schema)
 
     with closing(adapter_tensor_stream(adapters, num_workers)) as stream:
         save_batches(batches(stream), schema, path, {TABLE_INFO_FILE: json.dumps(info, indent=1)})
@@ -1473,6 +1473,50 @@ def layer_groups(modules: list[Module], names: tuple[str, ...],
     patterns = {**BUILTIN_GROUP_PATTERNS, **dict(custom)}
     return {name: [m for m in modules if patterns[name] is None or re.search(patterns[name], m.name)]
             for name in names}
+
+
+# SD UNet attention blocks: down_blocks.i.attentions.j, mid_block.attentions.j, up_blocks.i.attentions.j
+UNET_BLOCK = re.compile(r"(?:.*\.)?(?P<block>(?:down|up)_blocks\.\d+\.attentions\.\d+|mid_block\.attentions\.\d+)\.(?P<rest>.+)")
+UNET_BLOCK_ORDER = ("down_blocks", "mid_block", "up_blocks")  # the order activations pass through them
+PROJECTION_ORDER = ("to_q", "to_k", "to_v", "to_out", "q_proj", "k_proj", "v_proj", "o_proj", "out_proj")
+
+
+def module_place(name: str) -> tuple[str, str]:
+    """(block, position in the block) of a module: an SD attention block and the rest of the path
+    (transformer_blocks.0.attn1.to_q), or for any other architecture the path up to its last numbered
+    component (model.layers.3) and the rest (self_attn.q_proj)."""
+    match = UNET_BLOCK.fullmatch(name)
+    if match:
+        return match["block"], match["rest"]
+    parts = name.split(".")
+    numbered = [i for i, part in enumerate(parts[:-1]) if part.isdigit()]
+    cut = numbered[-1] + 1 if numbered else len(parts) - 1
+    return ".".join(parts[:cut]) or parts[0], ".".join(parts[cut:])
+
+
+def natural_key(text: str) -> list:
+    """Sorts numbered names as numbers (blocks.2 before blocks.10)."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text)]
+
+
+def block_order_key(block: str) -> tuple:
+    """Blocks in network order: SD down, mid, up blocks, then any other block by its numbered path."""
+    rank = next((i for i, kind in enumerate(UNET_BLOCK_ORDER) if kind in block), len(UNET_BLOCK_ORDER))
+    return rank, natural_key(block)
+
+
+def position_order_key(position: str) -> list:
+    """Positions in a block by path, projections as q, k, v, out rather than alphabetically."""
+    return [(PROJECTION_ORDER.index(c) if c in PROJECTION_ORDER else len(PROJECTION_ORDER), natural_key(c))
+            for c in position.split(".")]
+
+
+def network_blocks(modules: list[Module]) -> dict[str, list[Module]]:
+    """Modules by block, blocks in network order."""
+    blocks = defaultdict(list)
+    for m in modules:
+        blocks[module_place(m.name)[0]].append(m)
+    return {b: blocks[b] for b in sorted(blocks, key=block_order_key)}
 
 
 # --- reading weights -----------------------------------------------------------------------
@@ -2413,6 +2457,25 @@ def group_feature_matrix(store: FeatureStore, modules: list[Module], representat
     return out
 
 
+def mapped_modules(modules: list[Module], representation: str) -> list[Module]:
+    """The modules a representation can describe alone (a pair representation needs both factors)."""
+    return [m for m in modules if unit_columns([m], representation)]
+
+
+def layer_map_matrix(store: FeatureStore, modules: list[Module], representation: str,
+                     memory_limit: int | None = None) -> tuple[np.ndarray, list[int]]:
+    """For the layer map: each module's features alone, zero-padded to the widest module's width,
+    module after module, (rows, modules * width); and each module's own width."""
+    widths = [sum(unit_width(representation, [store.shapes[c] for c in columns])
+                  for _, columns in unit_columns([m], representation)) for m in modules]
+    width = max(widths)
+    out = store.empty_matrix(len(modules) * width, memory_limit)
+    for i, (module, own) in enumerate(zip(modules, widths)):
+        out[:, i * width:i * width + own] = group_feature_matrix(store, [module], representation, memory_limit)
+        out[:, i * width + own:(i + 1) * width] = 0.0  # a constant column: standardised to 0, it never contributes
+    return out, widths
+
+
 # =============================================================================================
 # Model and training: all runs of one (representation, group) trained as one batched ensemble
 # =============================================================================================
@@ -2697,12 +2760,16 @@ def linear_forward(params: dict[str, torch.Tensor], buffers: dict[str, torch.Ten
 # The L2 strengths the linear probe tries, on the mean cross-entropy + l2/2 * |w|^2 (the intercept is
 # not penalised, as in scikit-learn: C = 1 / (l2 * training rows)); the validation split picks one per run.
 LINEAR_L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+# Adam's learning rate for the linear probe: a convex model on standardised features, where the MLP's
+# 1e-3 leaves it far from its optimum when early stopping ends it
+LINEAR_LR = 1e-2
 
 
 @dataclass(frozen=True)
 class Classifier:
     """A model trained as a stacked ensemble: how its slices start, how they compute, which parameters
-    the L2 penalty applies to, and the penalties tried (None: --weight-decay, the published protocol)."""
+    the L2 penalty applies to, the penalties tried (None: --weight-decay, the published protocol)
+    and its learning rate."""
 
     name: str
     init: Callable
@@ -2710,12 +2777,15 @@ class Classifier:
     penalised: Callable[[str], bool]
     dropout: bool
     l2_grid: tuple[float, ...] | None
+    lr: float | None
+    """Adam's initial learning rate; None: --lr"""
 
 
 CLASSIFIERS = {
-    "mlp": Classifier("mlp", init_mlp, ensemble_forward, penalised=lambda name: True, dropout=True, l2_grid=None),
+    "mlp": Classifier("mlp", init_mlp, ensemble_forward, penalised=lambda name: True, dropout=True, l2_grid=None,
+                      lr=None),
     "linear": Classifier("linear", init_linear, linear_forward, penalised=lambda name: name.startswith("w"),
-                         dropout=False, l2_grid=LINEAR_L2_GRID),
+                         dropout=False, l2_grid=LINEAR_L2_GRID, lr=LINEAR_LR),
 }
 
 
@@ -2908,7 +2978,7 @@ def train_ensemble(data: SplitData, cfg: Config, slices: Slices, classifier: Cla
     opt_state = {k: {"m": torch.zeros_like(p), "v": torch.zeros_like(p)} for k, p in params.items()}
     best_params = {k: p.detach().clone() for k, p in params.items()}
     best_buffers = {k: b.clone() for k, b in buffers.items()}
-    histories = [RunHistory(seed=s, lr=cfg.lr, l2=l2) for s, l2 in zip(slices.seeds, slices.l2)]
+    histories = [RunHistory(seed=s, lr=classifier.lr or cfg.lr, l2=l2) for s, l2 in zip(slices.seeds, slices.l2)]
     generators = [torch.Generator(device=device).manual_seed(s) for s in slices.seeds]
     scaler = LossScaler(device, enabled=amp == torch.float16)
     active = list(range(count))  # original slice index of each slice of the stack
@@ -3119,6 +3189,13 @@ def evaluate_entry(result: EnsembleResult, data: SplitData, cfg: Config, device:
                    entry_name: str, num_layers: int) -> dict:
     """One results.json entry: the best weights of every run evaluated on every split."""
     metrics, confusions = split_metrics(result, data, amp_dtype(cfg, device))
+    return runs_entry(result, metrics, confusions, data, cfg, entry_name, num_layers, data.feature_dim)
+
+
+def runs_entry(result: EnsembleResult, metrics: dict, confusions: dict, data: SplitData, cfg: Config,
+               entry_name: str, num_layers: int, feature_dim: int) -> dict:
+    """The entry of a result's runs from their metrics: means, spreads and medians over the successful
+    runs, every run's values, failed and stalled runs named, learning curves, confusion matrices."""
     runs = len(result.histories)
     ok = [k for k, h in enumerate(result.histories) if h.failed is None]
     stalled = stalled_runs(metrics["train"]["acc"], [h.best_epoch for h in result.histories], data.y["train"])
@@ -3126,7 +3203,7 @@ def evaluate_entry(result: EnsembleResult, data: SplitData, cfg: Config, device:
     per_run = []
     for k, h in enumerate(result.histories):
         row = {"run": k, "seed": h.seed, "training_time": per_run_time, "best_epoch": h.best_epoch,
-               "feature_dim": data.feature_dim, "failed": h.failed, "stalled": k in ok and stalled[k]}
+               "feature_dim": feature_dim, "failed": h.failed, "stalled": k in ok and stalled[k]}
         if result.classifier.l2_grid:
             row["l2"] = h.l2  # the strength the validation split chose
         for split in ("train", "val", "test"):
@@ -3137,7 +3214,7 @@ def evaluate_entry(result: EnsembleResult, data: SplitData, cfg: Config, device:
         per_run.append(row)
 
     entry = {"representation": entry_name, "classifier": result.classifier.name, "num_layers": num_layers,
-             "feature_dim": data.feature_dim,
+             "feature_dim": feature_dim,
              "num_successful_runs": len(ok), "failed_runs": [k for k in range(runs) if k not in ok],
              "stalled_runs": [k for k in ok if stalled[k]]}
     for split in ("train", "val", "test"):
@@ -3158,6 +3235,29 @@ def evaluate_entry(result: EnsembleResult, data: SplitData, cfg: Config, device:
         entry[f"{split}_acc_all_runs"] = metrics[split]["acc"]
     entry["training_mode"] = "sequential" if cfg.sequential_runs else "ensemble"
     return entry
+
+
+MAP_ENTRY_OMITS = ("learning_curves", "val_confusion_matrices", "test_confusion_matrices")  # kept lean: one per module
+
+
+def layer_map_entries(result: EnsembleResult, data: SplitData, cfg: Config, device: torch.device,
+                      modules: list[Module], widths: list[int], representation: str) -> list[dict]:
+    """One entry per module from a layer map's ensemble (its slices module by module, run by run),
+    with the module's block and position; training time is charged to every slice equally."""
+    metrics, confusions = split_metrics(result, data, amp_dtype(cfg, device))
+    share = result.seconds / len(result.histories)
+    entries = []
+    for i, (module, width) in enumerate(zip(modules, widths)):
+        picks = list(range(i * cfg.runs, (i + 1) * cfg.runs))
+        part = dataclasses.replace(result.part(picks), seconds=share * len(picks))
+        part_metrics = {split: {k: [v[j] for j in picks] for k, v in m.items()} for split, m in metrics.items()}
+        part_confusions = {split: c[picks] for split, c in confusions.items()}
+        entry = runs_entry(part, part_metrics, part_confusions, data, cfg, f"{representation}_{module.name}",
+                           len(module.columns), width)
+        block, position = module_place(module.name)
+        entries.append({"module": module.name, "block": block, "position": position,
+                        **{k: v for k, v in entry.items() if k not in MAP_ENTRY_OMITS}})
+    return entries
 
 
 def json_safe(value):
@@ -3200,32 +3300,47 @@ def library_versions() -> dict[str, str]:
             "numpy": np.__version__, "pyarrow": pa.__version__}
 
 
-def find_entry(results: dict, group: str, representation: str) -> dict | None:
-    key, suffix = group_result_key(group)
-    return next((e for e in results.get(key, []) if e["representation"] == f"{representation}_{suffix}"), None)
+def entry_name(representation: str, group: str, classifier: str = "mlp") -> str:
+    """An entry's name: the original's <representation>_<group suffix> for the MLP, _<classifier> after it otherwise."""
+    name = f"{representation}_{group_result_key(group)[1]}"
+    return name if classifier == "mlp" else f"{name}_{classifier}"
 
 
-def entry_accuracy(results: dict, group: str, representation: str) -> tuple[float, float] | None:
-    entry = find_entry(results, group, representation)
+def find_entry(results: dict, group: str, representation: str, classifier: str = "mlp") -> dict | None:
+    name = entry_name(representation, group, classifier)
+    return next((e for e in results.get(group_result_key(group)[0], []) if e["representation"] == name), None)
+
+
+def entry_accuracy(results: dict, group: str, representation: str, classifier: str = "mlp") -> tuple[float, float] | None:
+    entry = find_entry(results, group, representation, classifier)
     return None if entry is None else (entry["test_acc_mean"], entry["test_acc_std"])
 
 
-def retention_interval(results: dict, group: str, representation: str, resamples: int = 2000) -> tuple[float, float, float] | None:
-    """A group's test accuracy as a fraction of all layers', with a 95% bootstrap interval over runs
-    (run k of both shares its seed, so ratios are paired by run; failed runs are left out)."""
-    base, entry = find_entry(results, "all", representation), find_entry(results, group, representation)
-    if base is None or entry is None:
-        return None
+def paired_bootstrap(entry: dict, base: dict, statistic, resamples: int = 2000) -> tuple[float, float, float] | None:
+    """statistic(entry's mean test accuracy, base's) with a 95% bootstrap interval over runs: run k of
+    both shares its seed, so runs are resampled in pairs; failed runs are left out."""
     failed = set(base["failed_runs"]) | set(entry["failed_runs"])
     pairs = [(a, b) for k, (a, b) in enumerate(zip(entry["test_acc_all_runs"], base["test_acc_all_runs"])) if k not in failed]
     if not pairs:
         return None
-    group_acc, base_acc = np.array(pairs).T
-    rng = np.random.default_rng(0)
-    picks = rng.integers(len(pairs), size=(resamples, len(pairs)))
-    ratios = group_acc[picks].mean(1) / np.maximum(base_acc[picks].mean(1), EPS)
-    low, high = np.percentile(ratios, [2.5, 97.5])
-    return float(group_acc.mean() / max(base_acc.mean(), EPS)), float(low), float(high)
+    acc, base_acc = np.array(pairs).T
+    picks = np.random.default_rng(0).integers(len(pairs), size=(resamples, len(pairs)))
+    low, high = np.percentile(statistic(acc[picks].mean(1), base_acc[picks].mean(1)), [2.5, 97.5])
+    return float(statistic(acc.mean(), base_acc.mean())), float(low), float(high)
+
+
+def retention_interval(results: dict, group: str, representation: str,
+                       classifier: str = "mlp") -> tuple[float, float, float] | None:
+    """A group's test accuracy as a fraction of all layers', with its 95% bootstrap interval over runs."""
+    base, entry = find_entry(results, "all", representation, classifier), find_entry(results, group, representation, classifier)
+    if base is None or entry is None:
+        return None
+    return paired_bootstrap(entry, base, lambda acc, base_acc: acc / np.maximum(base_acc, EPS))
+
+
+def ablation_drop(entry: dict, base: dict) -> tuple[float, float, float] | None:
+    """All layers' test accuracy minus the accuracy without a block, with its 95% bootstrap interval over runs."""
+    return paired_bootstrap(entry, base, lambda acc, base_acc: base_acc - acc)
 
 
 def successful_runs(entry: dict) -> list[int]:
@@ -3273,16 +3388,26 @@ def clearly_above_chance(entry: dict, num_classes: int) -> bool:
     return bool(mean >= chance + 0.2 * (1 - chance) and mean - 2 * std / math.sqrt(accs.size) > chance)
 
 
-def near_chance_baseline(results: dict, representation: str) -> bool:
+def near_chance_baseline(results: dict, representation: str, classifier: str = "mlp") -> bool:
     """Whether a representation's all-layers accuracy is measured but not clearly above chance:
     the retentions of its groups then mean nothing."""
-    base = find_entry(results, "all", representation)
+    base = find_entry(results, "all", representation, classifier)
     return measured(base) and not clearly_above_chance(base, results["num_classes"])
 
 
 def all_entries(results: dict) -> list[dict]:
-    """Every finished entry, group after group."""
+    """Every finished entry of the layer groups, group after group."""
     return [e for g in results["groups"] for e in results.get(group_result_key(g)[0], [])]
+
+
+def result_rows(results: dict) -> list[tuple[str, str]]:
+    """(representation, classifier) of each row of the table and slot of the plots."""
+    return [(rep, clf) for rep in results["config"]["representations"]
+            for clf in results["config"].get("classifiers", ["mlp"])]
+
+
+def row_label(representation: str, classifier: str) -> str:
+    return representation if classifier == "mlp" else f"{representation} ({classifier})"
 
 
 STALLED_MARK = "*"      # after a run whose training never learned
@@ -3293,18 +3418,24 @@ def comparison_table(results: dict) -> str:
     """Fixed-width table: test accuracy on all layers vs each other group, drop and retention; below it
     every entry's accuracy run by run, and a footnote for each mark used."""
     groups = [g for g in results["groups"] if g != "all"]
-    header = f"{'representation':<16} {'all layers':>22}"
+    rows = result_rows(results)
+    width = max(16, *(len(row_label(*row)) for row in rows))
+    header = f"{'representation':<{width}} {'all layers':>22}"
     for g in groups:
         header += f" {g:>22} {'drop':>8} {'retention':>11}"
     lines = [f"Test accuracy, mean +- std (median) over the successful runs ({results['dataset']}, "
              f"{results['num_runs']} runs, {results['num_classes']} classes, chance {1 / results['num_classes']:.3f})",
              header, "-" * len(header)]
-    for rep in results["config"]["representations"]:
-        line = f"{rep:<16} {format_acc(find_entry(results, 'all', rep)):>22}"
+    for rep, clf in rows:
+        line = f"{row_label(rep, clf):<{width}} {format_acc(find_entry(results, 'all', rep, clf)):>22}"
         for g in groups:
-            line += f" {format_acc(find_entry(results, g, rep)):>22} {drop_and_retention(results, g, rep)}"
+            line += f" {format_acc(find_entry(results, g, rep, clf)):>22} {drop_and_retention(results, g, rep, clf)}"
         lines.append(line)
     lines += ["", *per_run_lines(results)]
+    for layer_map in results.get("layer_map", []):
+        lines += ["", *layer_map_lines(layer_map, results["num_classes"], results["num_runs"])]
+    if results.get("block_ablation"):
+        lines += ["", *block_ablation_lines(results)]
     notes = table_notes(results, groups)
     if notes:
         lines += ["", *notes]
@@ -3322,13 +3453,13 @@ def format_acc(entry: dict | None) -> str:
     return f"{entry['test_acc_mean']:.3f} +- {entry['test_acc_std']:.3f} ({median_accuracy(entry):.3f})"
 
 
-def drop_and_retention(results: dict, group: str, representation: str) -> str:
+def drop_and_retention(results: dict, group: str, representation: str, classifier: str = "mlp") -> str:
     """A group's drop and retention cells; the retention is marked when all layers' accuracy is near chance."""
-    base, entry = find_entry(results, "all", representation), find_entry(results, group, representation)
+    base, entry = find_entry(results, "all", representation, classifier), find_entry(results, group, representation, classifier)
     if not (measured(base) and measured(entry)):
         return f"{'':>8} {'':>11}"
     base_acc, acc = base["test_acc_mean"], entry["test_acc_mean"]
-    mark = NEAR_CHANCE_MARK if near_chance_baseline(results, representation) else " "
+    mark = NEAR_CHANCE_MARK if near_chance_baseline(results, representation, classifier) else " "
     return f"{base_acc - acc:>+8.3f} {100 * acc / max(base_acc, EPS):>9.1f}%{mark}"
 
 
@@ -3346,6 +3477,73 @@ def per_run_lines(results: dict) -> list[str]:
         f"{e['representation']:<{width}} " + " ".join(f"{cell:<6}" for cell in run_cells(e)) for e in entries]
 
 
+def map_grid(layer_map: dict) -> tuple[list[str], list[str], dict[tuple[str, str], dict]]:
+    """A layer map's blocks in network order, positions in block order, and its entry by (block, position)."""
+    cells = {(e["block"], e["position"]): e for e in layer_map["modules"]}
+    blocks = sorted({b for b, _ in cells}, key=block_order_key)
+    positions = sorted({p for _, p in cells}, key=position_order_key)
+    return blocks, positions, cells
+
+
+def position_labels(positions: list[str]) -> list[str]:
+    """Positions without the path components every one of them starts with (transformer_blocks.0.)."""
+    parts = [p.split(".") for p in positions]
+    shared = 0
+    while all(len(p) > shared + 1 and p[shared] == parts[0][shared] for p in parts):
+        shared += 1
+    return [".".join(p[shared:]) for p in parts]
+
+
+def block_means(layer_map: dict) -> list[tuple[str, float]]:
+    """Each block's mean test accuracy over its modules (successful runs), best first."""
+    by_block = defaultdict(list)
+    for e in layer_map["modules"]:
+        if measured(e):
+            by_block[e["block"]].append(e["test_acc_mean"])
+    return sorted(((b, float(np.mean(a))) for b, a in by_block.items()), key=lambda item: -item[1])
+
+
+def map_cell(entry: dict | None, num_classes: int) -> str:
+    """A layer-map cell: mean test accuracy, marked when not clearly above chance."""
+    if entry is None:
+        return "-"
+    if not measured(entry):
+        return "failed"
+    return f"{entry['test_acc_mean']:.3f}{' ' if clearly_above_chance(entry, num_classes) else NEAR_CHANCE_MARK}"
+
+
+def layer_map_lines(layer_map: dict, num_classes: int, runs: int) -> list[str]:
+    """A layer map as a table: blocks in network order down, positions across, then blocks ranked."""
+    blocks, positions, cells = map_grid(layer_map)
+    labels = position_labels(positions)
+    block_width = max(len("block"), *(len(b) for b in blocks))
+    width = max(7, *(len(label) for label in labels))
+    lines = [f"Layer map of {layer_map['representation']}: test accuracy of a linear probe on each module alone, "
+             f"mean over {runs} runs ({NEAR_CHANCE_MARK}: not clearly above chance {1 / num_classes:.3f}; "
+             f"trained in {layer_map['training_time']:.1f}s)",
+             f"{'block':<{block_width}} " + " ".join(f"{label:>{width}}" for label in labels)]
+    for block in blocks:
+        lines.append(f"{block:<{block_width}} "
+                     + " ".join(f"{map_cell(cells.get((block, p)), num_classes):>{width}}" for p in positions))
+    ranked = block_means(layer_map)
+    lines.append("blocks by mean accuracy: " + ", ".join(f"{b} {acc:.3f}" for b, acc in ranked))
+    return lines
+
+
+def block_ablation_lines(results: dict) -> list[str]:
+    """Each block's entry: test accuracy without it, and the drop against all layers with its interval."""
+    entries = results["block_ablation"]
+    width = max(len("block"), *(len(e["block"]) for e in entries))
+    lines = ["Block ablation: test accuracy on all layers but one block, mean +- std (median), and the drop from "
+             "all layers' accuracy with its 95% bootstrap interval over runs",
+             f"{'representation':<24} {'block':<{width}} {'without the block':>22} {'drop':>8} {'95% interval':>18}"]
+    for e in entries:
+        interval = f"[{e['drop_low']:+.3f}, {e['drop_high']:+.3f}]" if math.isfinite(e["drop_low"]) else ""
+        lines.append(f"{row_label(e['features'], e['classifier']):<24} {e['block']:<{width}} {format_acc(e):>22} "
+                     f"{e['drop_mean']:>+8.3f} {interval:>18}")
+    return lines
+
+
 def table_notes(results: dict, groups: list[str]) -> list[str]:
     """A footnote for each mark the table uses."""
     entries = all_entries(results)
@@ -3355,7 +3553,7 @@ def table_notes(results: dict, groups: list[str]) -> list[str]:
                      "rerun with --min-epochs N")
     if any(e["failed_runs"] for e in entries):
         notes.append("failed: the run's training loss became non-finite; it is left out of the mean, std and median")
-    if groups and any(near_chance_baseline(results, rep) for rep in results["config"]["representations"]):
+    if groups and any(near_chance_baseline(results, *row) for row in result_rows(results)):
         notes.append(f"{NEAR_CHANCE_MARK} all-layers accuracy near chance: retention not meaningful (its mean is below "
                      "chance + 0.2 * (1 - chance), or mean - 2 * sample std / sqrt(runs) is not above chance)")
     return notes
@@ -3382,31 +3580,32 @@ def set_figure_title(fig, text: str) -> None:
     fig.suptitle("\n".join(textwrap.fill(line, width) for line in text.split("\n")), fontsize=10)
 
 
-def bar_axes(reps: list[str]):
-    """A figure and axes wide enough for a slot of bars per representation."""
-    return _pyplot().subplots(figsize=(max(8, 0.9 * len(reps) + 2), 5))
+def bar_axes(rows: list[tuple[str, str]]):
+    """A figure and axes wide enough for a slot of bars per representation and classifier."""
+    return _pyplot().subplots(figsize=(max(8, 0.9 * len(rows) + 2), 5))
 
 
 MUTED_BAR = {"hatch": "//", "alpha": 0.35}  # a bar drawn but not to be read at face value
 
 
-def grouped_bars(ax, reps: list[str], groups: list[str], values,
-                 muted=lambda g, r: False) -> dict[tuple[str, str], float]:
-    """Bars per representation, one per group; values(group, rep) -> (height, (err_low, err_high)) or None.
-    Bars where muted(group, rep) are hatched and faded.  Returns each bar's x position by (group, rep)."""
+def grouped_bars(ax, rows: list[tuple[str, str]], groups: list[str], values,
+                 muted=lambda g, r: False) -> dict[tuple[str, tuple[str, str]], float]:
+    """Bars per (representation, classifier) row, one per group; values(group, row) -> (height,
+    (err_low, err_high)) or None.  Bars where muted(group, row) are hatched and faded.  Returns each
+    bar's x position by (group, row)."""
     width = 0.8 / len(groups)
     positions = {}
     for i, g in enumerate(groups):
-        points = [values(g, r) or (np.nan, (0.0, 0.0)) for r in reps]
-        xs = np.arange(len(reps)) + (i - (len(groups) - 1) / 2) * width
+        points = [values(g, r) or (np.nan, (0.0, 0.0)) for r in rows]
+        xs = np.arange(len(rows)) + (i - (len(groups) - 1) / 2) * width
         errors = np.array([p[1] for p in points]).T
         bars = ax.bar(xs, [p[0] for p in points], width, yerr=errors, capsize=3, label=group_result_key(g)[1].replace("_", " "))
-        for r, x, bar in zip(reps, xs, bars):
+        for r, x, bar in zip(rows, xs, bars):
             positions[g, r] = float(x)
             if muted(g, r):
                 bar.set(**MUTED_BAR)
-    ax.set_xticks(np.arange(len(reps)), reps, rotation=30, ha="right")
-    ax.set_xlim(-0.5, len(reps) - 0.5)  # every slot shown, also one whose bar is missing and carries a note
+    ax.set_xticks(np.arange(len(rows)), [row_label(*r) for r in rows], rotation=30, ha="right")
+    ax.set_xlim(-0.5, len(rows) - 0.5)  # every slot shown, also one whose bar is missing and carries a note
     return positions
 
 
@@ -3447,17 +3646,17 @@ def legend_beside(ax, handles=None) -> None:
 
 def figure_summary(results: dict):
     """Grouped bars: mean test accuracy per representation and layer group, error bars one std, a dot per run."""
-    reps, groups = list(results["config"]["representations"]), list(results["groups"])
-    fig, ax = bar_axes(reps)
+    rows, groups = result_rows(results), list(results["groups"])
+    fig, ax = bar_axes(rows)
 
-    def accuracy(g, r):
-        if not measured(find_entry(results, g, r)):
+    def accuracy(g, row):
+        if not measured(find_entry(results, g, *row)):
             return None
-        mean, std = entry_accuracy(results, g, r)
+        mean, std = entry_accuracy(results, g, *row)
         return mean, (std, std)
-    positions = grouped_bars(ax, reps, groups, accuracy)
-    run_dots(ax, [(x, find_entry(results, g, r)) for (g, r), x in positions.items()])
-    note_bars(ax, positions, lambda g, r: failure_note(find_entry(results, g, r)))
+    positions = grouped_bars(ax, rows, groups, accuracy)
+    run_dots(ax, [(x, find_entry(results, g, *row)) for (g, row), x in positions.items()])
+    note_bars(ax, positions, lambda g, row: failure_note(find_entry(results, g, *row)))
     ax.axhline(1 / results["num_classes"], color="gray", linestyle="--", linewidth=1, label="chance")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
@@ -3480,18 +3679,18 @@ def figure_retention(results: dict):
     """Grouped bars: each group's accuracy as a fraction of all layers', with 95% intervals over runs;
     representations whose all-layers accuracy is near chance are hatched."""
     from matplotlib.patches import Patch
-    reps = list(results["config"]["representations"])
+    rows = result_rows(results)
     groups = [g for g in results["groups"] if g != "all"]
-    fig, ax = bar_axes(reps)
+    fig, ax = bar_axes(rows)
 
-    def retention(g, r):
-        ratio = retention_interval(results, g, r)
+    def retention(g, row):
+        ratio = retention_interval(results, g, *row)
         return ratio and (ratio[0], (ratio[0] - ratio[1], ratio[2] - ratio[0]))
-    positions = grouped_bars(ax, reps, groups, retention, muted=lambda g, r: near_chance_baseline(results, r))
-    note_bars(ax, positions, lambda g, r: failure_note(find_entry(results, "all", r), find_entry(results, g, r)))
+    positions = grouped_bars(ax, rows, groups, retention, muted=lambda g, row: near_chance_baseline(results, *row))
+    note_bars(ax, positions, lambda g, row: failure_note(find_entry(results, "all", *row), find_entry(results, g, *row)))
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="all layers")
     handles = ax.get_legend_handles_labels()[0]
-    if any(near_chance_baseline(results, r) for r in reps):
+    if any(near_chance_baseline(results, *row) for row in rows):
         handles.append(Patch(facecolor="lightgray", **MUTED_BAR,
                              label="all-layers accuracy near chance:\nretention not meaningful"))
     ax.set_ylabel("accuracy / all-layers accuracy")
@@ -3559,6 +3758,43 @@ def plot_confusion(results: dict, entry: dict, path: Path) -> None:
     save_figure(figure_confusion(results, entry), path)
 
 
+def figure_layer_map(results: dict):
+    """A heatmap per mapped representation: mean test accuracy of each module's linear probe, blocks in
+    network order down, positions across, values in the cells; the colour scale is centred on chance."""
+    from matplotlib.colors import TwoSlopeNorm
+    maps, chance = results["layer_map"], 1 / results["num_classes"]
+    grids = [map_grid(m) for m in maps]
+    width = max(6, 1.0 * max(len(p) for _, p, _ in grids) + 4)
+    heights = [0.4 * len(b) + 1.5 for b, _, _ in grids]
+    fig, axes = _pyplot().subplots(len(maps), 1, figsize=(width, sum(heights) + 1), squeeze=False,
+                                   gridspec_kw={"height_ratios": heights})
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=chance, vmax=1.0)
+    for ax, layer_map, (blocks, positions, cells) in zip(axes[:, 0], maps, grids):
+        values = np.full((len(blocks), len(positions)), np.nan)
+        for (i, block), (j, position) in itertools.product(enumerate(blocks), enumerate(positions)):
+            entry = cells.get((block, position))
+            if measured(entry):
+                values[i, j] = entry["test_acc_mean"]
+                mark = "" if clearly_above_chance(entry, results["num_classes"]) else NEAR_CHANCE_MARK
+                ax.text(j, i, f"{values[i, j]:.2f}{mark}", ha="center", va="center", fontsize=7)
+        image = ax.imshow(values, cmap="RdBu_r", norm=norm, aspect="auto")
+        ax.set_xticks(np.arange(len(positions)), position_labels(positions), rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(np.arange(len(blocks)), blocks, fontsize=8)
+        ax.set_title(f"{layer_map['representation']}: linear probe per module", fontsize=9)
+        bar = fig.colorbar(image, ax=ax, fraction=0.04)
+        bar.ax.axhline(chance, color="black", linewidth=1.5)
+        bar.set_ticks(sorted({0.0, chance, 0.5, 1.0}))
+        bar.set_ticklabels([f"chance {t:.2f}" if t == chance else f"{t:.1f}" for t in sorted({0.0, chance, 0.5, 1.0})])
+    set_figure_title(fig, f"Test accuracy of each module alone ({results['dataset']}), mean over {results['num_runs']} "
+                          f"runs\nwhite: chance; {NEAR_CHANCE_MARK}: not clearly above chance")
+    fig.tight_layout()
+    return fig
+
+
+def plot_layer_map(results: dict, path: Path) -> None:
+    save_figure(figure_layer_map(results), path)
+
+
 # =============================================================================================
 # Main
 # =============================================================================================
@@ -3587,6 +3823,10 @@ def results_header(cfg: Config, loaded: LoadedDataset, labels: Labels, modules: 
     header["group_patterns"] = {g: {**BUILTIN_GROUP_PATTERNS, **dict(cfg.custom_groups)}[g] for g in groups}
     for g in groups:
         header[group_result_key(g)[0]] = []
+    if cfg.layer_map:
+        header["layer_map"] = []
+    if cfg.block_ablation:
+        header["block_ablation"] = []
     return header
 
 
@@ -3618,8 +3858,13 @@ def results_shape_problem(results) -> str | None:
     return None
 
 
+EXTRA_SECTIONS = ("layer_map", "block_ablation")  # results.json sections beside the layer groups' lists
+
+
 def finished_entries(results: dict) -> set[str]:
-    return {e["representation"] for e in all_entries(results)}
+    """The names of every finished entry, layer map ("layer_map <representation>") and block-ablation entry."""
+    return ({e["representation"] for e in all_entries(results) + results.get("block_ablation", [])}
+            | {f"layer_map {m['representation']}" for m in results.get("layer_map", [])})
 
 
 def previous_results(path: Path, header: dict, cfg: Config) -> dict | None:
@@ -3665,6 +3910,8 @@ def write_reports(out_dir: Path, results: dict) -> str:
         old.unlink()
     if best is not None:  # every entry had a failed run: no confusion matrix worth showing
         plot_confusion(results, best, out_dir / f"confusion_{best['representation']}.png")
+    if results.get("layer_map"):
+        plot_layer_map(results, out_dir / "layer_map.png")
     return table
 
 
@@ -3677,6 +3924,7 @@ class Experiment:
     splits: dict[str, np.ndarray]
     modules: list[Module]
     groups: dict[str, list[Module]]
+    blocks: dict[str, list[Module]]
     out_dir: Path
     warnings: list[str]
 
@@ -3741,6 +3989,27 @@ def checked_groups(cfg: Config, modules: list[Module]) -> dict[str, list[Module]
     return groups
 
 
+def checked_layer_map(cfg: Config, modules: list[Module]) -> None:
+    for rep in cfg.layer_map:
+        if not mapped_modules(modules, rep):
+            raise ExperimentError(f"--layer-map {rep} needs down/up pairs of a module, and this dataset has none; "
+                                  f"leave {rep} out of --layer-map")
+
+
+def checked_ablation_blocks(cfg: Config, groups: dict[str, list[Module]]) -> dict[str, list[Module]]:
+    """The blocks --block-ablation leaves out one at a time (none without the flag)."""
+    if not cfg.block_ablation:
+        return {}
+    if "all" not in groups:
+        raise ExperimentError("--block-ablation measures each block's drop against all layers; "
+                              "add all to --layer-groups")
+    blocks = network_blocks(groups["all"])
+    if len(blocks) < 2:
+        raise ExperimentError(f"--block-ablation needs two or more blocks, and every module is in {next(iter(blocks))}; "
+                              "leave out --block-ablation")
+    return blocks
+
+
 def warn(warnings: list[str], message: str) -> None:
     """A warning printed now and kept for results.json."""
     warnings.append(message)
@@ -3758,7 +4027,9 @@ def prepare_experiment(cfg: Config, out_dir: Path) -> Experiment:
     if any(r in PAIR_REPRESENTATIONS for r in cfg.representations):
         lora_scales(loaded.dataset.data.table)  # checked now, read during extraction
     groups = checked_groups(cfg, modules)
-    return Experiment(loaded, labels, splits, modules, groups, out_dir, warnings)
+    checked_layer_map(cfg, modules)
+    blocks = checked_ablation_blocks(cfg, groups)
+    return Experiment(loaded, labels, splits, modules, groups, blocks, out_dir, warnings)
 
 
 def save_results(path: Path, results: dict) -> None:
@@ -3774,7 +4045,11 @@ def save_results(path: Path, results: dict) -> None:
 def stalled_warning(results: dict, cfg: Config) -> str | None:
     """One line naming every entry with stalled runs, or None."""
     stalled = [f"{e['representation']} (runs {', '.join(map(str, e['stalled_runs']))})"
-               for e in all_entries(results) if e.get("stalled_runs")]
+               for e in all_entries(results) + results.get("block_ablation", []) if e.get("stalled_runs")]
+    for layer_map in results.get("layer_map", []):
+        modules = sum(1 for e in layer_map["modules"] if e["stalled_runs"])
+        if modules:
+            stalled.append(f"layer map {layer_map['representation']} ({modules} of {layer_map['num_modules']} modules)")
     if not stalled:
         return None
     suggested = 2 * cfg.patience
@@ -3793,9 +4068,57 @@ def run_experiment(cfg: Config) -> Path:
     return out_dir
 
 
+def trained_entries(store: FeatureStore, exp: Experiment, cfg: Config, device: torch.device, representation: str,
+                    modules: list[Module], group: str, classifiers: list[str]):
+    """Train and evaluate each classifier on one selection of modules, standardised once; yields entries."""
+    features = group_feature_matrix(store, modules, representation)
+    data = standardise(features, exp.labels.codes, exp.splits, len(exp.labels.class_names), device,
+                       feature_budget_bytes(device, cfg.max_resident_features_gb), cfg.num_workers)
+    for classifier in classifiers:
+        name = entry_name(representation, group, classifier)
+        result = train_runs(data, cfg, device, name, classifier)
+        entry = evaluate_entry(result, data, cfg, device, name, sum(len(m.columns) for m in modules))
+        tqdm.write(f"{name:<32} test acc {entry['test_acc_mean']:.3f} +- {entry['test_acc_std']:.3f}  "
+                   f"({result.seconds:.1f}s, best epoch {entry['best_epoch_mean']:.0f})"
+                   + (f"  {len(entry['failed_runs'])} runs failed" if entry["failed_runs"] else "")
+                   + (f"  {len(entry['stalled_runs'])} runs stalled" if entry["stalled_runs"] else ""))
+        yield entry
+
+
+def trained_layer_map(store: FeatureStore, exp: Experiment, cfg: Config, device: torch.device, representation: str) -> dict:
+    """The layer map of one representation: a linear probe per module on that module's features alone,
+    every module's runs (and L2 strengths) trained together as one stacked ensemble."""
+    modules = mapped_modules(exp.modules, representation)
+    features, widths = layer_map_matrix(store, modules, representation)
+    data = standardise(features, exp.labels.codes, exp.splits, len(exp.labels.class_names), device,
+                       feature_budget_bytes(device, cfg.max_resident_features_gb), cfg.num_workers,
+                       block_width=features.shape[1] // len(modules))
+    result = train_runs(data, cfg, device, f"layer map {representation}", "linear", num_blocks=len(modules))
+    entries = layer_map_entries(result, data, cfg, device, modules, widths, representation)
+    tqdm.write(f"layer map {representation}: {len(modules)} modules in {result.seconds:.1f}s; best "
+               + ", ".join(f"{e['module']} {e['test_acc_mean']:.3f}"
+                           for e in sorted(entries, key=lambda e: -e["test_acc_mean"])[:3]))
+    return {"representation": representation, "classifier": "linear", "num_modules": len(modules),
+            "training_time": result.seconds, "modules": entries}
+
+
+def ablation_name(representation: str, block: str, classifier: str) -> str:
+    return entry_name(representation, f"without_{block}", classifier)
+
+
+def with_drop(entry: dict, representation: str, block: str, base: dict | None) -> dict:
+    """A block-ablation entry with its representation, its block and its drop against all layers
+    (NaN where unmeasured)."""
+    drop = ablation_drop(entry, base) if base is not None else None
+    entry["features"], entry["block"] = representation, block
+    entry["drop_mean"], entry["drop_low"], entry["drop_high"] = drop or (float("nan"),) * 3
+    return entry
+
+
 def run_entries(cfg: Config, exp: Experiment, device: torch.device) -> None:
-    """Extract the features, then train and evaluate every (representation, group) entry not yet
-    finished, writing results.json after each; reports are written even when interrupted."""
+    """Extract the features, then train and evaluate every entry not yet finished (each representation
+    and layer group with each classifier, then the layer maps, then the block ablation), writing
+    results.json after each; reports are written even when interrupted."""
     started = time.perf_counter()
     results = results_header(cfg, exp.loaded, exp.labels, exp.modules, exp.groups, device)
     results["split_sizes"] = {split: len(rows) for split, rows in exp.splits.items()}
@@ -3804,17 +4127,24 @@ def run_entries(cfg: Config, exp: Experiment, device: torch.device) -> None:
     results_path = exp.out_dir / "results.json"
     previous = previous_results(results_path, results, cfg)
     if previous is not None:
-        results.update({k: v for k, v in previous.items() if k.endswith("_results")})
+        results.update({k: v for k, v in previous.items() if k.endswith("_results") or k in EXTRA_SECTIONS})
     done = finished_entries(results)
     print(f"dataset {exp.loaded.name}: {exp.loaded.dataset.num_rows} adapters, {results['num_classes']} classes, "
           f"{results['num_all_layers']} LoRA tensors; device {device}; {cfg.runs} runs per entry"
           + (f"; resuming with {len(done)} entries done" if previous is not None else ""))
 
-    entries = [(rep, g) for rep in cfg.representations for g in exp.groups
-               if f"{rep}_{group_result_key(g)[1]}" not in done]
+    pending = lambda names: [clf for clf, name in names if name not in done]
+    entries = [(rep, g, pending((c, entry_name(rep, g, c)) for c in cfg.classifiers))
+               for rep in cfg.representations for g in exp.groups]
+    entries = [(rep, g, clfs) for rep, g, clfs in entries if clfs]
+    maps = [rep for rep in cfg.layer_map if f"layer_map {rep}" not in done]
+    ablated = exp.blocks if cfg.block_ablation else {}
+    ablations = [(rep, block, pending((c, ablation_name(rep, block, c)) for c in cfg.classifiers))
+                 for rep in cfg.representations for block in ablated]
+    ablations = [(rep, block, clfs) for rep, block, clfs in ablations if clfs]
     try:
         extraction_started = time.perf_counter()
-        needed = tuple(dict.fromkeys(rep for rep, _ in entries))
+        needed = tuple(dict.fromkeys([rep for rep, _, _ in entries + ablations] + maps))
         store = extract_features(exp.loaded, exp.modules, dataclasses.replace(cfg, representations=needed), device)
         results["feature_extraction"] = {"seconds": time.perf_counter() - extraction_started,
                                          "computed": store.computed, "loaded_from_cache": store.loaded}
@@ -3823,21 +4153,21 @@ def run_entries(cfg: Config, exp: Experiment, device: torch.device) -> None:
         if store.nonfinite_features:
             warn(results["warnings"], f"zeroed NaN/Inf features (--allow-nonfinite) in {len(store.nonfinite_features)} "
                                       "(representation, layer) pairs; see nonfinite_features")
-        for rep, group in tqdm(entries, desc="entries", unit="entry"):
-            key, suffix = group_result_key(group)
-            name = f"{rep}_{suffix}"
-            features = group_feature_matrix(store, exp.groups[group], rep)
-            data = standardise(features, exp.labels.codes, exp.splits, len(exp.labels.class_names), device,
-                               feature_budget_bytes(device, cfg.max_resident_features_gb), cfg.num_workers)
-            result = train_runs(data, cfg, device, name)
-            entry = evaluate_entry(result, data, cfg, device, name, sum(len(m.columns) for m in exp.groups[group]))
-            results[key].append(entry)
+
+        def finished(section: str, entry: dict) -> None:
+            results[section].append(entry)
             results["feature_extraction"]["computed"] = store.computed  # with any recomputed on reading
-            tqdm.write(f"{name:<32} test acc {entry['test_acc_mean']:.3f} +- {entry['test_acc_std']:.3f}  "
-                       f"({result.seconds:.1f}s, best epoch {entry['best_epoch_mean']:.0f})"
-                       + (f"  {len(entry['failed_runs'])} runs failed" if entry["failed_runs"] else "")
-                       + (f"  {len(entry['stalled_runs'])} runs stalled" if entry["stalled_runs"] else ""))
             save_results(results_path, results)
+
+        for rep, group, classifiers in tqdm(entries, desc="entries", unit="entry"):
+            for entry in trained_entries(store, exp, cfg, device, rep, exp.groups[group], group, classifiers):
+                finished(group_result_key(group)[0], entry)
+        for rep in tqdm(maps, desc="layer maps", unit="map"):
+            finished("layer_map", trained_layer_map(store, exp, cfg, device, rep))
+        for rep, block, classifiers in tqdm(ablations, desc="block ablation", unit="block"):
+            kept = [m for m in exp.groups["all"] if m not in ablated[block]]
+            for entry in trained_entries(store, exp, cfg, device, rep, kept, f"without_{block}", classifiers):
+                finished("block_ablation", with_drop(entry, rep, block, find_entry(results, "all", rep, entry["classifier"])))
         stalled = stalled_warning(results, cfg)
         if stalled:
             results["warnings"].append(stalled)

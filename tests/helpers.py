@@ -15,6 +15,7 @@ GROUP_KEYS = ("all_layers_results", "visual_only_results", "text_only_results")
 TINY_TRAINING = ["--num-runs", "2", "--max-epochs", "6", "--patience", "3", "--hidden-dim", "32",
                  "--batch-size", "32", "--num-workers", "0", "--device", "cpu"]
 VISUAL_MODULE, TEXT_MODULE = "blk.attn1.to_q", "blk.attn2.to_q"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def cli_args(tmp_path, dataset, *extra):

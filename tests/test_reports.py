@@ -11,7 +11,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+from helpers import PNG_SIGNATURE  # noqa: E402
+
 
 
 def make_entry(name, accs, failed=(), stalled=None, num_classes=4, with_median=True):

@@ -1,0 +1,211 @@
+"""Which parts of the network carry the label: the linear probe, the layer map and the block ablation."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+import visual_ablation_experiment_optimized as vae
+from helpers import CPU, PNG_SIGNATURE, balanced_labels, cli_args, results_of, save_dataset, user_error
+
+INFORMATIVE_BLOCK = "down_blocks.1.attentions.0"
+BLOCKS = ("down_blocks.0.attentions.0", INFORMATIVE_BLOCK, "mid_block.attentions.0", "up_blocks.1.attentions.0")
+POSITIONS = ("transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn2.to_v")
+
+
+def gaussian_classes(rows=600, features=8, classes=3, separation=0.8, seed=0):
+    """Standardised features of classes with Gaussian centres: a problem a linear model solves well."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(classes, size=rows)
+    x = (rng.standard_normal((rows, features)) + separation * rng.standard_normal((classes, features))[labels])
+    return vae.standardise(x.astype(np.float32), labels, vae.split_indices(rows), classes, CPU)
+
+
+def one_strength(monkeypatch, l2):
+    monkeypatch.setitem(vae.CLASSIFIERS, "linear", dataclasses.replace(vae.CLASSIFIERS["linear"], l2_grid=(l2,)))
+
+
+# --- the linear probe -------------------------------------------------------------------------
+
+def test_linear_probe_predicts_as_scikit_learns_logistic_regression_of_the_same_l2_strength(monkeypatch):
+    data = gaussian_classes()
+    l2 = 1e-2
+    one_strength(monkeypatch, l2)
+    cfg = vae.Config(num_runs=2, batch_size=64, max_epochs=200, patience=15, device="cpu")
+    result = vae.train_runs(data, cfg, CPU, "linear", "linear")
+    ours = vae.predictions(result.logits(None), data, "test")
+
+    x_train, y_train = data.features.x["train"].numpy(), data.y["train"].numpy()
+    reference = LogisticRegression(C=1 / (l2 * len(y_train)), max_iter=5000).fit(x_train, y_train)
+    theirs = torch.from_numpy(reference.predict(data.features.x["test"].numpy()))
+    y_test = data.y["test"]
+    for run in range(2):
+        assert (ours[run] == theirs).float().mean() >= 0.95
+        assert (ours[run] == y_test).float().mean() == pytest.approx((theirs == y_test).float().mean(), abs=0.03)
+
+
+def test_linear_probe_chooses_each_runs_l2_strength_by_validation_accuracy():
+    data = gaussian_classes()
+    cfg = vae.Config(num_runs=2, batch_size=64, max_epochs=30, patience=5, device="cpu")
+    model = vae.CLASSIFIERS["linear"]
+    every = vae.train_fitting(data, cfg, vae.run_slices(cfg, model), model, CPU, "grid")
+    chosen = vae.best_of_grid(every)
+    grid = len(vae.LINEAR_L2_GRID)
+    assert len(every.histories) == 2 * grid and len(chosen.histories) == 2
+    for run, history in enumerate(chosen.histories):
+        candidates = every.histories[run * grid:(run + 1) * grid]
+        assert history.best_val_acc == max(h.best_val_acc for h in candidates)
+        assert history.seed == vae.run_seed(cfg, run)
+
+
+def test_linear_probe_penalises_weights_but_not_intercepts():
+    linear = vae.CLASSIFIERS["linear"]
+    assert linear.penalised("w0") and not linear.penalised("b0")
+    assert not linear.dropout
+
+
+def test_linear_probe_reaches_the_known_signal_where_chance_is_a_third():
+    data = gaussian_classes(separation=2.0)
+    cfg = vae.Config(num_runs=2, batch_size=64, max_epochs=60, patience=10, device="cpu")
+    result = vae.train_runs(data, cfg, CPU, "linear", "linear")
+    accuracy = (vae.predictions(result.logits(None), data, "test") == data.y["test"]).float().mean(1)
+    assert accuracy.min() >= 0.9
+
+
+# --- stacked slices that read one block of columns each ----------------------------------------
+
+def test_a_slice_with_a_block_reads_only_its_modules_columns_both_when_gathered_and_when_shared():
+    torch.manual_seed(0)
+    width, blocks = 3, torch.tensor([2, 0, 2, 1])
+    params, _ = vae.init_linear([1, 2, 3, 4], width, 5, vae.Config(), CPU)
+    x = torch.randn(7, 3 * width)
+    shared = vae.linear_forward(params, {}, x, None, None, blocks)
+    idx = torch.arange(7).expand(4, -1)
+    gathered = vae.linear_forward(params, {}, vae.slice_rows(x, idx, blocks, width), None, None)
+    torch.testing.assert_close(shared, gathered)
+    for s, block in enumerate(blocks.tolist()):
+        alone = x[:, block * width:(block + 1) * width] @ params["w0"][s] + params["b0"][s]
+        torch.testing.assert_close(shared[s], alone)
+
+
+# --- blocks of the network --------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, block, position", [
+    ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "down_blocks.1.attentions.0",
+     "transformer_blocks.0.attn1.to_q"),
+    ("unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0", "mid_block.attentions.0",
+     "transformer_blocks.0.attn2.to_out.0"),
+    ("model.layers.12.self_attn.q_proj", "model.layers.12", "self_attn.q_proj"),
+    ("text_encoder.text_model.encoder.layers.3.mlp.fc1", "text_encoder.text_model.encoder.layers.3", "mlp.fc1"),
+])
+def test_a_module_belongs_to_its_attention_block_or_else_to_its_last_numbered_path(name, block, position):
+    assert vae.module_place(name) == (block, position)
+
+
+def test_blocks_come_in_network_order_down_mid_up_and_numbers_as_numbers():
+    names = ["up_blocks.1.attentions.0", "mid_block.attentions.0", "down_blocks.10.attentions.0",
+             "down_blocks.2.attentions.1"]
+    assert sorted(names, key=vae.block_order_key) == [
+        "down_blocks.2.attentions.1", "down_blocks.10.attentions.0", "mid_block.attentions.0", "up_blocks.1.attentions.0"]
+
+
+def test_positions_order_projections_q_k_v_out_and_lose_their_shared_prefix():
+    positions = ["transformer_blocks.0.attn1.to_out.0", "transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn2.to_k"]
+    ordered = sorted(positions, key=vae.position_order_key)
+    assert vae.position_labels(ordered) == ["attn1.to_q", "attn1.to_out.0", "attn2.to_k"]
+
+
+# --- the layer map and block ablation, from the command line -----------------------------------
+
+@pytest.fixture(scope="module")
+def one_block_carries_the_class(tmp_path_factory):
+    """Eight modules in four SD blocks; only the down factors of one block's modules shift with the class."""
+    rows = 150
+    labels = balanced_labels(rows, 2)
+    rng = np.random.default_rng(0)
+    columns = {}
+    for block in BLOCKS:
+        for position in POSITIONS:
+            module = f"{block}.{position}"
+            down = rng.standard_normal((rows, 1, 8))
+            if block == INFORMATIVE_BLOCK:
+                down += 1.5 * labels[:, None, None]
+            columns[f"{module}.lora.down.weight"] = down.astype(np.float32)
+            columns[f"{module}.lora.up.weight"] = rng.standard_normal((rows, 8, 1)).astype(np.float32)
+    columns["category_label"] = labels
+    return save_dataset(tmp_path_factory.mktemp("blocks") / "blocks", columns)
+
+
+@pytest.fixture(scope="module")
+def mapped(script, one_block_carries_the_class, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("mapped")
+    argv = cli_args(tmp_path, one_block_carries_the_class, "--num-runs", "3", "--max-epochs", "20", "--patience", "8",
+                    "--classifiers", "mlp,linear", "--layer-map", "simple_stats", "--block-ablation")
+    assert vae.main(argv) == 0
+    return tmp_path, results_of(tmp_path, "blocks")
+
+
+def test_layer_map_ranks_the_block_that_carries_the_class_first(mapped):
+    _, results = mapped
+    (layer_map,) = results["layer_map"]
+    assert layer_map["representation"] == "simple_stats" and layer_map["num_modules"] == 8
+    assert vae.block_means(layer_map)[0][0] == INFORMATIVE_BLOCK
+    informative = [e for e in layer_map["modules"] if e["block"] == INFORMATIVE_BLOCK]
+    others = [e for e in layer_map["modules"] if e["block"] != INFORMATIVE_BLOCK]
+    assert min(e["test_acc_mean"] for e in informative) > max(e["test_acc_mean"] for e in others)
+
+
+def test_layer_map_entries_hold_every_runs_accuracy_and_the_chosen_l2(mapped):
+    _, results = mapped
+    entry = results["layer_map"][0]["modules"][0]
+    assert len(entry["test_acc_all_runs"]) == 3 and entry["classifier"] == "linear"
+    assert {row["l2"] for row in entry["per_run_results"]} <= set(vae.LINEAR_L2_GRID)
+    assert entry["position"] in POSITIONS and entry["block"] in BLOCKS
+
+
+def test_block_ablation_drops_most_without_the_block_that_carries_the_class(mapped):
+    _, results = mapped
+    for classifier in ("mlp", "linear"):
+        entries = [e for e in results["block_ablation"] if e["classifier"] == classifier]
+        assert {e["block"] for e in entries} == set(BLOCKS)
+        largest = max(entries, key=lambda e: e["drop_mean"])
+        assert largest["block"] == INFORMATIVE_BLOCK
+        assert largest["drop_low"] <= largest["drop_mean"] <= largest["drop_high"]
+
+
+def test_every_group_entry_names_its_classifier_and_mlp_keeps_the_published_names(mapped):
+    _, results = mapped
+    names = {(e["representation"], e["classifier"]) for e in results["all_layers_results"]}
+    assert names == {("simple_stats_all_layers", "mlp"), ("simple_stats_all_layers_linear", "linear")}
+    assert {e["classifier"] for e in results["visual_only_results"]} == {"mlp", "linear"}
+
+
+def test_table_has_a_row_per_classifier_the_layer_map_and_the_block_ablation(mapped):
+    tmp_path, _ = mapped
+    table = (tmp_path / "out" / "visual_ablation_blocks" / "results.txt").read_text()
+    assert "simple_stats (linear)" in table
+    assert "Layer map of simple_stats" in table and f"blocks by mean accuracy: {INFORMATIVE_BLOCK}" in table
+    assert "Block ablation" in table
+
+
+def test_layer_map_plot_is_a_valid_png(mapped):
+    tmp_path, _ = mapped
+    assert (tmp_path / "out" / "visual_ablation_blocks" / "layer_map.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_resume_keeps_finished_layer_maps_and_ablation_entries(mapped, one_block_carries_the_class, monkeypatch):
+    tmp_path, before = mapped
+    argv = cli_args(tmp_path, one_block_carries_the_class, "--num-runs", "3", "--max-epochs", "20", "--patience", "8",
+                    "--classifiers", "mlp,linear", "--layer-map", "simple_stats", "--block-ablation", "--resume")
+    monkeypatch.setattr(vae, "train_runs", lambda *args, **kwargs: pytest.fail("a finished entry was trained again"))
+    assert vae.main(argv) == 0
+    after = results_of(tmp_path, "blocks")
+    assert after["layer_map"] == before["layer_map"] and after["block_ablation"] == before["block_ablation"]
+
+
+def test_block_ablation_without_all_layers_is_refused(one_block_carries_the_class, tmp_path, capsys):
+    line = user_error(capsys, cli_args(tmp_path, one_block_carries_the_class, "--layer-groups", "visual",
+                                       "--block-ablation"))
+    assert "--block-ablation" in line and "all" in line
