@@ -6,7 +6,9 @@ from its weights, and how much of that survives when only the visual (self-atten
 representations (statistics, quantiles, singular-value spectra, norms, FFT, histograms,
 raw weights, the weight update's canonical factors); an MLP is trained on each representation
 for repeated seeded runs, once on all layers and once on the visual layers alone (and on any
-other layer group asked for).
+other layer group asked for).  Which parts of the network carry the label: linear probes beside
+the MLP (--classifiers mlp,linear), a probe per module (--layer-map), one block left out at a time
+(--block-ablation).
 
 Run it:
     python visual_ablation_experiment_optimized.py --dataset 50k --cache-features
@@ -17,6 +19,7 @@ It writes <output-dir>/visual_ablation_<dataset>/ with
     results.txt         the comparison table: accuracy on all layers vs each group, drop, retention
     summary.png         test accuracy per representation and layer group, with error bars
     retention.png       each group's accuracy as a fraction of all layers', 95% intervals over runs
+    layer_map.png       with --layer-map: each module's accuracy, blocks in network order by positions
     confusion_<best>.png  the best entry's test confusion matrix
 results.json is rewritten after every finished entry; an interrupted run continues with --resume.
 

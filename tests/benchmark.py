@@ -27,6 +27,9 @@ side by side on the same data:
    (`sequential_runs=True`), same features (`stats`, all layers, by default), default MLP,
    default max_epochs / patience.
 5. Cached rerun: extraction with the feature cache into a fresh directory, then again.
+6. Layer map: a linear probe per module on that module's features alone (the same representation
+   as 4, every module's runs and L2 strengths stacked as one ensemble), against 4's ensemble
+   training of the all-layers MLP entry; the target is a map cheaper than five such entries.
 
 Timings on a machine shared with other work are noisy: the load average at the start is
 recorded with the results.  With more torch threads than idle cores, OpenMP threads spin at
@@ -57,6 +60,7 @@ Output: progress on stderr, a fixed-width table on stdout, and per layout one li
     ensemble_speedup             sequential training seconds / ensemble training seconds
     ensemble_test_acc, sequential_test_acc   mean test accuracy over the runs of each mode
     cache_speedup                first cached extraction seconds / second (all loaded from cache)
+    layer_map_cost_ratio         layer map training seconds / all-layers MLP ensemble training seconds
     seconds                      every raw timing, in seconds
     reference                    how the reference was sampled and scaled, its seconds per
                                  representation, the part of the sample's seconds spent re-reading
@@ -523,6 +527,21 @@ def compare_training(loaded: vae.LoadedDataset, modules, store, cfg: vae.Config,
     return out
 
 
+def time_layer_map(loaded: vae.LoadedDataset, modules, store, cfg: vae.Config, device: torch.device,
+                   representation: str) -> dict:
+    """The layer map's training: one linear probe per module, all runs and L2 strengths stacked."""
+    labels = vae.encode_labels(loaded.dataset, LABEL_COLUMN)
+    mapped = vae.mapped_modules(modules, representation)
+    features, _ = vae.layer_map_matrix(store, mapped, representation)
+    data = vae.standardise(features, labels.codes, vae.split_indices(loaded.dataset.num_rows), len(labels.class_names),
+                           device, block_width=features.shape[1] // len(mapped))
+    result, seconds = timed(lambda: vae.train_runs(data, cfg, device, "layer map", "linear", num_blocks=len(mapped)),
+                            device)
+    return {"representation": representation, "modules": len(mapped), "seconds": seconds,
+            "models": len(mapped) * cfg.runs * len(vae.LINEAR_L2_GRID),
+            "epochs_trained": sum(len(h.val_acc) for h in result.histories)}
+
+
 # =============================================================================================
 # One layout, end to end
 # =============================================================================================
@@ -557,6 +576,8 @@ def benchmark_layout(layout: str, rows: int, args, machine: dict) -> dict:
     copy_rate, copy_buffer = memory_copy_rate(dataset_bytes)
     log(f"[{layout}] training: {args.runs} runs as one ensemble, then one at a time")
     training = compare_training(loaded, modules, store, cfg, device, args.training_representation)
+    log(f"[{layout}] layer map of {args.training_representation}: a linear probe per module, stacked")
+    layer_map = time_layer_map(loaded, modules, store, cfg, device, args.training_representation)
     log(f"[{layout}] cached extraction, first and second run")
     cache = cached_rerun(loaded, modules, cfg, device, args.workdir)
 
@@ -574,6 +595,7 @@ def benchmark_layout(layout: str, rows: int, args, machine: dict) -> dict:
         "ensemble_test_acc": training["ensemble"]["test_acc_mean"],
         "sequential_test_acc": training["sequential"]["test_acc_mean"],
         "cache_speedup": cache["first_seconds"] / cache["second_seconds"],
+        "layer_map_cost_ratio": layer_map["seconds"] / training["ensemble"]["seconds"],
         "seconds": {
             "dataset_write": write_seconds, "ours_extraction": ours_seconds,
             "ours_extract_features": extraction_seconds, "ours_flat_vec_all_layers": flat_vec_seconds,
@@ -581,6 +603,7 @@ def benchmark_layout(layout: str, rows: int, args, machine: dict) -> dict:
             "reference_scaled": reference["scaled_seconds"], "memory_copy_of_dataset_bytes": dataset_bytes / copy_rate,
             "ensemble_training": training["ensemble"]["seconds"], "sequential_training": training["sequential"]["seconds"],
             "cache_first": cache["first_seconds"], "cache_second": cache["second_seconds"],
+            "layer_map_training": layer_map["seconds"],
         },
         "reference": {**reference, "sample_size_ratio": sample_size_ratio(spec, reference["sample_columns"]),
                       "scaling": "sample seconds x (all columns / sampled columns) x (all rows / sampled rows)",
@@ -589,6 +612,7 @@ def benchmark_layout(layout: str, rows: int, args, machine: dict) -> dict:
         "copy": {"method": "np.copyto of a float32 buffer, repeated to the dataset's byte count, best of 3",
                  "buffer_bytes": copy_buffer},
         "training": training,
+        "layer_map": layer_map,
         "cache": cache,
         "config": {"representations": list(ORIGINAL_REPRESENTATIONS), "num_workers": args.num_workers,
                    "runs": args.runs, "hidden_dim": cfg.hidden_dim, "max_epochs": cfg.max_epochs,
@@ -629,6 +653,8 @@ TABLE_ROWS = (  # (label, function of a result -> text)
     ("cache first s", lambda r: f"{r['seconds']['cache_first']:.2f}"),
     ("cache second s", lambda r: f"{r['seconds']['cache_second']:.3f}"),
     ("cache_speedup", lambda r: f"{r['cache_speedup']:.1f}x"),
+    ("layer map training s", lambda r: f"{r['seconds']['layer_map_training']:.1f}"),
+    ("layer_map_cost_ratio", lambda r: f"{r['layer_map_cost_ratio']:.2f}x"),
 )
 
 
