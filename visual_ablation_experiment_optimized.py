@@ -2908,6 +2908,12 @@ class Slices:
     def __len__(self) -> int:
         return len(self.seeds)
 
+    @staticmethod
+    def joined(parts: list[Slices]) -> Slices:
+        """Parts' slices one after the other."""
+        every = lambda attr: [v for part in parts for v in getattr(part, attr)]
+        return Slices(every("seeds"), every("l2"), every("units"), None if parts[0].blocks is None else every("blocks"))
+
 
 def run_slices(cfg: Config, classifier: Classifier, num_blocks: int | None = None) -> Slices:
     """Every slice of one entry, block by block, run by run, then L2 strength: run k is seeded
@@ -3063,12 +3069,9 @@ def compact_ensemble(params, buffers, opt_state, per_slice, keep_slices: list[in
 
 def merge_results(parts: list[EnsembleResult]) -> EnsembleResult:
     """Slices trained in separate parts, as if trained together (slice order kept)."""
-    slices = [p.slices for p in parts]
     return EnsembleResult(
         classifier=parts[0].classifier,
-        slices=Slices([s for part in slices for s in part.seeds], [v for part in slices for v in part.l2],
-                      [u for part in slices for u in part.units],
-                      None if slices[0].blocks is None else [b for part in slices for b in part.blocks]),
+        slices=Slices.joined([p.slices for p in parts]),
         histories=[h for p in parts for h in p.histories],
         best_params={k: torch.cat([p.best_params[k] for p in parts]) for k in parts[0].best_params},
         best_buffers={k: torch.cat([p.best_buffers[k] for p in parts]) for k in parts[0].best_buffers},
