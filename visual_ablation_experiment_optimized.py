@@ -39,6 +39,7 @@ import dataclasses
 import errno
 import fcntl
 import functools
+import gc
 import hashlib
 import inspect
 import io
@@ -377,6 +378,11 @@ def compile_available(device: torch.device) -> str | None:
 def run_seed(cfg: Config, run: int) -> int:
     """The one place that turns a run index into a seed."""
     return cfg.seed + run
+
+
+def row_block_seed(cfg: Config) -> int:
+    """The seed of the row blocks streamed training shares between runs: below every run's seed."""
+    return cfg.seed - 1
 
 
 # =============================================================================================
@@ -2416,10 +2422,10 @@ def extract_features(loaded: LoadedDataset, modules: list[Module], cfg: Config, 
         except torch.OutOfMemoryError:
             if chunk_bytes <= MIN_CHUNK_BYTES:
                 raise ExperimentError("out of GPU memory even with 1 MB chunks; free the GPU or use --device cpu") from None
-            chunk_bytes //= 2
-            torch.cuda.empty_cache()
-            tqdm.write(f"notice: out of GPU memory during feature extraction; continuing with {chunk_bytes >> 20} MB chunks")
-            work = list(pending_work(store, modules, cfg.representations))
+        chunk_bytes //= 2  # outside the handler, whose traceback holds the failed chunk's tensors
+        release_device_memory(device)
+        tqdm.write(f"notice: out of GPU memory during feature extraction; continuing with {chunk_bytes >> 20} MB chunks")
+        work = list(pending_work(store, modules, cfg.representations))
     store.count_nonfinite([c for m in modules for c in m.columns])
     store.count_nonfinite_features([(unit, r) for r in cfg.representations if r != "flat_vec"
                                     for unit in feature_units(modules, r)])
@@ -2490,6 +2496,8 @@ NUM_HIDDEN = 3
 
 
 EVAL_CHUNK_ROWS = 8192
+STATS_CHUNK_BYTES = 2 ** 28  # float64 rows merged at a time by `standardisation`: its temporaries stay small
+STREAM_BLOCK_BATCHES = 4     # a streamed row block holds this many mini-batches of every run
 
 
 def standardisation(chunks) -> tuple[torch.Tensor, torch.Tensor]:
@@ -2500,7 +2508,8 @@ def standardisation(chunks) -> tuple[torch.Tensor, torch.Tensor]:
     for chunk in chunks:
         x = chunk.double()
         n, chunk_mean = x.shape[0], x.mean(0)
-        chunk_m2 = (x - chunk_mean).square().sum(0)
+        chunk_m2 = x.sub_(chunk_mean).square_().sum(0)
+        del x
         if mean is None:
             count, mean, m2 = n, chunk_mean, chunk_m2
             continue
@@ -2514,6 +2523,11 @@ def standardisation(chunks) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.float(), std.float()
 
 
+def stats_chunk_rows(num_features: int) -> int:
+    """Rows per chunk of the statistics, so a float64 chunk stays within STATS_CHUNK_BYTES."""
+    return max(1, STATS_CHUNK_BYTES // (8 * max(num_features, 1)))
+
+
 def slice_rows(x: torch.Tensor, idx: torch.Tensor, blocks: torch.Tensor | None, width: int | None) -> torch.Tensor:
     """Rows idx (slices, batch) of x, each slice's own: all columns, or with blocks (the layer map) only
     columns blocks[slice] * width onwards, its module's."""
@@ -2522,12 +2536,28 @@ def slice_rows(x: torch.Tensor, idx: torch.Tensor, blocks: torch.Tensor | None, 
     return x.view(x.shape[0], -1, width)[idx, blocks[:, None]]
 
 
+def epoch_order(n_train: int, batch: int, generators: list[torch.Generator], shared: torch.Generator | None,
+                device: torch.device) -> torch.Tensor:
+    """(slices, n_train): the order each slice visits the training rows this epoch.  Without `shared`, an
+    independent permutation per slice.  With it (streamed features), one shared permutation cuts the rows
+    into row blocks of STREAM_BLOCK_BATCHES batches, block after block for every slice, and each slice
+    shuffles within each block with its own generator: a block is read from disk once for all slices."""
+    if shared is None:
+        return torch.stack([torch.randperm(n_train, generator=g, device=device) for g in generators])
+    rows = torch.randperm(n_train, generator=shared, device=device)
+    block_of = torch.arange(n_train, device=device, dtype=torch.float64) // (batch * STREAM_BLOCK_BATCHES)
+    keys = torch.stack([torch.rand(n_train, generator=g, device=device, dtype=torch.float64) for g in generators])
+    return rows[torch.argsort(keys + 2 * block_of, dim=1)]  # keys in [0, 1): sorting never crosses a block
+
+
 class ResidentFeatures:
     """Every split's standardised features held on the training device; mini-batches are gathers."""
 
-    def __init__(self, features: np.ndarray, splits: dict[str, np.ndarray], device: torch.device):
+    def __init__(self, features: np.ndarray, splits: dict[str, np.ndarray], device: torch.device,
+                 row_blocks: bool = False):
+        self.row_blocks = row_blocks  # only to reproduce streamed training, which draws batches from row blocks
         self.x = {s: torch.from_numpy(np.ascontiguousarray(features[idx])).to(device) for s, idx in splits.items()}
-        mean, std = standardisation(self.x["train"].split(EVAL_CHUNK_ROWS))
+        mean, std = standardisation(self.x["train"].split(stats_chunk_rows(features.shape[1])))
         for v in self.x.values():  # in place: the raw rows are never held beside their standardised copy
             v.sub_(mean).div_(std)
 
@@ -2554,50 +2584,67 @@ class MemmapRows(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(self.features[rows]))
 
 
-class StepRows(torch.utils.data.Sampler):
-    """Yields the row numbers each step needs; set `steps` before each epoch."""
+class BlockRows(torch.utils.data.Sampler):
+    """Yields the row numbers of each row block, in the order training reads them; set `blocks` before each epoch."""
 
     def __init__(self):
-        self.steps: list[np.ndarray] = []
+        self.blocks: list[np.ndarray] = []
 
     def __iter__(self):
-        return iter(self.steps)
+        return iter(self.blocks)
 
     def __len__(self) -> int:
-        return len(self.steps)
+        return len(self.blocks)
+
+
+def stream_workers(workers: int, block_bytes: int) -> int:
+    """DataLoader workers hand each block over through /dev/shm, two blocks in flight per worker: with
+    less room there, a worker would be killed mid-epoch, so read in this process instead."""
+    shm = Path("/dev/shm")
+    if workers == 0 or not shm.is_dir():
+        return workers
+    needed, free = 2 * workers * block_bytes, shutil.disk_usage(shm).free
+    if free >= needed:
+        return workers
+    tqdm.write(f"notice: /dev/shm has {free / 2 ** 30:.2f} GB free, {workers} streaming workers need "
+               f"{needed / 2 ** 30:.2f} GB; reading feature rows in this process instead")
+    return 0
 
 
 class StreamedFeatures:
-    """Features too large for the device: rows are read per mini-batch from a memory-mapped matrix
-    by a DataLoader (worker processes, pinned memory, prefetching) and standardised on the device."""
+    """Features too large for the device: rows are read one row block at a time (STREAM_BLOCK_BATCHES
+    mini-batches of every slice, see epoch_order) from a memory-mapped matrix by a DataLoader (worker
+    processes, pinned memory, prefetching), standardised on the device and shared by every slice."""
 
-    def __init__(self, features: np.ndarray, splits: dict[str, np.ndarray], device: torch.device, workers: int):
+    row_blocks = True
+
+    def __init__(self, features: np.ndarray, splits: dict[str, np.ndarray], device: torch.device, workers: int,
+                 batch: int):
         self.features, self.splits, self.device = features, splits, device
-        self.sampler = StepRows()
-        pinned = device.type == "cuda"
+        self.sampler = BlockRows()
+        block_bytes = min(batch * STREAM_BLOCK_BATCHES, len(splits["train"])) * features.shape[1] * features.itemsize
+        workers = stream_workers(workers, block_bytes)
         self.loader = torch.utils.data.DataLoader(
             MemmapRows(features), sampler=self.sampler, batch_size=None, num_workers=workers,
-            pin_memory=pinned, persistent_workers=workers > 0)
-        self.mean, self.std = standardisation(self._rows(splits["train"][i:i + EVAL_CHUNK_ROWS])
-                                              for i in range(0, len(splits["train"]), EVAL_CHUNK_ROWS))
+            pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+        train = splits["train"]
+        chunk = stats_chunk_rows(features.shape[1])
+        self.mean, self.std = standardisation(self._rows(train[i:i + chunk]) for i in range(0, len(train), chunk))
+        self.train_rows = torch.from_numpy(train).to(device)
 
     def _rows(self, rows: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(self.features[np.sort(rows)])).to(self.device)
 
     def epoch_batches(self, order: torch.Tensor, batch: int, steps: int, blocks: torch.Tensor | None, width: int | None):
-        train_rows = self.splits["train"]
-        host_order = order.cpu().numpy()  # once per epoch: the loader's workers need the rows ahead of time
-        needed, inverse = [], []
-        for step in range(steps):
-            idx = host_order[:, step * batch:(step + 1) * batch]
-            rows, where = np.unique(train_rows[idx], return_inverse=True)
-            needed.append(rows)
-            inverse.append(torch.from_numpy(where.reshape(idx.shape)))
-        self.sampler.steps = needed
-        for step, rows in enumerate(self.loader):
+        block_size = batch * STREAM_BLOCK_BATCHES
+        shared = self.splits["train"][order[0].cpu().numpy()]  # every slice's blocks hold the same rows
+        self.sampler.blocks = [np.sort(shared[i:i + block_size]) for i in range(0, steps * batch, block_size)]
+        for first, rows in zip(range(0, steps, STREAM_BLOCK_BATCHES), self.loader):
+            read = torch.from_numpy(self.sampler.blocks[first // STREAM_BLOCK_BATCHES]).to(self.device, non_blocking=True)
             x = (rows.to(self.device, non_blocking=True) - self.mean) / self.std
-            yield order[:, step * batch:(step + 1) * batch], slice_rows(x, inverse[step].to(self.device, non_blocking=True),
-                                                                         blocks, width)
+            for step in range(first, min(first + STREAM_BLOCK_BATCHES, steps)):
+                idx = order[:, step * batch:(step + 1) * batch]
+                yield idx, slice_rows(x, torch.searchsorted(read, self.train_rows[idx]), blocks, width)
 
     def eval_chunks(self, split: str, chunk_rows: int = EVAL_CHUNK_ROWS):
         rows = self.splits[split]
@@ -2631,21 +2678,44 @@ class SplitData:
 def feature_budget_bytes(device: torch.device, limit_gb: float) -> int:
     """How many bytes of features may live on the device: --max-resident-features-gb, else half of
     what is free now (GPUs are shared; the other half is for the model and its activations)."""
-    return int(limit_gb * 2 ** 30) if limit_gb > 0 else free_memory_bytes(device) // 2
+    if limit_gb > 0:
+        return int(limit_gb * 2 ** 30)
+    release_device_memory(device)  # memory the previous entry's tensors held, cached by the allocator
+    return free_memory_bytes(device) // 2
 
 
 def standardise(features: np.ndarray, labels: np.ndarray, splits: dict[str, np.ndarray], num_classes: int,
                 device: torch.device, budget_bytes: int | None = None, workers: int = 0,
-                block_width: int | None = None) -> SplitData:
-    """The training data: features kept on the device when they fit the budget, else streamed."""
+                block_width: int | None = None, batch: int = Config.batch_size, row_blocks: bool = False) -> SplitData:
+    """The training data: features kept on the device when they fit the budget (and the device, found
+    out by trying), else streamed.  row_blocks: resident features draw batches as streamed ones do."""
     budget = feature_budget_bytes(device, 0) if budget_bytes is None else budget_bytes
-    resident = features.nbytes <= budget
-    source = ResidentFeatures(features, splits, device) if resident else StreamedFeatures(features, splits, device, workers)
-    if not resident:
-        tqdm.write(f"notice: {features.nbytes / 2 ** 30:.1f} GB of features exceed the {budget / 2 ** 30:.1f} GB "
-                   "device budget; streaming mini-batches from disk")
+    source = resident_features(features, splits, device, row_blocks) if features.nbytes <= budget else None
+    if source is None:
+        tqdm.write(f"notice: {features.nbytes / 2 ** 30:.1f} GB of features do not fit the "
+                   f"{budget / 2 ** 30:.1f} GB device budget; streaming row blocks from disk")
+        source = StreamedFeatures(features, splits, device, workers, batch)
     y = {s: torch.from_numpy(labels[idx]).to(device) for s, idx in splits.items()}
     return SplitData(source, y, num_classes, features.shape[1], block_width)
+
+
+def resident_features(features: np.ndarray, splits: dict[str, np.ndarray], device: torch.device,
+                      row_blocks: bool) -> ResidentFeatures | None:
+    """ResidentFeatures, or None when the device runs out of memory holding them (a shared GPU whose
+    free memory shrank since the budget was measured)."""
+    try:
+        return ResidentFeatures(features, splits, device, row_blocks)
+    except torch.OutOfMemoryError:
+        pass  # released below, outside the handler, whose traceback holds the partial copies
+    release_device_memory(device)
+    return None
+
+
+def release_device_memory(device: torch.device) -> None:
+    """Return what Python no longer references to the device, so free memory reads true."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 # --- the classifiers: one stacked set of parameters, a slice per model trained ----------------
@@ -2965,8 +3035,7 @@ def predictions_fitting(logits, data: SplitData, split: str) -> torch.Tensor:
             if rows == 1:
                 raise ExperimentError("out of GPU memory evaluating one row; free the GPU or use --device cpu") from None
         rows //= 2  # outside the handler, whose traceback holds the failed chunk's activations
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_device_memory(data.y["val"].device)
         tqdm.write(f"notice: out of GPU memory during evaluation; continuing with {rows}-row chunks")
 
 
@@ -2989,6 +3058,8 @@ def train_ensemble(data: SplitData, cfg: Config, slices: Slices, classifier: Cla
     best_buffers = {k: b.clone() for k, b in buffers.items()}
     histories = [RunHistory(seed=s, lr=classifier.lr or cfg.lr, l2=l2) for s, l2 in zip(slices.seeds, slices.l2)]
     generators = [torch.Generator(device=device).manual_seed(s) for s in slices.seeds]
+    # row blocks: one shared sequence for the entry, the same whichever slices train together
+    shared = torch.Generator(device=device).manual_seed(row_block_seed(cfg)) if data.features.row_blocks else None
     scaler = LossScaler(device, enabled=amp == torch.float16)
     active = list(range(count))  # original slice index of each slice of the stack
     forward = training_forward(cfg, classifier, device)
@@ -3004,7 +3075,7 @@ def train_ensemble(data: SplitData, cfg: Config, slices: Slices, classifier: Cla
         lr = torch.tensor([histories[r].lr for r in active], device=device)
         decay = {k: per_slice["l2"] for k in params if classifier.penalised(k)}
         blocks = per_slice.get("blocks")
-        order = torch.stack([torch.randperm(n_train, generator=generators[r], device=device) for r in active])
+        order = epoch_order(n_train, batch, [generators[r] for r in active], shared, device)
         loss_sum = torch.zeros(len(active), device=device)
         for idx, x in data.features.epoch_batches(order, batch, steps, blocks, data.block_width):
             dropout_scales = None
@@ -3088,8 +3159,7 @@ def train_fitting(data: SplitData, cfg: Config, slices: Slices, classifier: Clas
     if len(slices) == 1:
         raise ExperimentError(f"out of GPU memory training one run of {label}; "
                               "lower --batch-size or --hidden-dim, or free the GPU")
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_device_memory(device)
     half = len(slices) // 2
     tqdm.write(f"notice: out of GPU memory training {len(slices)} models of {label} together; "
                f"training {half} and {len(slices) - half} at a time")
@@ -3240,6 +3310,8 @@ def runs_entry(result: EnsembleResult, metrics: dict, confusions: dict, data: Sp
     for split in ("train", "val", "test"):
         entry[f"{split}_acc_all_runs"] = metrics[split]["acc"]
     entry["training_mode"] = "sequential" if cfg.sequential_runs else "ensemble"
+    # streamed features: every run's batches come from the same row blocks, each run shuffling within them
+    entry["batch_order"] = "row_blocks" if data.features.row_blocks else "per_run"
     return entry
 
 
@@ -4079,7 +4151,8 @@ def trained_entries(store: FeatureStore, exp: Experiment, cfg: Config, device: t
     """Train and evaluate each classifier on one selection of modules, standardised once; yields entries."""
     features = group_feature_matrix(store, modules, representation)
     data = standardise(features, exp.labels.codes, exp.splits, len(exp.labels.class_names), device,
-                       feature_budget_bytes(device, cfg.max_resident_features_gb), cfg.num_workers)
+                       feature_budget_bytes(device, cfg.max_resident_features_gb), cfg.num_workers,
+                       batch=cfg.batch_size)
     for classifier in classifiers:
         name = entry_name(representation, group, classifier)
         result = train_runs(data, cfg, device, name, classifier)
@@ -4098,7 +4171,7 @@ def trained_layer_map(store: FeatureStore, exp: Experiment, cfg: Config, device:
     features, widths = layer_map_matrix(store, modules, representation)
     data = standardise(features, exp.labels.codes, exp.splits, len(exp.labels.class_names), device,
                        feature_budget_bytes(device, cfg.max_resident_features_gb), cfg.num_workers,
-                       block_width=features.shape[1] // len(modules))
+                       block_width=features.shape[1] // len(modules), batch=cfg.batch_size)
     result = train_runs(data, cfg, device, f"layer map {representation}", "linear", num_blocks=len(modules))
     entries = layer_map_entries(result, data, cfg, device, modules, widths, representation)
     tqdm.write(f"layer map {representation}: {len(modules)} modules in {result.seconds:.1f}s; best "

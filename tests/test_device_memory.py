@@ -1,0 +1,145 @@
+"""Device memory at the published scale: features streamed in row blocks when they do not fit, the same
+runs as resident training; out-of-memory falls back instead of failing; memory is released between
+entries; the predicted peak is printed before each entry and agrees with what training allocates."""
+
+import dataclasses
+import weakref
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import visual_ablation_experiment_optimized as vae
+
+from helpers import CPU, cli_args
+
+CFG = vae.Config(num_runs=3, hidden_dim=32, batch_size=32, max_epochs=8, patience=4, device="cpu", num_workers=0)
+
+
+@pytest.fixture(scope="module")
+def memmapped_problem(tmp_path_factory):
+    """600 rows of 24 features, 4 classes, on disk as a memory-mapped matrix (as large features are)."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(4, size=600)
+    path = tmp_path_factory.mktemp("features") / "features.npy"
+    features = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(600, 24))
+    features[:] = rng.standard_normal((600, 24)) + 1.2 * rng.standard_normal((4, 24))[labels]
+    return features, labels, vae.split_indices(600)
+
+
+def per_run_accuracies(data, cfg):
+    result = vae.train_runs(data, cfg, CPU, "test")
+    return [h.val_acc for h in result.histories], vae.predictions(result.logits(None), data, "test")
+
+
+# --- streaming ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["in_process", "worker_processes"])
+def test_streamed_training_gives_the_same_runs_as_resident_training_from_the_same_row_blocks(memmapped_problem, workers):
+    features, labels, splits = memmapped_problem
+    streamed = vae.standardise(features, labels, splits, 4, CPU, budget_bytes=0, workers=workers, batch=CFG.batch_size)
+    resident = vae.standardise(features, labels, splits, 4, CPU, batch=CFG.batch_size, row_blocks=True)
+    assert isinstance(streamed.features, vae.StreamedFeatures) and isinstance(resident.features, vae.ResidentFeatures)
+
+    streamed_curves, streamed_test = per_run_accuracies(streamed, CFG)
+    resident_curves, resident_test = per_run_accuracies(resident, CFG)
+
+    np.testing.assert_allclose(streamed_curves, resident_curves, atol=1e-6)  # every run's validation accuracy, every epoch
+    assert torch.equal(streamed_test, resident_test)
+
+
+def test_row_blocks_are_shared_by_every_run_and_each_run_shuffles_within_them():
+    n, batch = 1000, 32
+    block = batch * vae.STREAM_BLOCK_BATCHES
+    generators = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    order = vae.epoch_order(n, batch, generators, torch.Generator().manual_seed(0), CPU)
+
+    for run in order:
+        assert sorted(run.tolist()) == list(range(n))  # every training row once per epoch
+    for start in range(0, n, block):
+        rows = [set(run[start:start + block].tolist()) for run in order]
+        assert rows[0] == rows[1] == rows[2]  # one block read serves every run
+    assert not torch.equal(order[0, :block], order[1, :block])  # runs keep their own batches
+
+
+def test_runs_draw_their_row_blocks_the_same_whichever_runs_train_together(memmapped_problem):
+    features, labels, splits = memmapped_problem
+    streamed = vae.standardise(features, labels, splits, 4, CPU, budget_bytes=0, batch=CFG.batch_size)
+    together, _ = per_run_accuracies(streamed, CFG)
+    apart, _ = per_run_accuracies(streamed, dataclasses.replace(CFG, sequential_runs=True))
+    for a, b in zip(together, apart):
+        assert a[:3] == pytest.approx(b[:3], abs=0.02)  # only float rounding of batched products differs
+
+
+def test_entries_say_when_their_batches_came_from_row_blocks(tmp_path, tiny_dataset_path):
+    assert vae.main(cli_args(tmp_path, tiny_dataset_path, "--max-resident-features-gb", "1e-9",
+                             "--output-dir", str(tmp_path / "streamed"))) == 0
+    assert vae.main(cli_args(tmp_path, tiny_dataset_path, "--output-dir", str(tmp_path / "resident"))) == 0
+    for where, order in (("streamed", "row_blocks"), ("resident", "per_run")):
+        results = vae.json.loads(next((tmp_path / where).glob("*/results.json")).read_text())
+        assert {e["batch_order"] for e in results["all_layers_results"]} == {order}
+
+
+def test_streaming_reads_in_process_with_a_notice_when_shared_memory_is_too_small(memmapped_problem, monkeypatch,
+                                                                                  capsys):
+    features, labels, splits = memmapped_problem
+    block_bytes = CFG.batch_size * vae.STREAM_BLOCK_BATCHES * features.shape[1] * 4
+    monkeypatch.setattr(vae.shutil, "disk_usage", lambda path: SimpleNamespace(free=block_bytes))  # room for one block
+
+    data = vae.standardise(features, labels, splits, 4, CPU, budget_bytes=0, workers=4, batch=CFG.batch_size)
+
+    assert data.features.loader.num_workers == 0
+    assert "/dev/shm has 0.00 GB free" in capsys.readouterr().out
+
+
+# --- out of memory and release between entries -----------------------------------------------------
+
+def test_features_that_run_out_of_device_memory_are_streamed_instead(memmapped_problem, monkeypatch, capsys):
+    features, labels, splits = memmapped_problem
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(vae, "ResidentFeatures", out_of_memory)
+    data = vae.standardise(features, labels, splits, 4, CPU, batch=CFG.batch_size)
+
+    assert isinstance(data.features, vae.StreamedFeatures)
+    assert "streaming row blocks" in capsys.readouterr().out
+
+
+def test_the_device_budget_is_measured_after_the_previous_entry_is_released(tmp_path, tiny_dataset_path, monkeypatch):
+    held = []  # weak references to each entry's features and trained weights
+    real_standardise, real_train_runs, real_free = vae.standardise, vae.train_runs, vae.free_memory_bytes
+
+    def standardise(*args, **kwargs):
+        data = real_standardise(*args, **kwargs)
+        held.append(weakref.ref(data.features.x["train"]))
+        return data
+
+    def train_runs(*args, **kwargs):
+        result = real_train_runs(*args, **kwargs)
+        held.append(weakref.ref(result.best_params["w0"]))
+        return result
+
+    def free_memory_bytes(device):
+        assert not [ref for ref in held if ref() is not None], "a previous entry's tensors are alive"
+        return real_free(device)
+
+    for name, patched in (("standardise", standardise), ("train_runs", train_runs), ("free_memory_bytes", free_memory_bytes)):
+        monkeypatch.setattr(vae, name, patched)
+    assert vae.main(cli_args(tmp_path, tiny_dataset_path, "--representations", "simple_stats,spectral",
+                             "--classifiers", "mlp,linear")) == 0
+    results = vae.json.loads(next((tmp_path / "out").glob("*/results.json")).read_text())
+    entries = sum(len(v) for k, v in results.items() if k.endswith("_results"))
+    assert len(held) == entries // 2 * 3  # per (representation, group): its features, then two classifiers' weights
+
+
+def test_free_gpu_memory_is_read_after_the_allocator_returns_its_cached_blocks(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: calls.append("mem_get_info") or (8 << 30, 80 << 30))
+
+    assert vae.feature_budget_bytes(torch.device("cuda", 0), 0) == 4 << 30
+
+    assert calls == ["empty_cache", "mem_get_info"]
