@@ -2763,6 +2763,39 @@ def init_linear(seeds: list[int], in_dim: int, num_classes: int, cfg: Config, de
     return init_layer_stack(seeds, [in_dim, num_classes], device), {}
 
 
+@dataclass(frozen=True)
+class ModelSizes:
+    """Floats one slice of a classifier holds on the device, for predicting its peak memory."""
+
+    params: int
+    largest: int
+    """the largest parameter tensor"""
+    buffers: int
+    activations: int
+    """per training row: what the backward pass keeps, with the dropout draws"""
+    eval_activations: int
+    """per evaluated row: the layers' outputs alive at once"""
+
+
+def layer_sizes(dims: list[int], extra_params: int, buffers: int, activations: int, eval_activations: int) -> ModelSizes:
+    weights = [a * b for a, b in zip(dims[:-1], dims[1:])]
+    return ModelSizes(sum(weights) + sum(dims[1:]) + extra_params, max(weights), buffers, activations, eval_activations)
+
+
+def mlp_sizes(in_dim: int, num_classes: int, cfg: Config) -> ModelSizes:
+    """For the backward pass each hidden layer keeps its centred values, ReLU output, dropout draw and
+    scale (4 per unit, fitted to measured peaks); evaluation holds about three layer outputs at once."""
+    h = cfg.hidden_dim
+    return layer_sizes([in_dim] + [h] * NUM_HIDDEN + [num_classes], extra_params=2 * NUM_HIDDEN * h,
+                       buffers=2 * NUM_HIDDEN * h, activations=4 * NUM_HIDDEN * h + 3 * num_classes,
+                       eval_activations=3 * h + num_classes)
+
+
+def linear_sizes(in_dim: int, num_classes: int, cfg: Config) -> ModelSizes:
+    return layer_sizes([in_dim, num_classes], extra_params=0, buffers=0, activations=3 * num_classes,
+                       eval_activations=2 * num_classes)
+
+
 def shared_rows_product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(batch, in) rows shared by every slice -> (slices, batch, out): one product per slice, never a
     copy of the rows per slice."""
@@ -2847,6 +2880,7 @@ class Classifier:
     name: str
     init: Callable
     forward: Callable
+    sizes: Callable[[int, int, Config], ModelSizes]
     penalised: Callable[[str], bool]
     dropout: bool
     l2_grid: tuple[float, ...] | None
@@ -2855,9 +2889,9 @@ class Classifier:
 
 
 CLASSIFIERS = {
-    "mlp": Classifier("mlp", init_mlp, ensemble_forward, penalised=lambda name: True, dropout=True, l2_grid=None,
+    "mlp": Classifier("mlp", init_mlp, ensemble_forward, mlp_sizes, penalised=lambda name: True, dropout=True, l2_grid=None,
                       lr=None),
-    "linear": Classifier("linear", init_linear, linear_forward, penalised=lambda name: name.startswith("w"),
+    "linear": Classifier("linear", init_linear, linear_forward, linear_sizes, penalised=lambda name: name.startswith("w"),
                          dropout=False, l2_grid=LINEAR_L2_GRID, lr=LINEAR_LR),
 }
 
@@ -3121,21 +3155,21 @@ def train_ensemble(data: SplitData, cfg: Config, slices: Slices, classifier: Cla
         if not keep_slices:
             break
         if len(keep_slices) < len(active):
-            params, buffers, opt_state, per_slice = compact_ensemble(params, buffers, opt_state, per_slice,
-                                                                     keep_slices, device)
+            compact_ensemble(params, buffers, opt_state, per_slice, keep_slices, device)
             active = [active[s] for s in keep_slices]
     epochs.close()
     return EnsembleResult(classifier, slices, histories, best_params, best_buffers, time.perf_counter() - started)
 
 
-def compact_ensemble(params, buffers, opt_state, per_slice, keep_slices: list[int], device: torch.device):
-    """Keep only the slices still training."""
+def compact_ensemble(params, buffers, opt_state, per_slice, keep_slices: list[int], device: torch.device) -> None:
+    """Keep only the slices still training, tensor by tensor in place, so each old tensor is freed as
+    its replacement is made (never a second copy of the whole model)."""
     keep = torch.tensor(keep_slices, device=device)
-    params = {k: p.detach()[keep].requires_grad_(True) for k, p in params.items()}
-    buffers = {k: b[keep] for k, b in buffers.items()}
-    opt_state = {k: {s: t[keep] for s, t in st.items()} for k, st in opt_state.items()}
-    per_slice = {k: t[keep] for k, t in per_slice.items()}
-    return params, buffers, opt_state, per_slice
+    for k in params:
+        params[k] = params[k].detach()[keep].requires_grad_(True)
+    for tensors in (buffers, per_slice, *opt_state.values()):
+        for k in tensors:
+            tensors[k] = tensors[k][keep]
 
 
 def merge_results(parts: list[EnsembleResult]) -> EnsembleResult:
@@ -3167,6 +3201,31 @@ def train_fitting(data: SplitData, cfg: Config, slices: Slices, classifier: Clas
                           train_fitting(data, cfg, slices.part(list(range(half, len(slices)))), classifier, device, label)])
 
 
+def predicted_peak_bytes(data: SplitData, cfg: Config, classifier: Classifier, slices: int,
+                         amp: torch.dtype | None) -> int:
+    """The most device memory training one ensemble should take: standardising (the features and a float64
+    chunk of the statistics), or training: features (resident, or a streamed block or evaluation chunk),
+    labels and each epoch's order, per slice its parameters, their gradients, Adam's moments and best
+    copy, plus the largest of a step's activations and update temporaries, an epoch's order being
+    drawn, and an evaluation chunk's layer outputs."""
+    f32, sizes = 4, classifier.sizes(data.input_dim, data.num_classes, cfg)
+    n_train, rows = data.size("train"), sum(data.size(s) for s in ("train", "val", "test"))
+    batch, eval_rows = min(cfg.batch_size, n_train), min(EVAL_CHUNK_ROWS, max(data.size(s) for s in ("val", "test")))
+    row_bytes, resident = data.feature_dim * f32, isinstance(data.features, ResidentFeatures)
+    statistics = min(stats_chunk_rows(data.feature_dim), n_train) * row_bytes * (2 if resident else 3)  # float64 chunk
+    if resident:
+        features = rows * row_bytes
+    else:  # a block as read and standardised, or an evaluation chunk as read, put in order and standardised
+        features = max(2 * min(batch * STREAM_BLOCK_BATCHES, n_train), 3 * eval_rows) * row_bytes
+    order = slices * n_train * 8
+    held = features + rows * 8 + order + slices * (5 * sizes.params + 2 * sizes.buffers) * f32
+    cast = 2 if amp is not None else 0  # autocast's half-precision copies of the first layer's input and weights
+    update = sizes.largest * (f32 * (4 if amp == torch.float16 else 1) + cast)  # Adam's temporary (+ fp16 rollback)
+    step = batch * (data.input_dim * (f32 + cast) + sizes.activations * f32) * slices + slices * update
+    evaluation = slices * eval_rows * sizes.eval_activations * f32
+    return max(held + max(step, evaluation, 2 * order), (features if resident else 0) + statistics)
+
+
 def best_of_grid(result: EnsembleResult) -> EnsembleResult:
     """Per reported unit, in unit order, the slice of the L2 grid with the best validation accuracy
     (ties go to the stronger penalty, the simpler model; a slice whose training failed only when all did)."""
@@ -3185,6 +3244,11 @@ def train_runs(data: SplitData, cfg: Config, device: torch.device, label: str, c
     with --sequential-runs; for the linear probe, each run's L2 strength chosen on the validation split."""
     model = CLASSIFIERS[classifier]
     slices = run_slices(cfg, model, num_blocks)
+    together = len(slices) // cfg.runs if cfg.sequential_runs else len(slices)
+    peak = predicted_peak_bytes(data, cfg, model, together, amp_dtype(cfg, device))
+    where = "resident" if isinstance(data.features, ResidentFeatures) else "streamed in row blocks"
+    tqdm.write(f"{label}: {together} models at a time, features {where}, predicted peak device memory "
+               f"{peak / 2 ** 30:.2f} GB")
     if not cfg.sequential_runs:
         return best_of_grid(train_fitting(data, cfg, slices, model, device, label))
     runs = [[i for i, unit in enumerate(slices.units) if unit % cfg.runs == k] for k in range(cfg.runs)]

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,3 +25,22 @@ def test_readme_quick_command_runs_on_cuda_and_completes(tmp_path):
     entries = results["all_layers_results"] + results["visual_only_results"]
     assert len(entries) == 2 * len(vae.DEFAULT_REPRESENTATIONS)
     assert all(e["num_successful_runs"] == 3 for e in entries)
+
+
+@pytest.mark.parametrize("classifier", ["mlp", "linear"])
+def test_predicted_peak_memory_bounds_what_cuda_allocates(classifier):
+    device = torch.device("cuda")
+    rng = np.random.default_rng(0)
+    labels = rng.integers(4, size=20000)
+    features = rng.standard_normal((20000, 20000), dtype=np.float32)  # 1.6 GB, resident
+    cfg = vae.Config(num_runs=10, max_epochs=2, patience=50, device="cuda")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    data = vae.standardise(features, labels, vae.split_indices(20000), 4, device, batch=cfg.batch_size)
+    result = vae.train_runs(data, cfg, device, "measured", classifier)
+    vae.evaluate_entry(result, data, cfg, device, "measured", 1)
+    measured = torch.cuda.max_memory_allocated(device) - before
+    model = vae.CLASSIFIERS[classifier]
+    predicted = vae.predicted_peak_bytes(data, cfg, model, len(vae.run_slices(cfg, model)), vae.amp_dtype(cfg, device))
+    assert 0.7 <= measured / predicted <= 1.25, (measured, predicted)

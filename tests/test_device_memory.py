@@ -3,7 +3,13 @@ runs as resident training; out-of-memory falls back instead of failing; memory i
 entries; the predicted peak is printed before each entry and agrees with what training allocates."""
 
 import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,7 +18,7 @@ import torch
 
 import visual_ablation_experiment_optimized as vae
 
-from helpers import CPU, cli_args
+from helpers import CPU, SCRIPT, cli_args
 
 CFG = vae.Config(num_runs=3, hidden_dim=32, batch_size=32, max_epochs=8, patience=4, device="cpu", num_workers=0)
 
@@ -143,3 +149,65 @@ def test_free_gpu_memory_is_read_after_the_allocator_returns_its_cached_blocks(m
     assert vae.feature_budget_bytes(torch.device("cuda", 0), 0) == 4 << 30
 
     assert calls == ["empty_cache", "mem_get_info"]
+
+
+# --- the predicted peak ----------------------------------------------------------------------------
+
+MEASURE_PEAK = """
+import json, sys
+from pathlib import Path
+import numpy as np, torch
+import visual_ablation_experiment_optimized as vae
+
+def status(key):
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+
+spec = json.loads(sys.argv[1])
+cpu, classifier = torch.device("cpu"), spec.pop("classifier")
+budget = spec.pop("budget_bytes", None)
+rng = np.random.default_rng(0)
+labels = rng.integers(4, size=2000)
+x = rng.standard_normal((2000, spec.pop("features")), dtype=np.float32) + rng.standard_normal((4, 1), dtype=np.float32)[labels]
+cfg = vae.Config(**spec, patience=50, device="cpu", num_workers=0)
+torch.set_num_threads(1)
+warm = vae.standardise(x[:60, :8].copy(), labels[:60], vae.split_indices(60), 4, cpu)  # torch's first-use allocations
+vae.train_runs(warm, vae.dataclasses.replace(cfg, max_epochs=1), cpu, "warm-up", classifier)
+del warm
+Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current resident size
+before = status("VmRSS")
+data = vae.standardise(x, labels, vae.split_indices(2000), 4, cpu, budget_bytes=budget, batch=cfg.batch_size)
+result = vae.train_runs(data, cfg, cpu, "measured", classifier)
+vae.evaluate_entry(result, data, cfg, cpu, "measured", 1)
+model = vae.CLASSIFIERS[classifier]
+predicted = vae.predicted_peak_bytes(data, cfg, model, len(vae.run_slices(cfg, model)), None)
+print(json.dumps({"measured": status("VmHWM") - before, "predicted": predicted}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable peak RSS")
+@pytest.mark.parametrize("spec", [
+    {"classifier": "mlp", "features": 6000, "num_runs": 3, "hidden_dim": 256, "batch_size": 64, "max_epochs": 2},
+    {"classifier": "linear", "features": 6000, "num_runs": 3, "batch_size": 64, "max_epochs": 2},
+    {"classifier": "mlp", "features": 1000, "num_runs": 10, "hidden_dim": 512, "batch_size": 256, "max_epochs": 2},
+    {"classifier": "mlp", "features": 6000, "num_runs": 3, "hidden_dim": 256, "batch_size": 64, "max_epochs": 2,
+     "budget_bytes": 0},
+], ids=["mlp_wide_features", "linear_grid", "mlp_many_runs", "mlp_streamed"])
+def test_predicted_peak_memory_agrees_with_what_training_allocates(spec):
+    """On CPU tensors the device is the process: its peak resident size over training, with every large
+    allocation mapped straight from the system (so a freed one is returned), is the peak allocated."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(SCRIPT.parent)}
+    run = subprocess.run([sys.executable, "-c", MEASURE_PEAK, json.dumps(spec)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    peak = json.loads(run.stdout.strip().splitlines()[-1])
+    assert peak["measured"] > 50 << 20  # large enough that the interpreter's own allocations are noise
+    assert 0.8 <= peak["measured"] / peak["predicted"] <= 1.25, peak
+
+
+def test_the_predicted_peak_is_printed_before_each_entry_trains(tmp_path, tiny_dataset_path, capsys):
+    assert vae.main(cli_args(tmp_path, tiny_dataset_path, "--classifiers", "mlp,linear")) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"simple_stats_all_layers: 2 models at a time, features resident, predicted peak device memory "
+                     r"\d+\.\d\d GB", out)
+    assert "simple_stats_all_layers_linear: 10 models at a time" in out
