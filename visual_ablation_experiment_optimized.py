@@ -503,6 +503,13 @@ def nested_list_array(matrices: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(matrix_offsets, pa.ListArray.from_arrays(row_offsets, matrices.reshape(-1)))
 
 
+def write_arrow_stream(tables, schema: pa.Schema, arrow_file: str) -> None:
+    """Arrow tables written one after the other to one Arrow stream file, which datasets opens as is."""
+    with pa.OSFile(arrow_file, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for table in tables:
+            writer.write_table(table)
+
+
 def save_batches(tables, schema: pa.Schema, path: Path, extra_files: dict[str, str] | None = None) -> None:
     """Arrow tables (consecutive row batches) saved as one dataset with save_to_disk at path,
     complete or absent: streamed to an Arrow file (memory holds one batch), copied into
@@ -513,9 +520,7 @@ def save_batches(tables, schema: pa.Schema, path: Path, extra_files: dict[str, s
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         arrow_file = os.path.join(scratch, "rows.arrow")
-        with pa.OSFile(arrow_file, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-            for table in tables:
-                writer.write_table(table)
+        write_arrow_stream(tables, schema, arrow_file)
         ds = datasets.Dataset.from_file(arrow_file)
         ds.save_to_disk(str(partial))
         del ds
@@ -637,15 +642,19 @@ def synthetic_table(spec: SyntheticSpec, start: int, stop: int, schema: pa.Schem
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+def synthetic_tables(spec: SyntheticSpec, schema: pa.Schema):
+    """The generated dataset as Arrow tables of WRITER_BATCH_BYTES of weights each."""
+    floats_per_row = sum(r * c for r, c in spec.shapes.values())
+    rows = max(1, WRITER_BATCH_BYTES // (4 * floats_per_row))
+    return (synthetic_table(spec, start, min(start + rows, spec.rows), schema) for start in range(0, spec.rows, rows))
+
+
 def write_synthetic_dataset(spec: SyntheticSpec, path: Path) -> Path:
     """Write the dataset with save_to_disk in batches, so memory stays bounded; reuse it if present."""
     if (path / "state.json").exists():
         return path
     schema = synthetic_features(spec).arrow_schema
-    floats_per_row = sum(r * c for r, c in spec.shapes.values())
-    rows = max(1, WRITER_BATCH_BYTES // (4 * floats_per_row))
-    save_batches((synthetic_table(spec, start, min(start + rows, spec.rows), schema)
-                  for start in range(0, spec.rows, rows)), schema, path)
+    save_batches(synthetic_tables(spec, schema), schema, path)
     return path
 
 
@@ -1834,8 +1843,22 @@ class PairBatch:
 
     @cached_property
     def delta_singular_values(self) -> torch.Tensor:
-        """(N, r) float32: singular values of the update, descending, times |scale|."""
-        values = torch.linalg.svdvals(self.core).float()
+        """(N, r) float32: singular values of the update, descending, times |scale|.  From r x r matrices
+        only, batched on any device (QR of a tall factor is a loop per matrix on CUDA): with
+        up^T up = V_u L_u V_u^T and down down^T = V_d L_d V_d^T (float64), up = W_u L_u^1/2 V_u^T and
+        down^T = W_d L_d^1/2 V_d^T for isometries W, so up @ down has the singular values of
+        L_u^1/2 V_u^T V_d L_d^1/2.  A factor with eigenvalues below GRAM_RELATIVE_FLOOR^2 of its largest
+        loses digits there: those pairs take the QR core instead."""
+        up, down = self.up.matrices.double(), self.down.matrices.double()
+        lu, vu = torch.linalg.eigh(up.mT @ up)
+        ld, vd = torch.linalg.eigh(down @ down.mT)
+        core = (lu.clamp_min(0).sqrt()[:, :, None] * vu.mT) @ (vd * ld.clamp_min(0).sqrt()[:, None, :])
+        values = torch.linalg.svdvals(core)
+        floor = GRAM_RELATIVE_FLOOR ** 2
+        ill = (lu[:, 0] < floor * lu[:, -1]) | (ld[:, 0] < floor * ld[:, -1])  # eigh: ascending
+        if ill.any():
+            values[ill] = torch.linalg.svdvals(PairBatch(MatrixBatch(down[ill]), MatrixBatch(up[ill])).core)
+        values = values.float()
         return values if self.scale is None else values * self.scale.abs()[:, None]
 
 

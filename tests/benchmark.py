@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer columns the reference extractor is timed on, spread over the layout")
     p.add_argument("--reference-rows", type=int, default=100,
                    help="rows the reference extractor is timed on (the first ones)")
+    p.add_argument("--extraction-only", action="store_true",
+                   help="only extraction: throughput, peak memory and the reference's scaled time, on a table "
+                        "written once as one Arrow file (for tables larger than RAM: --rows 92000 --layout published)")
     p.add_argument("--_extract-only", dest="extract_only", type=Path, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -248,9 +251,33 @@ def ensure_dataset(spec: vae.SyntheticSpec, workdir: Path, layout: str) -> tuple
     return path, reused, time.perf_counter() - started
 
 
+def ensure_arrow_file(spec: vae.SyntheticSpec, workdir: Path, layout: str) -> tuple[Path, bool, float]:
+    """The generated table as one Arrow file, written once (a table larger than the disk's free half
+    cannot also be copied into save_to_disk's layout); its path, whether it existed, the seconds taken."""
+    path = workdir / f"{layout}-{spec.rows}.arrow"
+    reused = path.exists()
+    started = time.perf_counter()
+    if not reused:
+        partial = path.with_name(path.name + ".partial")
+        schema = vae.synthetic_features(spec).arrow_schema
+        vae.write_arrow_stream(vae.synthetic_tables(spec, schema), schema, str(partial))
+        os.replace(partial, path)
+    return path, reused, time.perf_counter() - started
+
+
 def load_dataset(path: Path) -> vae.LoadedDataset:
-    ds = vae.load_local_dataset(path)
+    """A generated table: a save_to_disk directory, or one Arrow file."""
+    import datasets
+    ds = datasets.Dataset.from_file(str(path)) if path.suffix == ".arrow" else vae.load_local_dataset(path)
     return vae.LoadedDataset(ds, path.name, f"benchmark {path.name}", vae.dataset_fingerprint(ds))
+
+
+def ram_bytes() -> int | None:
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.exists():
+        return None
+    line = next(l for l in meminfo.read_text().splitlines() if l.startswith("MemTotal:"))
+    return int(line.split()[1]) * 1024
 
 
 def weight_columns(modules) -> list[str]:
@@ -658,6 +685,49 @@ TABLE_ROWS = (  # (label, function of a result -> text)
 )
 
 
+def extraction_only_layout(layout: str, rows: int, args, machine: dict) -> dict:
+    """Extraction alone on a table that may be larger than RAM (the 100k scale: --rows 92000
+    --layout published): the table is written once as one Arrow file, our extraction runs in a fresh
+    process (throughput, peak RSS), and the reference is timed on its sample and scaled."""
+    spec = layout_spec(layout, rows)
+    path, reused, write_seconds = ensure_arrow_file(spec, args.workdir, layout)
+    loaded = load_dataset(path)
+    columns = weight_columns(vae.lora_modules(loaded.dataset.column_names))
+    dataset_bytes = dataset_weight_bytes(spec)
+    log(f"[{layout}] {rows} rows, {dataset_bytes / 1e9:.1f} GB of weights in a {path.stat().st_size / 1e9:.1f} GB "
+        f"Arrow file at {path}; our extraction in a fresh subprocess")
+    memory = measure_peak_memory(path, args)
+    log(f"[{layout}] reference extraction on {min(args.reference_columns, len(columns))} columns x "
+        f"{min(args.reference_rows, rows)} rows")
+    reference = time_reference(loaded, columns, args, vae.resolve_device(benchmark_config(args)))
+    reference.pop("features")
+    # flat_vec is not extracted by ours (it is read when a group needs it): compared without it
+    reference_seconds = reference["scaled_seconds"] - reference["scaled_seconds_per_representation"]["flat_vec"]
+    return {
+        "mode": "extraction_only", "layout": layout, "rows": rows, "device": args.device,
+        "dataset_bytes": dataset_bytes, "file_bytes": path.stat().st_size, "ram_bytes": ram_bytes(),
+        "dataset_reused": reused, "extraction_seconds": memory["seconds"],
+        "ours_gb_per_s": dataset_bytes / memory["seconds"] / 1e9,
+        "extraction_speedup_without_flat_vec": reference_seconds / memory["seconds"],
+        "peak_rss_fraction": memory["peak_rss"] / dataset_bytes,
+        "rss_growth_fraction": (memory["peak_rss"] - memory["rss_before"]) / dataset_bytes,
+        "seconds": {"dataset_write": write_seconds, "ours_extraction": memory["seconds"],
+                    "reference_scaled_without_flat_vec": reference_seconds},
+        "memory": memory, "reference": reference, "machine": machine,
+        "load_average_at_layout_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def extraction_only_table(results: list[dict]) -> str:
+    lines = [f"{'layout':<10} {'rows':>7} {'weights GB':>10} {'RAM GB':>7} {'seconds':>8} {'GB/s':>6} "
+             f"{'peak RSS GB':>11} {'peak/data':>9} {'vs reference':>12}"]
+    for r in results:
+        lines.append(f"{r['layout']:<10} {r['rows']:>7} {r['dataset_bytes'] / 1e9:>10.1f} {(r['ram_bytes'] or 0) / 1e9:>7.1f} "
+                     f"{r['extraction_seconds']:>8.1f} {r['ours_gb_per_s']:>6.2f} {r['memory']['peak_rss'] / 1e9:>11.2f} "
+                     f"{r['peak_rss_fraction']:>9.3f} {r['extraction_speedup_without_flat_vec']:>11.0f}x")
+    return "\n".join(lines)
+
+
 def results_table(results: list[dict]) -> str:
     header = f"{'metric':<26}" + "".join(f"{r['layout']:>16}" for r in results)
     lines = [header, "-" * len(header)]
@@ -743,6 +813,13 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
     machine = machine_info(torch.device(args.device))
+    if args.extraction_only:
+        results = [extraction_only_layout(layout, rows, args, machine) for layout, rows in layouts_to_run(args)]
+        for result in results:
+            print("BENCH_JSON " + json.dumps(result), flush=True)
+        (args.workdir / "benchmark_extraction_only.json").write_text(json.dumps(results, indent=2))
+        print(extraction_only_table(results))
+        return 0
     results = []
     for layout, rows in layouts_to_run(args):
         result = benchmark_layout(layout, rows, args, machine)

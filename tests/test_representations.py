@@ -352,6 +352,34 @@ def test_delta_spectral_scale_multiplies_the_singular_values_by_its_absolute_val
     assert not np.allclose(got[:2], delta_features(down, up)[:2])  # the scale did change something
 
 
+def test_delta_spectral_of_well_conditioned_factors_needs_no_qr(monkeypatch):
+    """QR of a tall factor is a loop per matrix on CUDA: the spectrum comes from r x r matrices."""
+    def no_qr(*args, **kwargs):
+        raise AssertionError("QR of a factor")
+
+    rng = np.random.default_rng(6)
+    down = (0.05 * rng.standard_normal((3, 4, 320))).astype(np.float32)
+    up = (0.05 * rng.standard_normal((3, 1280, 4))).astype(np.float32)
+    want = np.array([ref_spectrum(update_spectrum(d, u)) for d, u in zip(down, up)])
+    monkeypatch.setattr(torch.linalg, "qr", no_qr)
+    assert_features_close(delta_features(down, up), want, SPECTRUM_NAMES)
+
+
+@pytest.mark.parametrize("tiny", [1e-4, 1e-7, 0.0], ids=["small", "below_the_gram_floor", "rank_deficient"])
+def test_delta_spectral_keeps_small_singular_values_of_ill_conditioned_factors(tiny):
+    rng = np.random.default_rng(7)
+    down = 0.05 * rng.standard_normal((2, 4, 320))
+    up = 0.05 * rng.standard_normal((2, 640, 4))
+    up[:, :, 3] = up[:, :, 2] + tiny * up[:, :, 3]  # one direction of up almost (or exactly) repeats another
+    want = np.array([update_spectrum(d, u) if tiny else np.linalg.svd(u @ d, compute_uv=False)[:4]
+                     for d, u in zip(down, up)])
+    pair = vae.PairBatch(vae.MatrixBatch(torch.from_numpy(down)), vae.MatrixBatch(torch.from_numpy(up)))
+    got = pair.delta_singular_values.double().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * want.max())
+    if tiny:
+        assert got[:, -1] == pytest.approx(want[:, -1], rel=1e-4)  # the smallest value kept its digits
+
+
 # --- delta_canonical and the factorisation ambiguity ------------------------------------------
 
 def pair_features(name, down, up, scale=None):
