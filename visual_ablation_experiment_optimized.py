@@ -2919,6 +2919,49 @@ CLASSIFIERS = {
 }
 
 
+COMPILE_BACKEND = "inductor"
+
+
+class CompileClock:
+    """A torch.compile backend that delegates to another and adds up the seconds and the number of its
+    compilations, so training time excludes them and results report them apart."""
+
+    def __init__(self, backend: str | Callable):
+        # torch.compile takes a backend's name or a callable; wrapping one needs the callable, and
+        # torch._dynamo.lookup_backend is the only way to get it from a name
+        self.backend = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
+        self.seconds, self.compilations = 0.0, 0
+
+    def __call__(self, graph, example_inputs):
+        started = time.perf_counter()
+        try:
+            return self.backend(graph, example_inputs)
+        finally:
+            self.seconds += time.perf_counter() - started
+            self.compilations += 1
+
+
+class CompiledForward:
+    """A classifier's forward under torch.compile with dynamic shapes.  Only three sizes vary (slices drop
+    out of the stack, the last batch is short, each entry has its own feature count); the others (hidden
+    width, classes, hidden layers) are fixed for the process and marked static, so a varying size that
+    happens to equal one (3 runs and 3 hidden layers) is never merged with it (duck shaping) and does not
+    recompile when they part."""
+
+    def __init__(self, forward: Callable, backend: str | Callable = COMPILE_BACKEND):
+        self.clock = CompileClock(backend)
+        self.compiled = torch.compile(forward, dynamic=True, backend=self.clock)
+
+    def __call__(self, params, buffers, x, dropout_scales, amp, blocks=None):
+        for name, t in {**params, **buffers}.items():
+            for dim in range(2 if name == "w0" else 1, t.dim()):  # w0: (slices, features, out)
+                torch._dynamo.mark_static(t, dim)
+        if dropout_scales is not None:  # (slices, batch, hidden layers, hidden)
+            torch._dynamo.mark_static(dropout_scales, 2)
+            torch._dynamo.mark_static(dropout_scales, 3)
+        return self.compiled(params, buffers, x, dropout_scales, amp, blocks)
+
+
 @functools.lru_cache(maxsize=None)
 def _forward_for(classifier: str, mode: str, device_type: str):
     forward = CLASSIFIERS[classifier].forward
@@ -2927,7 +2970,7 @@ def _forward_for(classifier: str, mode: str, device_type: str):
         return forward
     reason = compile_available(torch.device(device_type))
     if reason is None:
-        return torch.compile(forward, dynamic=True)  # slices drop out of the stack: shapes vary
+        return CompiledForward(forward)
     if mode == "on":
         raise ExperimentError(f"--compile on: {reason}; use --compile off")
     tqdm.write(f"notice: {reason}; training without torch.compile")
@@ -2940,13 +2983,23 @@ def training_forward(cfg: Config, classifier: Classifier, device: torch.device):
     return _forward_for(classifier.name, cfg.compile, device.type)
 
 
+def compile_seconds(forward) -> float:
+    """Seconds the forward has spent compiling so far (0 when it is not compiled)."""
+    return forward.clock.seconds if isinstance(forward, CompiledForward) else 0.0
+
+
+# torch.amp.GradScaler's defaults
+LOSS_SCALE_INIT, LOSS_SCALE_GROWTH_INTERVAL = 2.0 ** 16, 2000
+
+
 class LossScaler:
-    """Dynamic loss scaling for float16 training, without a host sync: a step whose gradients are
-    not finite is skipped (inside `adam_step`) and the scale halves."""
+    """Dynamic loss scaling for float16 training as torch.amp.GradScaler does it, without a host sync: a
+    step whose gradients are not finite is skipped (inside `adam_step`) and the scale halves; after
+    LOSS_SCALE_GROWTH_INTERVAL finite steps in a row it doubles."""
 
     def __init__(self, device: torch.device, enabled: bool):
         self.enabled = enabled
-        self.scale = torch.tensor(2.0 ** 16 if enabled else 1.0, device=device)
+        self.scale = torch.tensor(LOSS_SCALE_INIT if enabled else 1.0, device=device)
         self.good_steps = torch.zeros((), device=device)
 
     def unscale(self, grads: list[torch.Tensor]) -> torch.Tensor | None:
@@ -2956,37 +3009,44 @@ class LossScaler:
         torch._foreach_mul_(grads, 1.0 / self.scale)
         finite = torch.stack([g.isfinite().all() for g in grads]).all()
         self.good_steps = torch.where(finite, self.good_steps + 1, torch.zeros_like(self.good_steps))
-        grow = self.good_steps >= 2000
+        grow = self.good_steps >= LOSS_SCALE_GROWTH_INTERVAL
         self.scale = torch.where(finite, torch.where(grow, self.scale * 2, self.scale), self.scale * 0.5)
         self.good_steps = torch.where(grow, torch.zeros_like(self.good_steps), self.good_steps)
         return finite
 
 
 def adam_step(params: dict[str, torch.Tensor], state: dict[str, dict[str, torch.Tensor]], lr: torch.Tensor,
-              step: int, decay: dict[str, torch.Tensor], finite: torch.Tensor | None) -> None:
+              step: torch.Tensor | int, decay: dict[str, torch.Tensor], finite: torch.Tensor | None) -> None:
     """torch.optim.Adam's update with a learning rate per slice (lr: (slices,)) and an L2 penalty per
     slice (decay[name]: (slices, 1, 1), for the parameters penalised), in place on stacked
-    (slices, a, b) parameters.  With a loss scaler, a step whose gradients were not finite leaves
-    parameters and moments unchanged."""
+    (slices, a, b) parameters: a few foreach kernels for all of them, not a loop of small ones.
+    step counts the steps taken, this one included.  With a loss scaler (finite given), a step whose
+    gradients were not finite changes nothing, as GradScaler skipping optimizer.step(): the caller
+    does not count it either."""
     beta1, beta2 = ADAM_BETAS
-    step_size = (lr / (1 - beta1 ** step)).view(-1, 1, 1)
-    root_bias2 = math.sqrt(1 - beta2 ** step)
+    names = list(params)
+    p, m, v = [params[k] for k in names], [state[k]["m"] for k in names], [state[k]["v"] for k in names]
     with torch.no_grad():
-        for name, p in params.items():
-            g, m, v = p.grad, state[name]["m"], state[name]["v"]
-            before = (p.clone(), m.clone(), v.clone()) if finite is not None else None
-            if before is not None:
-                g.nan_to_num_(0.0, 0.0, 0.0)
-            if name in decay:
-                g.addcmul_(p, decay[name])
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = v.sqrt().div_(root_bias2).add_(ADAM_EPS).div_(step_size)
-            p.addcdiv_(m, denom, value=-1.0)
-            if before is not None:
-                for new, old in zip((p, m, v), before):
-                    torch.where(finite, new, old, out=new)
-            p.grad = None
+        g = [params[k].grad for k in names]
+        take = 1.0
+        if finite is not None:  # weights of 0 skip the step; non-finite values would turn them into NaN
+            take = finite.float()
+            g = [torch.where(finite, x, 0.0) for x in g]
+        penalised = [i for i, k in enumerate(names) if k in decay]
+        if penalised:
+            torch._foreach_addcmul_([g[i] for i in penalised], [p[i] for i in penalised],
+                                    [decay[names[i]] for i in penalised])
+        torch._foreach_lerp_(m, g, (1 - beta1) * take)
+        torch._foreach_lerp_(v, torch._foreach_mul(g, g), (1 - beta2) * take)
+        steps = torch.as_tensor(step, dtype=torch.float64, device=lr.device).clamp_min(1)  # 0 only when skipped
+        step_size = (lr * take / (1 - beta1 ** steps)).float().view(-1, 1, 1)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, (1 - beta2 ** steps).sqrt().float())
+        torch._foreach_add_(denom, ADAM_EPS)
+        torch._foreach_div_(denom, [step_size] * len(denom))  # a step of 0 (skipped): an infinite denominator
+        torch._foreach_addcdiv_(p, m, denom, -1.0)
+        for x in p:
+            x.grad = None
 
 
 @dataclass
@@ -3060,12 +3120,14 @@ class EnsembleResult:
     best_params: dict[str, torch.Tensor]
     best_buffers: dict[str, torch.Tensor]
     seconds: float
+    """training, without compiling"""
+    compile_seconds: float = 0.0
 
     def part(self, picks: list[int]) -> EnsembleResult:
         index = torch.tensor(picks, device=self.device)
         return EnsembleResult(self.classifier, self.slices.part(picks), [self.histories[i] for i in picks],
                               {k: p[index] for k, p in self.best_params.items()},
-                              {k: b[index] for k, b in self.best_buffers.items()}, self.seconds)
+                              {k: b[index] for k, b in self.best_buffers.items()}, self.seconds, self.compile_seconds)
 
     @property
     def device(self) -> torch.device:
@@ -3120,12 +3182,13 @@ def train_ensemble(data: SplitData, cfg: Config, slices: Slices, classifier: Cla
     scaler = LossScaler(device, enabled=amp == torch.float16)
     active = list(range(count))  # original slice index of each slice of the stack
     forward = training_forward(cfg, classifier, device)
+    compiled_before = compile_seconds(forward)
     y_train = data.y["train"]
     n_train = data.size("train")
     batch = min(cfg.batch_size, n_train)
     # BatchNorm cannot normalise a batch of one row: a trailing batch of one is dropped
     steps = n_train // batch + (1 if n_train % batch > 1 else 0)
-    step_count = 0
+    step_count = torch.zeros((), device=device)
 
     epochs = tqdm(range(cfg.max_epochs), desc=f"epochs {progress_label}".strip(), leave=False, unit="ep")
     for epoch in epochs:
@@ -3144,7 +3207,7 @@ def train_ensemble(data: SplitData, cfg: Config, slices: Slices, classifier: Cla
             losses = F.cross_entropy(logits.flatten(0, 1), y_train[idx].flatten(), reduction="none").view(len(active), -1).mean(1)
             (losses.sum() * scaler.scale).backward()
             finite = scaler.unscale([p.grad for p in params.values()])
-            step_count += 1
+            step_count = step_count + (1 if finite is None else finite.float())  # skipped steps are not counted
             adam_step(params, opt_state, lr, step_count, decay, finite)
             loss_sum += losses.detach()
         with torch.no_grad():
@@ -3181,7 +3244,9 @@ def train_ensemble(data: SplitData, cfg: Config, slices: Slices, classifier: Cla
             compact_ensemble(params, buffers, opt_state, per_slice, keep_slices, device)
             active = [active[s] for s in keep_slices]
     epochs.close()
-    return EnsembleResult(classifier, slices, histories, best_params, best_buffers, time.perf_counter() - started)
+    compiling = compile_seconds(forward) - compiled_before
+    return EnsembleResult(classifier, slices, histories, best_params, best_buffers,
+                          time.perf_counter() - started - compiling, compiling)
 
 
 def compact_ensemble(params, buffers, opt_state, per_slice, keep_slices: list[int], device: torch.device) -> None:
@@ -3203,7 +3268,7 @@ def merge_results(parts: list[EnsembleResult]) -> EnsembleResult:
         histories=[h for p in parts for h in p.histories],
         best_params={k: torch.cat([p.best_params[k] for p in parts]) for k in parts[0].best_params},
         best_buffers={k: torch.cat([p.best_buffers[k] for p in parts]) for k in parts[0].best_buffers},
-        seconds=sum(p.seconds for p in parts))
+        seconds=sum(p.seconds for p in parts), compile_seconds=sum(p.compile_seconds for p in parts))
 
 
 def train_fitting(data: SplitData, cfg: Config, slices: Slices, classifier: Classifier, device: torch.device,
@@ -3388,6 +3453,7 @@ def runs_entry(result: EnsembleResult, metrics: dict, confusions: dict, data: Sp
             entry[f"{split}_{m}_mean"], entry[f"{split}_{m}_std"] = mean_std([metrics[split][m][k] for k in ok])
     entry["training_time_mean"], entry["training_time_std"] = per_run_time, 0.0
     entry["training_time_total"] = result.seconds
+    entry["compile_time"] = result.compile_seconds  # torch.compile's, kept out of the training times
     entry["best_epoch_mean"], entry["best_epoch_std"] = mean_std([result.histories[k].best_epoch for k in ok])
     entry["per_run_results"] = per_run
     entry["learning_curves"] = [{"val_acc_history": h.val_acc, "train_loss_history": h.train_loss,
@@ -3414,7 +3480,8 @@ def layer_map_entries(result: EnsembleResult, data: SplitData, cfg: Config, devi
     entries = []
     for i, (module, width) in enumerate(zip(modules, widths)):
         picks = list(range(i * cfg.runs, (i + 1) * cfg.runs))
-        part = dataclasses.replace(result.part(picks), seconds=share * len(picks))
+        part = dataclasses.replace(result.part(picks), seconds=share * len(picks),
+                                   compile_seconds=result.compile_seconds * len(picks) / len(result.histories))
         part_metrics = {split: {k: [v[j] for j in picks] for k, v in m.items()} for split, m in metrics.items()}
         part_confusions = {split: c[picks] for split, c in confusions.items()}
         entry = runs_entry(part, part_metrics, part_confusions, data, cfg, f"{representation}_{module.name}",

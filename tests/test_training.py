@@ -3,6 +3,7 @@ run for several seeds at once, and the one-run-at-a-time path gives the same run
 
 import dataclasses
 import math
+import time
 
 import numpy as np
 import pytest
@@ -103,6 +104,37 @@ def test_adam_step_with_non_finite_gradients_under_loss_scaling_changes_nothing(
     assert torch.equal(state["w0"]["v"], torch.full((1, 2, 2), 0.2))
 
 
+def test_float16_loss_scaling_and_skipped_steps_follow_grad_scaler_and_adam():
+    """Our scaler and step against torch.amp.GradScaler driving torch.optim.Adam: the same scale after
+    every step (halved on overflow, doubled after 2000 finite steps) and the same weights (an overflowing
+    step changes nothing and does not count as an Adam step)."""
+    torch.manual_seed(0)
+    start = torch.randn(1, 3, 2)
+    params = {"w0": start.clone().requires_grad_(True)}
+    state = {"w0": {"m": torch.zeros(1, 3, 2), "v": torch.zeros(1, 3, 2)}}
+    ours, steps = vae.LossScaler(CPU, enabled=True), torch.zeros(())
+    weight = torch.nn.Parameter(start[0].clone())
+    optimiser = torch.optim.Adam([weight], lr=1e-3)
+    theirs = torch.amp.GradScaler("cpu", init_scale=vae.LOSS_SCALE_INIT, growth_interval=vae.LOSS_SCALE_GROWTH_INTERVAL)
+    overflow_at = {3, 4, 10}
+    for step in range(vae.LOSS_SCALE_GROWTH_INTERVAL + 20):
+        target = torch.randn(3, 2)
+        if step in overflow_at:
+            target[0, 0] = float("inf")
+        ((params["w0"][0] * target).sum() * ours.scale).backward()
+        finite = ours.unscale([params["w0"].grad])
+        steps = steps + finite.float()
+        vae.adam_step(params, state, torch.tensor([1e-3]), steps, {}, finite)
+        theirs.scale((weight * target).sum()).backward()
+        theirs.step(optimiser)
+        theirs.update()
+        optimiser.zero_grad()
+        assert ours.scale.item() == theirs.get_scale(), step
+    assert ours.scale.item() == 2 * vae.LOSS_SCALE_INIT / 2 ** len(overflow_at)  # halved 3 times, doubled once
+    torch.testing.assert_close(params["w0"][0].detach(), weight.detach(), rtol=0, atol=1e-6)
+    assert optimiser.state[weight]["step"].item() == steps.item() == vae.LOSS_SCALE_GROWTH_INTERVAL + 20 - 3
+
+
 def test_learning_rate_schedule_follows_reduce_lr_on_plateau_in_max_mode():
     accuracies = [0.1, 0.2, 0.2] + [0.2] * 25 + [0.5] + [0.5] * 12
     parameter = torch.nn.Parameter(torch.zeros(1))
@@ -168,3 +200,59 @@ def test_mixed_precision_is_used_on_cuda_only_and_can_be_turned_off():
     cfg = vae.Config()
     assert vae.amp_dtype(cfg, CPU) is None
     assert vae.amp_dtype(dataclasses.replace(cfg, no_amp=True), torch.device("cuda")) is None
+
+
+# --- torch.compile ----------------------------------------------------------------------------------
+
+def forward_and_gradients(forward, classifier, slices, batch=16, features=10, hidden=8, classes=3, seed=0):
+    """Logits of a stacked forward in training mode and the gradients of their sum."""
+    torch.manual_seed(seed)
+    model = vae.CLASSIFIERS[classifier]
+    params, buffers = model.init(list(range(slices)), features, classes, vae.Config(hidden_dim=hidden), CPU)
+    for p in params.values():
+        p.requires_grad_(True)
+    x = torch.randn(slices, batch, features)
+    scales = (torch.rand(slices, batch, vae.NUM_HIDDEN, hidden) > 0.3).float() / 0.7 if model.dropout else None
+    out = forward(params, buffers, x, scales, None)
+    out.sum().backward()
+    return out.detach(), {k: p.grad for k, p in params.items()}
+
+
+@pytest.mark.parametrize("classifier", ["mlp", "linear"])
+def test_compiled_forward_and_backward_equal_eager_ones_as_slices_drop_out(classifier):
+    compiled = vae.CompiledForward(vae.CLASSIFIERS[classifier].forward, backend="aot_eager")
+    for slices in (3, 2, 1):  # 3 slices = 3 hidden layers, then fewer: the sizes part
+        want, want_grads = forward_and_gradients(vae.CLASSIFIERS[classifier].forward, classifier, slices)
+        got, got_grads = forward_and_gradients(compiled, classifier, slices)
+        torch.testing.assert_close(got, want)
+        for name in want_grads:
+            torch.testing.assert_close(got_grads[name], want_grads[name])
+
+
+def test_slices_dropping_out_or_a_short_batch_do_not_recompile_until_one_is_left():
+    compiled = vae.CompiledForward(vae.CLASSIFIERS["mlp"].forward, backend="aot_eager")
+    forward_and_gradients(compiled, "mlp", slices=3)
+    first = compiled.clock.compilations
+    forward_and_gradients(compiled, "mlp", slices=2)  # 2 runs left (was the size of the hidden-layer axis)
+    forward_and_gradients(compiled, "mlp", slices=2, batch=5)  # the epoch's short last batch
+    forward_and_gradients(compiled, "mlp", slices=4, features=12)  # the next entry's features
+    assert compiled.clock.compilations == first
+    forward_and_gradients(compiled, "mlp", slices=1)  # torch specialises a size of 1: one more compilation
+    assert compiled.clock.compilations == first + 1
+
+
+def test_compile_time_is_reported_apart_from_training_time(small_problem, monkeypatch):
+    data, cfg = small_problem
+
+    def slow_backend(graph, example_inputs):
+        time.sleep(0.5)  # a compilation that takes a while
+        return graph.forward
+
+    monkeypatch.setattr(vae, "_forward_for", lambda *key: vae.CompiledForward(vae.ensemble_forward, slow_backend))
+    started = time.perf_counter()
+    result = vae.train_runs(data, dataclasses.replace(cfg, max_epochs=2, compile="on"), CPU, "compiled")
+    elapsed = time.perf_counter() - started
+
+    assert result.compile_seconds >= 0.5
+    assert result.seconds + result.compile_seconds <= elapsed
+    assert result.seconds < elapsed - 0.5

@@ -259,7 +259,7 @@ def changed_fingerprints(module) -> set[str]:
 
 def test_editing_a_constant_changes_the_cache_key_of_exactly_the_representations_reading_it(tmp_path):
     edited = edited_script(tmp_path, "GRAM_RELATIVE_FLOOR = 1e-5", "GRAM_RELATIVE_FLOOR = 2e-5", "floor_edit")
-    assert changed_fingerprints(edited) == {"spectral", "matrix_norms", "ensemble"}
+    assert changed_fingerprints(edited) == {"spectral", "matrix_norms", "ensemble", "delta_spectral"}
 
 
 def test_editing_shared_batch_code_changes_the_cache_key_of_exactly_its_users(tmp_path):
