@@ -2519,7 +2519,7 @@ NUM_HIDDEN = 3
 
 
 EVAL_CHUNK_ROWS = 8192
-STATS_CHUNK_BYTES = 2 ** 28  # float64 rows merged at a time by `standardisation`: its temporaries stay small
+ROW_CHUNK_BYTES = 2 ** 28  # bounds a temporary chunk of feature rows: the statistics' float64, a streamed evaluation's
 STREAM_BLOCK_BATCHES = 4     # a streamed row block holds this many mini-batches of every run
 
 
@@ -2546,9 +2546,9 @@ def standardisation(chunks) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.float(), std.float()
 
 
-def stats_chunk_rows(num_features: int) -> int:
-    """Rows per chunk of the statistics, so a float64 chunk stays within STATS_CHUNK_BYTES."""
-    return max(1, STATS_CHUNK_BYTES // (8 * max(num_features, 1)))
+def rows_in_chunk(num_features: int, itemsize: int) -> int:
+    """Rows of num_features values of itemsize bytes that fit ROW_CHUNK_BYTES (at least one)."""
+    return max(1, ROW_CHUNK_BYTES // (itemsize * max(num_features, 1)))
 
 
 def slice_rows(x: torch.Tensor, idx: torch.Tensor, blocks: torch.Tensor | None, width: int | None) -> torch.Tensor:
@@ -2580,7 +2580,7 @@ class ResidentFeatures:
                  row_blocks: bool = False):
         self.row_blocks = row_blocks  # only to reproduce streamed training, which draws batches from row blocks
         self.x = {s: torch.from_numpy(np.ascontiguousarray(features[idx])).to(device) for s, idx in splits.items()}
-        mean, std = standardisation(self.x["train"].split(stats_chunk_rows(features.shape[1])))
+        mean, std = standardisation(self.x["train"].split(rows_in_chunk(features.shape[1], 8)))
         for v in self.x.values():  # in place: the raw rows are never held beside their standardised copy
             v.sub_(mean).div_(std)
 
@@ -2651,7 +2651,7 @@ class StreamedFeatures:
             MemmapRows(features), sampler=self.sampler, batch_size=None, num_workers=workers,
             pin_memory=device.type == "cuda", persistent_workers=workers > 0)
         train = splits["train"]
-        chunk = stats_chunk_rows(features.shape[1])
+        chunk = rows_in_chunk(features.shape[1], 8)
         self.mean, self.std = standardisation(self._rows(train[i:i + chunk]) for i in range(0, len(train), chunk))
         self.train_rows = torch.from_numpy(train).to(device)
 
@@ -2670,7 +2670,7 @@ class StreamedFeatures:
                 yield idx, slice_rows(x, torch.searchsorted(read, self.train_rows[idx]), blocks, width)
 
     def eval_chunks(self, split: str, chunk_rows: int = EVAL_CHUNK_ROWS):
-        rows = self.splits[split]
+        rows, chunk_rows = self.splits[split], min(chunk_rows, rows_in_chunk(self.features.shape[1], 4))
         for i in range(0, len(rows), chunk_rows):
             chunk = rows[i:i + chunk_rows]
             order = np.argsort(chunk)  # read in file order, return in split order
@@ -3300,10 +3300,11 @@ def predicted_peak_bytes(data: SplitData, cfg: Config, classifier: Classifier, s
     n_train, rows = data.size("train"), sum(data.size(s) for s in ("train", "val", "test"))
     batch, eval_rows = min(cfg.batch_size, n_train), min(EVAL_CHUNK_ROWS, max(data.size(s) for s in ("val", "test")))
     row_bytes, resident = data.feature_dim * f32, isinstance(data.features, ResidentFeatures)
-    statistics = min(stats_chunk_rows(data.feature_dim), n_train) * row_bytes * (2 if resident else 3)  # float64 chunk
+    statistics = min(rows_in_chunk(data.feature_dim, 8), n_train) * row_bytes * (2 if resident else 3)  # float64 chunk
     if resident:
         features = rows * row_bytes
     else:  # a block as read and standardised, or an evaluation chunk as read, put in order and standardised
+        eval_rows = min(eval_rows, rows_in_chunk(data.feature_dim, 4))
         features = max(2 * min(batch * STREAM_BLOCK_BATCHES, n_train), 3 * eval_rows) * row_bytes
     order = slices * n_train * 8
     held = features + rows * 8 + order + slices * (5 * sizes.params + 2 * sizes.buffers) * f32
