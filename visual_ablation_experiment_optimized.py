@@ -62,6 +62,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 
@@ -102,6 +103,8 @@ FEATURE_FORMAT_VERSION = 1  # bump when any representation's output changes
 
 class ExperimentError(Exception):
     """A problem the user can fix; `main` prints it as one line and exits with code 2."""
+
+    same_on_every_rank = False  # under torchrun: agreed by every rank, so reported by rank 0 alone
 
 
 @dataclass(frozen=True)
@@ -333,12 +336,73 @@ def parse_config(argv: list[str] | None = None) -> Config:
     return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
 
 
-def resolve_device(cfg: Config) -> torch.device:
-    """The one place that decides where tensors live."""
+# --- several processes: torchrun ---------------------------------------------------------------
+#
+# Under torchrun (RANK, WORLD_SIZE and LOCAL_RANK in the environment) every process prepares the same
+# experiment, extracts its share of the features into the shared cache, trains the jobs assigned to
+# it on its own GPU (cuda:LOCAL_RANK) or the CPU, and hands its entries to rank 0, which alone writes
+# the outputs.  Seeds and splits never depend on the number of processes.
+
+COLLECTIVE_TIMEOUT = timedelta(days=7)  # the final barrier waits while other ranks train for hours
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the processes torchrun started; one process alone without it."""
+
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+    restarted: bool = False
+    """torchrun restarted the job after a failure: it resumes"""
+
+
+def launcher_ranks() -> Ranks:
+    env = os.environ
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return Ranks()
+    return Ranks(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")),
+                 int(env.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0)
+
+
+@contextmanager
+def process_group(ranks: Ranks):
+    """torch.distributed for the job's duration, with gloo: ranks only wait for and sum small values."""
+    if ranks.world == 1:
+        yield
+        return
+    torch.distributed.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.world > 1:
+        torch.distributed.barrier()
+
+
+def summed(ranks: Ranks, value: int) -> int:
+    """value summed over every rank."""
+    if ranks.world == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.int64)
+    torch.distributed.all_reduce(total)
+    return int(total.item())
+
+
+def resolve_device(cfg: Config, ranks: Ranks = Ranks()) -> torch.device:
+    """The one place that decides where tensors live; under torchrun each rank's own GPU."""
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ExperimentError(f"--device {cfg.device} asked for CUDA, but no CUDA device is available; use --device cpu")
+    if ranks.world > 1 and cfg.device.startswith("cuda:"):
+        raise ExperimentError(f"--device {cfg.device} under torchrun: each process takes its own GPU (cuda:LOCAL_RANK); "
+                              "use --device cuda")
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if cfg.device == "auto" else cfg.device)
+    if device.type == "cuda" and ranks.world > 1:
+        device = torch.device("cuda", ranks.local)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 training matmuls on tensor cores (features stay float64)
         if device.index is not None:
@@ -2420,10 +2484,13 @@ def compute_pending(store: FeatureStore, work: list, cfg: Config, device: torch.
                 progress.update()
 
 
-def extract_features(loaded: LoadedDataset, modules: list[Module], cfg: Config, device: torch.device) -> FeatureStore:
+def extract_features(loaded: LoadedDataset, modules: list[Module], cfg: Config, device: torch.device,
+                     ranks: Ranks = Ranks()) -> FeatureStore:
     """Compute every requested representation of every selected module that the store lacks: one
     pass over the weights, each column read once, all representations from that read.  On CUDA
-    out-of-memory the row chunk is halved and the pass goes on from the first unfinished module."""
+    out-of-memory the row chunk is halved and the pass goes on from the first unfinished module.
+    Under torchrun each rank computes every world-th pending module into the shared cache, then
+    waits for the others."""
     reader = WeightReader(loaded.dataset)
     store = FeatureStore(loaded.fingerprint, Path(cfg.cache_dir), cfg.cache_features, reader,
                          zero_nonfinite=cfg.allow_nonfinite)
@@ -2438,6 +2505,8 @@ def extract_features(loaded: LoadedDataset, modules: list[Module], cfg: Config, 
     requested = sum(len(feature_units(modules, r)) for r in cfg.representations if r != "flat_vec")
     requested += sum(len(m.columns) for m in modules)  # the NaN/Inf counts
     store.loaded = requested - sum(len(todo) for _, todo in work)
+    share = {module.name for module, _ in work[ranks.rank::ranks.world]}
+    work = [(module, todo) for module, todo in work if module.name in share]
     while work:
         try:
             compute_pending(store, work, cfg, device, chunk_bytes)
@@ -2448,7 +2517,8 @@ def extract_features(loaded: LoadedDataset, modules: list[Module], cfg: Config, 
         chunk_bytes //= 2  # outside the handler, whose traceback holds the failed chunk's tensors
         release_device_memory(device)
         tqdm.write(f"notice: out of GPU memory during feature extraction; continuing with {chunk_bytes >> 20} MB chunks")
-        work = list(pending_work(store, modules, cfg.representations))
+        work = [(module, todo) for module, todo in pending_work(store, modules, cfg.representations) if module.name in share]
+    barrier(ranks)  # every rank's share is in the cache
     store.count_nonfinite([c for m in modules for c in m.columns])
     store.count_nonfinite_features([(unit, r) for r in cfg.representations if r != "flat_vec"
                                     for unit in feature_units(modules, r)])
@@ -4100,29 +4170,39 @@ def finished_entries(results: dict) -> set[str]:
             | {f"layer_map {m['representation']}" for m in results.get("layer_map", [])})
 
 
-def previous_results(path: Path, header: dict, cfg: Config) -> dict | None:
-    """The results an interrupted run left, when resuming; refuses a mismatched configuration, and
-    refuses to overwrite an interrupted run unless asked to resume it."""
-    if not path.exists():
+def config_changes(old: dict, new: dict) -> list[str]:
+    """The settings that differ between a run's recorded configuration and another, as 'name: old -> new',
+    leaving out those a resumed run may change."""
+    new = json.loads(json.dumps(new))  # tuples as JSON lists
+    defaults = json.loads(json.dumps(dataclasses.asdict(Config())))  # for settings added since that run
+    old = {**defaults, **old}
+    return [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in RESUME_MAY_DIFFER and old.get(k) != v]
+
+
+def previous_results(path: Path, header: dict, cfg: Config, ranks: Ranks = Ranks()) -> dict | None:
+    """The results an interrupted run left (with the entries its other ranks finished), when resuming;
+    refuses a mismatched configuration, and refuses to overwrite an interrupted run unless asked to
+    resume it."""
+    rank_files = sorted(path.parent.glob(RANK_FILE.format("*")))
+    if not path.exists() and not rank_files:
         return None
     try:
-        previous = json.loads(path.read_text())
+        previous = json.loads(path.read_text()) if path.exists() else {**header, "complete": False}
     except (OSError, json.JSONDecodeError) as err:
         raise ExperimentError(f"{path} is unreadable ({err}); move it away to start afresh") from None
     problem = results_shape_problem(previous)
     if problem:
         raise ExperimentError(f"{path} is not a results file of this script ({problem}); move it away to start afresh")
+    if previous.get("complete") is False:
+        gather_rank_files(previous, rank_files)  # what its other ranks had finished
     if not previous.get("groups") or not finished_entries(previous):
         return None  # nothing finished: nothing to keep or to resume
-    if not cfg.resume:
+    if not (cfg.resume or ranks.restarted):
         if previous.get("complete") is False:
             raise ExperimentError(f"{path} holds an interrupted run: continue it with --resume, "
                                   "or move it away / choose another --output-dir to start afresh")
         return None
-    new = json.loads(json.dumps(header["config"]))  # tuples as JSON lists
-    defaults = json.loads(json.dumps(dataclasses.asdict(Config())))  # for settings added since that run
-    old = {**defaults, **previous.get("config", {})}
-    changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in RESUME_MAY_DIFFER and old.get(k) != v]
+    changed = config_changes(previous.get("config", {}), header["config"])
     if previous.get("dataset_fingerprint") != header["dataset_fingerprint"]:
         changed.append("the dataset's data")
     if changed:
@@ -4292,12 +4372,110 @@ def stalled_warning(results: dict, cfg: Config) -> str | None:
             f"protocol does; see the per-run values in results.txt): {'; '.join(stalled)}; {remedy}")
 
 
-def run_experiment(cfg: Config) -> Path:
-    device = resolve_device(cfg)
-    check_writable(Path(cfg.output_dir), "--output-dir")
-    out_dir = output_directory(cfg)
-    with exclusive_output_dir(out_dir):
-        run_entries(cfg, prepare_experiment(cfg, out_dir), device)
+RANK_FILE = ".rank-{}.json"  # in the output directory: entries a rank > 0 finished, for rank 0 to gather
+
+
+def unshared_directory(directories: dict[str, Path], ranks: Ranks) -> ExperimentError | None:
+    """A directory that is not the same storage for every rank, found by rank 0 writing a file there
+    that every rank must read back."""
+    if ranks.world == 1:
+        return None
+    token = [os.urandom(8).hex()]
+    torch.distributed.broadcast_object_list(token, src=0)
+    name = f".shared-check-{token[0]}"
+    if ranks.rank == 0:
+        for directory in directories.values():
+            (directory / name).write_text(token[0])
+    barrier(ranks)
+    unseen = [(flag, d) for flag, d in directories.items() if not token_seen(d / name, token[0])]
+    barrier(ranks)
+    if ranks.rank == 0:
+        for directory in directories.values():
+            (directory / name).unlink(missing_ok=True)
+    if not unseen:
+        return None
+    flag, directory = unseen[0]
+    return ExperimentError(f"{flag} {directory} is not shared between the processes: a process on {platform.node()} "
+                           "does not see a file rank 0 wrote there; put it on storage every node mounts")
+
+
+def token_seen(path: Path, token: str) -> bool:
+    try:
+        return path.read_text() == token
+    except OSError:
+        return False
+
+
+def assigned_jobs(jobs: list[Job], costs: list[int], ranks: Ranks) -> list[Job]:
+    """This rank's jobs, in plan order: taken longest first, each by the rank with the least expected
+    cost so far (every rank computes the same assignment)."""
+    loads, mine = [0] * ranks.world, []
+    for index in sorted(range(len(jobs)), key=lambda i: (-costs[i], i)):
+        rank = loads.index(min(loads))
+        loads[rank] += costs[index]
+        if rank == ranks.rank:
+            mine.append(index)
+    return [jobs[i] for i in sorted(mine)]
+
+
+def gather_rank_files(results: dict, rank_files: list[Path]) -> None:
+    """Add the entries the other ranks finished (read from their files) that results lacks."""
+    done = finished_entries(results)
+    for path in rank_files:
+        try:
+            gathered = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # being replaced this instant: read at the next gathering
+        if config_changes(gathered.pop("config", {}), results["config"]):
+            continue  # left by a run with another configuration
+        for section, entries in gathered.items():
+            new = [e for e in entries if (f"layer_map {e['representation']}" if section == "layer_map"
+                                          else e["representation"]) not in done]
+            results.setdefault(section, []).extend(new)
+
+
+def gather_ranks(results: dict, out_dir: Path, ranks: Ranks) -> None:
+    if ranks.world > 1 or ranks.restarted:
+        gather_rank_files(results, sorted(out_dir.glob(RANK_FILE.format("*"))))
+
+
+def remove_rank_files(out_dir: Path) -> None:
+    for path in out_dir.glob(RANK_FILE.format("*")):
+        path.unlink(missing_ok=True)
+
+
+def raise_agreed(problem: ExperimentError | None, ranks: Ranks) -> None:
+    """A check every rank makes before computing, agreed on: every rank raises the first problem any
+    rank met, which rank 0 alone reports (naming the rank where not every rank met it)."""
+    if ranks.world > 1:
+        messages = [None] * ranks.world
+        torch.distributed.all_gather_object(messages, None if problem is None else str(problem))
+        failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+        if not failed:
+            return
+        rank, message = failed[0]
+        everywhere = len(failed) == ranks.world and all(m == message for _, m in failed)
+        problem = ExperimentError(message if everywhere else f"rank {rank}: {message}")
+        problem.same_on_every_rank = True
+    if problem is not None:
+        raise problem
+
+
+def run_experiment(cfg: Config, ranks: Ranks) -> Path:
+    problem = None
+    try:
+        device = resolve_device(cfg, ranks)
+        check_writable(Path(cfg.output_dir), "--output-dir")
+        out_dir = output_directory(cfg)
+        exp = prepare_experiment(cfg, out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except ExperimentError as err:
+        problem = err
+    raise_agreed(problem, ranks)
+    raise_agreed(unshared_directory({"--cache-dir": Path(cfg.cache_dir), "--output-dir": out_dir}, ranks), ranks)
+    with exclusive_output_dir(out_dir) if ranks.rank == 0 else nullcontext():
+        barrier(ranks)  # the others start once rank 0 holds the directory
+        run_entries(cfg, exp, device, ranks)
     return out_dir
 
 
@@ -4336,81 +4514,165 @@ def trained_layer_map(store: FeatureStore, exp: Experiment, cfg: Config, device:
             "training_time": result.seconds, "modules": entries}
 
 
-def ablation_name(representation: str, block: str, classifier: str) -> str:
-    return entry_name(representation, f"without_{block}", classifier)
+def with_drops(results: dict) -> None:
+    """Every block-ablation entry's drop against its all-layers entry (NaN while that is unmeasured)."""
+    for entry in results.get("block_ablation", []):
+        base = find_entry(results, "all", entry["features"], entry["classifier"])
+        drop = ablation_drop(entry, base) if base is not None else None
+        entry["drop_mean"], entry["drop_low"], entry["drop_high"] = drop or (float("nan"),) * 3
 
 
-def with_drop(entry: dict, representation: str, block: str, base: dict | None) -> dict:
-    """A block-ablation entry with its representation, its block and its drop against all layers
-    (NaN where unmeasured)."""
-    drop = ablation_drop(entry, base) if base is not None else None
-    entry["features"], entry["block"] = representation, block
-    entry["drop_mean"], entry["drop_low"], entry["drop_high"] = drop or (float("nan"),) * 3
-    return entry
+@dataclass(frozen=True)
+class Job:
+    """What one rank trains at a time: a representation on a layer group or without a block (kind
+    "group" / "ablation", name the group or block) with its pending classifiers, or a layer map."""
+
+    kind: str
+    representation: str
+    name: str = ""
+    classifiers: tuple[str, ...] = ()
+
+    def entry_names(self) -> list[str]:
+        if self.kind == "map":
+            return [f"layer_map {self.representation}"]
+        group = self.name if self.kind == "group" else f"without_{self.name}"
+        return [entry_name(self.representation, group, c) for c in self.classifiers]
 
 
-def run_entries(cfg: Config, exp: Experiment, device: torch.device) -> None:
+def planned_jobs(cfg: Config, exp: Experiment) -> list[Job]:
+    """Every job of the experiment in report order: each representation on each group, the layer maps,
+    then the block ablation."""
+    jobs = [Job("group", rep, g, cfg.classifiers) for rep in cfg.representations for g in exp.groups]
+    jobs += [Job("map", rep) for rep in cfg.layer_map]
+    blocks = exp.blocks if cfg.block_ablation else {}
+    return jobs + [Job("ablation", rep, block, cfg.classifiers) for rep in cfg.representations for block in blocks]
+
+
+def pending_jobs(jobs: list[Job], done: set[str]) -> list[Job]:
+    """The jobs with entries not finished yet, each with only its unfinished classifiers."""
+    pending = []
+    for job in jobs:
+        if job.kind == "map":
+            pending += [job] if job.entry_names()[0] not in done else []
+            continue
+        left = tuple(c for c, name in zip(job.classifiers, job.entry_names()) if name not in done)
+        pending += [dataclasses.replace(job, classifiers=left)] if left else []
+    return pending
+
+
+def job_modules(job: Job, exp: Experiment) -> list[Module]:
+    if job.kind == "group":
+        return exp.groups[job.name]
+    if job.kind == "map":
+        return mapped_modules(exp.modules, job.representation)
+    return [m for m in exp.groups["all"] if m not in exp.blocks[job.name]]
+
+
+def job_cost(job: Job, exp: Experiment, store: FeatureStore, cfg: Config) -> int:
+    """Expected training cost: features x rows x runs, per classifier."""
+    width = sum(unit_width(job.representation, [store.shapes[c] for c in columns])
+                for _, columns in unit_columns(job_modules(job, exp), job.representation))
+    return width * exp.loaded.dataset.num_rows * cfg.runs * max(len(job.classifiers), 1)
+
+
+def trained_job(job: Job, store: FeatureStore, exp: Experiment, cfg: Config, device: torch.device):
+    """(results.json section, entry) for each entry the job trains, as each finishes."""
+    if job.kind == "map":
+        yield "layer_map", trained_layer_map(store, exp, cfg, device, job.representation)
+        return
+    group = job.name if job.kind == "group" else f"without_{job.name}"
+    section = group_result_key(job.name)[0] if job.kind == "group" else "block_ablation"
+    for entry in trained_entries(store, exp, cfg, device, job.representation, job_modules(job, exp), group,
+                                 list(job.classifiers)):
+        if job.kind == "ablation":
+            entry["features"], entry["block"] = job.representation, job.name
+        yield section, entry
+
+
+def in_report_order(results: dict, jobs: list[Job]) -> None:
+    """Every section's entries in the order of the plan, whichever rank or run finished them first."""
+    position = {name: i for i, name in enumerate(n for job in jobs for n in job.entry_names())}
+    key = lambda e: position.get(e["representation"] if "modules" not in e else f"layer_map {e['representation']}",
+                                 len(position))
+    for section, entries in results.items():
+        if section.endswith("_results") or section in EXTRA_SECTIONS:
+            entries.sort(key=key)
+
+
+def run_entries(cfg: Config, exp: Experiment, device: torch.device, ranks: Ranks = Ranks()) -> None:
     """Extract the features, then train and evaluate every entry not yet finished (each representation
-    and layer group with each classifier, then the layer maps, then the block ablation), writing
-    results.json after each; reports are written even when interrupted."""
+    and layer group with each classifier, then the layer maps, then the block ablation); rank 0 writes
+    results.json after each entry it finishes or gathers, and the reports even when interrupted."""
     started = time.perf_counter()
     results = results_header(cfg, exp.loaded, exp.labels, exp.modules, exp.groups, device)
+    results["processes"] = ranks.world
     results["split_sizes"] = {split: len(rows) for split, rows in exp.splits.items()}
     results["unlabeled_rows"] = exp.labels.unlabeled
     results["warnings"] = exp.warnings
     results_path = exp.out_dir / "results.json"
-    previous = previous_results(results_path, results, cfg)
+    previous = previous_results(results_path, results, cfg, ranks)
     if previous is not None:
         results.update({k: v for k, v in previous.items() if k.endswith("_results") or k in EXTRA_SECTIONS})
+        if ranks.rank == 0:  # with what other ranks had finished, before they write their files anew
+            save_results(results_path, results)
     done = finished_entries(results)
-    print(f"dataset {exp.loaded.name}: {exp.loaded.dataset.num_rows} adapters, {results['num_classes']} classes, "
-          f"{results['num_all_layers']} LoRA tensors; device {device}; {cfg.runs} runs per entry"
-          + (f"; resuming with {len(done)} entries done" if previous is not None else ""))
-
-    pending = lambda names: [clf for clf, name in names if name not in done]
-    entries = [(rep, g, pending((c, entry_name(rep, g, c)) for c in cfg.classifiers))
-               for rep in cfg.representations for g in exp.groups]
-    entries = [(rep, g, clfs) for rep, g, clfs in entries if clfs]
-    maps = [rep for rep in cfg.layer_map if f"layer_map {rep}" not in done]
-    ablated = exp.blocks if cfg.block_ablation else {}
-    ablations = [(rep, block, pending((c, ablation_name(rep, block, c)) for c in cfg.classifiers))
-                 for rep in cfg.representations for block in ablated]
-    ablations = [(rep, block, clfs) for rep, block, clfs in ablations if clfs]
+    if ranks.rank == 0:
+        print(f"dataset {exp.loaded.name}: {exp.loaded.dataset.num_rows} adapters, {results['num_classes']} classes, "
+              f"{results['num_all_layers']} LoRA tensors; device {device}; {cfg.runs} runs per entry"
+              + (f"; {ranks.world} processes" if ranks.world > 1 else "")
+              + (f"; resuming with {len(done)} entries done" if previous is not None else ""))
+    plan = planned_jobs(cfg, exp)
+    jobs = pending_jobs(plan, done)
+    stalled, table = None, None
     try:
         extraction_started = time.perf_counter()
-        needed = tuple(dict.fromkeys([rep for rep, _, _ in entries + ablations] + maps))
-        store = extract_features(exp.loaded, exp.modules, dataclasses.replace(cfg, representations=needed), device)
+        needed = tuple(dict.fromkeys(job.representation for job in jobs))
+        store = extract_features(exp.loaded, exp.modules, dataclasses.replace(cfg, representations=needed), device, ranks)
+        own_computed, computed = store.computed, summed(ranks, store.computed)
         results["feature_extraction"] = {"seconds": time.perf_counter() - extraction_started,
-                                         "computed": store.computed, "loaded_from_cache": store.loaded}
+                                         "computed": computed, "loaded_from_cache": store.loaded}
         results["nonfinite_weights"] = {"zeroed": cfg.allow_nonfinite, "counts": store.nonfinite}
         results["nonfinite_features"] = {"zeroed": cfg.allow_nonfinite, "counts": store.nonfinite_features}
         if store.nonfinite_features:
             warn(results["warnings"], f"zeroed NaN/Inf features (--allow-nonfinite) in {len(store.nonfinite_features)} "
                                       "(representation, layer) pairs; see nonfinite_features")
+        mine = assigned_jobs(jobs, [job_cost(job, exp, store, cfg) for job in jobs], ranks)
+        own: dict[str, list] = defaultdict(list)  # what this rank finished, for rank 0 to gather
 
         def finished(section: str, entry: dict) -> None:
+            if ranks.rank > 0:
+                own[section].append(entry)
+                write_json_atomic(exp.out_dir / RANK_FILE.format(ranks.rank), {"config": results["config"], **own})
+                return
             results[section].append(entry)
-            results["feature_extraction"]["computed"] = store.computed  # with any recomputed on reading
+            results["feature_extraction"]["computed"] = computed + store.computed - own_computed  # with any recomputed on reading
+            gather_ranks(results, exp.out_dir, ranks)
+            with_drops(results)
             save_results(results_path, results)
 
-        for rep, group, classifiers in tqdm(entries, desc="entries", unit="entry"):
-            for entry in trained_entries(store, exp, cfg, device, rep, exp.groups[group], group, classifiers):
-                finished(group_result_key(group)[0], entry)
-        for rep in tqdm(maps, desc="layer maps", unit="map"):
-            finished("layer_map", trained_layer_map(store, exp, cfg, device, rep))
-        for rep, block, classifiers in tqdm(ablations, desc="block ablation", unit="block"):
-            kept = [m for m in exp.groups["all"] if m not in ablated[block]]
-            for entry in trained_entries(store, exp, cfg, device, rep, kept, f"without_{block}", classifiers):
-                finished("block_ablation", with_drop(entry, rep, block, find_entry(results, "all", rep, entry["classifier"])))
-        stalled = stalled_warning(results, cfg)
-        if stalled:
-            results["warnings"].append(stalled)
-        results["complete"] = True
+        for job in tqdm(mine, desc="entries", unit="job"):
+            for section, entry in trained_job(job, store, exp, cfg, device):
+                finished(section, entry)
+        barrier(ranks)  # every rank's entries are in its file
+        if ranks.rank == 0:
+            gather_ranks(results, exp.out_dir, ranks)
+            stalled = stalled_warning(results, cfg)
+            if stalled:
+                results["warnings"].append(stalled)
+            results["complete"] = True
     finally:
-        results["total_seconds"] = time.perf_counter() - started
-        save_results(results_path, results)
-        if finished_entries(results):
-            table = write_reports(exp.out_dir, results)
+        if ranks.rank == 0:
+            gather_ranks(results, exp.out_dir, ranks)
+            in_report_order(results, plan)
+            with_drops(results)
+            results["total_seconds"] = time.perf_counter() - started
+            save_results(results_path, results)
+            if results["complete"]:
+                remove_rank_files(exp.out_dir)
+            if finished_entries(results):
+                table = write_reports(exp.out_dir, results)
+    if ranks.rank > 0:
+        return
     print("\n" + table)
     if stalled:
         print(f"\nWARNING: {stalled}")
@@ -4422,16 +4684,24 @@ def _interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv)
+    cfg, ranks = parse_config(argv), launcher_ranks()
+    if ranks.world > 1:  # the cache is how ranks share features
+        cfg = dataclasses.replace(cfg, cache_features=True)
     signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM ends the run like Ctrl-C: results kept
     try:
-        run_experiment(cfg)
+        with process_group(ranks):
+            run_experiment(cfg, ranks)
     except ExperimentError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if err.same_on_every_rank:
+            if ranks.rank == 0:
+                print(f"error: {err}", file=sys.stderr)
+        else:
+            print(f"error: {f'rank {ranks.rank}: ' if ranks.world > 1 else ''}{err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished entries are in {cfg.output_dir} (results.json, \"complete\": false); "
-              "continue with the same command and --resume", file=sys.stderr)
+        if ranks.rank == 0:
+            print(f"\ninterrupted: finished entries are in {cfg.output_dir} (results.json, \"complete\": false); "
+                  "continue with the same command and --resume", file=sys.stderr)
         return 130
     return 0
 

@@ -1,0 +1,139 @@
+"""Several processes under torchrun: the same per-run numbers as one process, rank 0 alone writing the
+outputs, shared storage checked, one error line for a failure every rank meets, and restarts resuming."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import visual_ablation_experiment_optimized as vae
+
+from helpers import SCRIPT, TINY_TRAINING, results_of
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def job_args(tmp_path, dataset, output):
+    return ["--dataset", str(dataset), "--output-dir", str(tmp_path / output), "--cache-dir", str(tmp_path / "cache"),
+            *TINY_TRAINING, "--representations", "simple_stats,spectral,matrix_norms"]
+
+
+def run(command, **env):
+    """A subprocess on one thread per process, as torchrun sets it, so one and two processes do the same arithmetic."""
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SCRIPT.parent), **env})
+    return done
+
+
+def entries(results):
+    return [e for key, section in results.items() if key.endswith("_results") for e in section]
+
+
+@pytest.fixture(scope="module")
+def one_and_two_processes(tiny_dataset_path, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("torchrun")
+    one = run([sys.executable, str(SCRIPT), *job_args(tmp_path, tiny_dataset_path, "one")])
+    two = run([*TORCHRUN, str(SCRIPT), *job_args(tmp_path, tiny_dataset_path, "two")])
+    return tmp_path, one, two
+
+
+def test_two_processes_give_every_run_the_numbers_one_process_gives(one_and_two_processes):
+    tmp_path, one, two = one_and_two_processes
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    alone = json.loads((tmp_path / "one" / "visual_ablation_tiny" / "results.json").read_text())
+    together = json.loads((tmp_path / "two" / "visual_ablation_tiny" / "results.json").read_text())
+
+    assert together["complete"] is True and together["processes"] == 2
+    assert [e["representation"] for e in entries(together)] == [e["representation"] for e in entries(alone)]
+    for a, b in zip(entries(alone), entries(together)):
+        for split in ("train", "val", "test"):
+            assert b[f"{split}_acc_all_runs"] == a[f"{split}_acc_all_runs"], (a["representation"], split)
+
+
+def test_rank_zero_alone_writes_the_outputs_and_leaves_no_rank_files(one_and_two_processes):
+    tmp_path, _, two = one_and_two_processes
+    out = tmp_path / "two" / "visual_ablation_tiny"
+    assert (out / "results.txt").exists() and (out / "summary.png").exists()
+    assert not list(out.glob(vae.RANK_FILE.format("*")))
+    assert two.stdout.count("wrote ") == 1  # the closing line, printed once
+
+
+def test_both_processes_train_a_share_of_the_jobs():
+    jobs = [vae.Job("group", rep, "all", ("mlp",)) for rep in ("a", "b", "c", "d")]
+    costs = [10, 40, 30, 20]
+    shares = [vae.assigned_jobs(jobs, costs, vae.Ranks(rank, 2)) for rank in (0, 1)]
+    # longest first to the least loaded: b (40) -> 0, c (30) -> 1, d (20) -> 1, a (10) -> 0; each in plan order
+    assert [[j.representation for j in share] for share in shares] == [["a", "b"], ["c", "d"]]
+
+
+def test_an_error_every_process_meets_is_printed_once(tmp_path, tiny_dataset_path):
+    done = run([*TORCHRUN, str(SCRIPT), *job_args(tmp_path, tiny_dataset_path, "bad"), "--label-column", "nope"])
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "nope" in errors[0], done.stderr[-3000:]
+
+
+UNSHARED = """
+import sys
+import visual_ablation_experiment_optimized as vae
+if vae.launcher_ranks().rank == 1:  # as if rank 1 were on a node that mounts another disk there
+    vae.token_seen = lambda path, token: False
+sys.exit(vae.main(sys.argv[1:]))
+"""
+
+
+def test_a_cache_directory_that_is_not_shared_storage_is_refused(tmp_path, tiny_dataset_path):
+    script = tmp_path / "unshared.py"
+    script.write_text(UNSHARED)
+    done = run([*TORCHRUN, str(script), *job_args(tmp_path, tiny_dataset_path, "unshared")])
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert errors[0].startswith("error: rank 1: --cache-dir") and "is not shared between the processes" in errors[0]
+
+
+# --- interrupted runs: rank files and restarts ---------------------------------------------------
+
+@pytest.fixture
+def interrupted_two_process_run(tmp_path, tiny_dataset_path, monkeypatch):
+    """A finished run turned into one interrupted while rank 1 held an entry rank 0 had not gathered."""
+    monkeypatch.chdir(tmp_path)
+    args = job_args(tmp_path, tiny_dataset_path, "out")
+    assert vae.main(args) == 0
+    results_path = tmp_path / "out" / "visual_ablation_tiny" / "results.json"
+    results = json.loads(results_path.read_text())
+    held = results["all_layers_results"].pop()
+    results["complete"] = False
+    results_path.write_text(json.dumps(results))
+    rank_file = results_path.parent / vae.RANK_FILE.format(1)
+    rank_file.write_text(json.dumps({"config": results["config"], "all_layers_results": [held]}))
+    return args, held
+
+
+def test_resume_keeps_the_entries_another_rank_had_finished(interrupted_two_process_run, tmp_path):
+    args, held = interrupted_two_process_run
+    assert vae.main([*args, "--resume"]) == 0
+    results = results_of(tmp_path, "tiny")
+    assert results["complete"] is True
+    again = next(e for e in results["all_layers_results"] if e["representation"] == held["representation"])
+    assert again["training_time_total"] == held["training_time_total"]  # gathered, not trained again
+    assert not list((tmp_path / "out" / "visual_ablation_tiny").glob(vae.RANK_FILE.format("*")))
+
+
+def test_a_run_torchrun_restarts_resumes_without_being_asked(interrupted_two_process_run, tmp_path, monkeypatch):
+    args, held = interrupted_two_process_run
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "TORCHELASTIC_RESTART_COUNT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    assert vae.main(args) == 0  # no --resume: the restart is one
+    results = results_of(tmp_path, "tiny")
+    assert results["complete"] is True
+    assert held["representation"] in [e["representation"] for e in results["all_layers_results"]]
+
+
+def test_without_resume_an_interrupted_run_of_several_processes_is_not_overwritten(interrupted_two_process_run, capsys):
+    args, _ = interrupted_two_process_run
+    assert vae.main(args) == 2
+    assert "holds an interrupted run" in capsys.readouterr().err
