@@ -22,6 +22,8 @@ It writes <output-dir>/visual_ablation_<dataset>/ with
     layer_map.png       with --layer-map: each module's accuracy, blocks in network order by positions
     confusion_<best>.png  the best entry's test confusion matrix
 results.json is rewritten after every finished entry; an interrupted run continues with --resume.
+Under torchrun (torchrun --nproc-per-node N visual_ablation_experiment_optimized.py <flags>) the
+processes share extraction and entries, and give the per-run numbers one process gives.
 
 --dataset takes a preset (1k, 10k, 50k, 100k, small), a hub id, a save_to_disk or parquet path,
 a folder of adapter .safetensors files (diffusers, PEFT or kohya names), or sanity-check.
@@ -390,6 +392,33 @@ def summed(ranks: Ranks, value: int) -> int:
     total = torch.tensor([value], dtype=torch.int64)
     torch.distributed.all_reduce(total)
     return int(total.item())
+
+
+def raise_agreed(problem: ExperimentError | None, ranks: Ranks) -> None:
+    """A check every rank makes before computing, agreed on: every rank raises the first problem any
+    rank met, which rank 0 alone reports (naming the rank where not every rank met it)."""
+    if ranks.world > 1:
+        messages = [None] * ranks.world
+        torch.distributed.all_gather_object(messages, None if problem is None else str(problem))
+        failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+        if not failed:
+            return
+        rank, message = failed[0]
+        everywhere = len(failed) == ranks.world and all(m == message for _, m in failed)
+        problem = ExperimentError(message if everywhere else f"rank {rank}: {message}")
+        problem.same_on_every_rank = True
+    if problem is not None:
+        raise problem
+
+
+def agreed(check: Callable, ranks: Ranks):
+    """check()'s result on every rank, or on every rank the first problem a rank's check met (raise_agreed)."""
+    try:
+        result, problem = check(), None
+    except ExperimentError as err:
+        result, problem = None, err
+    raise_agreed(problem, ranks)
+    return result
 
 
 def resolve_device(cfg: Config, ranks: Ranks = Ranks()) -> torch.device:
@@ -2519,9 +2548,9 @@ def extract_features(loaded: LoadedDataset, modules: list[Module], cfg: Config, 
         tqdm.write(f"notice: out of GPU memory during feature extraction; continuing with {chunk_bytes >> 20} MB chunks")
         work = [(module, todo) for module, todo in pending_work(store, modules, cfg.representations) if module.name in share]
     barrier(ranks)  # every rank's share is in the cache
-    store.count_nonfinite([c for m in modules for c in m.columns])
-    store.count_nonfinite_features([(unit, r) for r in cfg.representations if r != "flat_vec"
-                                    for unit in feature_units(modules, r)])
+    agreed(lambda: store.count_nonfinite([c for m in modules for c in m.columns]), ranks)
+    agreed(lambda: store.count_nonfinite_features([(unit, r) for r in cfg.representations if r != "flat_vec"
+                                                   for unit in feature_units(modules, r)]), ranks)
     return store
 
 
@@ -4444,34 +4473,18 @@ def remove_rank_files(out_dir: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def raise_agreed(problem: ExperimentError | None, ranks: Ranks) -> None:
-    """A check every rank makes before computing, agreed on: every rank raises the first problem any
-    rank met, which rank 0 alone reports (naming the rank where not every rank met it)."""
-    if ranks.world > 1:
-        messages = [None] * ranks.world
-        torch.distributed.all_gather_object(messages, None if problem is None else str(problem))
-        failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
-        if not failed:
-            return
-        rank, message = failed[0]
-        everywhere = len(failed) == ranks.world and all(m == message for _, m in failed)
-        problem = ExperimentError(message if everywhere else f"rank {rank}: {message}")
-        problem.same_on_every_rank = True
-    if problem is not None:
-        raise problem
+def prepared(cfg: Config, ranks: Ranks) -> tuple[torch.device, Experiment]:
+    device = resolve_device(cfg, ranks)
+    check_writable(Path(cfg.output_dir), "--output-dir")
+    out_dir = output_directory(cfg)
+    exp = prepare_experiment(cfg, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return device, exp
 
 
 def run_experiment(cfg: Config, ranks: Ranks) -> Path:
-    problem = None
-    try:
-        device = resolve_device(cfg, ranks)
-        check_writable(Path(cfg.output_dir), "--output-dir")
-        out_dir = output_directory(cfg)
-        exp = prepare_experiment(cfg, out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except ExperimentError as err:
-        problem = err
-    raise_agreed(problem, ranks)
+    device, exp = agreed(lambda: prepared(cfg, ranks), ranks)
+    out_dir = exp.out_dir
     raise_agreed(unshared_directory({"--cache-dir": Path(cfg.cache_dir), "--output-dir": out_dir}, ranks), ranks)
     with exclusive_output_dir(out_dir) if ranks.rank == 0 else nullcontext():
         barrier(ranks)  # the others start once rank 0 holds the directory
@@ -4568,11 +4581,29 @@ def job_modules(job: Job, exp: Experiment) -> list[Module]:
     return [m for m in exp.groups["all"] if m not in exp.blocks[job.name]]
 
 
+# A step's fixed costs (launches, the Python loop, each epoch's evaluation) in multiply-adds per row and
+# model: an entry's training time went as rows x models x (parameters + this) on our 2-core CPU, where
+# features x rows x runs left the one process that drew flat_vec idle half the run
+STEP_OVERHEAD_MACS = 2_500_000
+
+
 def job_cost(job: Job, exp: Experiment, store: FeatureStore, cfg: Config) -> int:
-    """Expected training cost: features x rows x runs, per classifier."""
-    width = sum(unit_width(job.representation, [store.shapes[c] for c in columns])
-                for _, columns in unit_columns(job_modules(job, exp), job.representation))
-    return width * exp.loaded.dataset.num_rows * cfg.runs * max(len(job.classifiers), 1)
+    """Expected training cost: rows x models x (each model's parameters, one multiply-add per row each,
+    + a step's fixed cost)."""
+    widths = [sum(unit_width(job.representation, [store.shapes[c] for c in columns])
+                  for _, columns in unit_columns([m], job.representation)) for m in job_modules(job, exp)]
+    num_classes = len(exp.labels.class_names)
+    if job.kind == "map":
+        model = CLASSIFIERS["linear"]
+        models = len(run_slices(cfg, model, len(widths)))
+        per_model = model.sizes(max(widths), num_classes, cfg).params
+        return exp.loaded.dataset.num_rows * models * (per_model + STEP_OVERHEAD_MACS)
+    cost = 0
+    for name in job.classifiers:
+        model = CLASSIFIERS[name]
+        per_model = model.sizes(sum(widths), num_classes, cfg).params
+        cost += exp.loaded.dataset.num_rows * len(run_slices(cfg, model)) * (per_model + STEP_OVERHEAD_MACS)
+    return cost
 
 
 def trained_job(job: Job, store: FeatureStore, exp: Experiment, cfg: Config, device: torch.device):
@@ -4610,7 +4641,7 @@ def run_entries(cfg: Config, exp: Experiment, device: torch.device, ranks: Ranks
     results["unlabeled_rows"] = exp.labels.unlabeled
     results["warnings"] = exp.warnings
     results_path = exp.out_dir / "results.json"
-    previous = previous_results(results_path, results, cfg, ranks)
+    previous = agreed(lambda: previous_results(results_path, results, cfg, ranks), ranks)
     if previous is not None:
         results.update({k: v for k, v in previous.items() if k.endswith("_results") or k in EXTRA_SECTIONS})
         if ranks.rank == 0:  # with what other ranks had finished, before they write their files anew
