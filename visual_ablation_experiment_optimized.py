@@ -4449,18 +4449,19 @@ def assigned_jobs(jobs: list[Job], costs: list[int], ranks: Ranks) -> list[Job]:
 
 def gather_rank_files(results: dict, rank_files: list[Path]) -> None:
     """Add the entries the other ranks finished (read from their files) that results lacks."""
-    done = finished_entries(results)
     for path in rank_files:
         try:
-            gathered = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue  # being replaced this instant: read at the next gathering
+            gathered = json.loads(path.read_text())  # written atomically: whole or absent
+        except (OSError, json.JSONDecodeError) as err:
+            raise ExperimentError(f"{path} is unreadable ({err}); the entries it held are lost: move it away "
+                                  "and run with --resume to train them again") from None
         if config_changes(gathered.pop("config", {}), results["config"]):
-            continue  # left by a run with another configuration
+            continue  # left by a run with another configuration: not this run's entries
         for section, entries in gathered.items():
-            new = [e for e in entries if (f"layer_map {e['representation']}" if section == "layer_map"
-                                          else e["representation"]) not in done]
-            results.setdefault(section, []).extend(new)
+            done = finished_entries(results)
+            results.setdefault(section, []).extend(
+                e for e in entries if (f"layer_map {e['representation']}" if section == "layer_map"
+                                       else e["representation"]) not in done)
 
 
 def gather_ranks(results: dict, out_dir: Path, ranks: Ranks) -> None:
