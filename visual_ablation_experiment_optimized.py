@@ -41,7 +41,6 @@ import dataclasses
 import errno
 import fcntl
 import functools
-import gc
 import hashlib
 import inspect
 import io
@@ -2834,8 +2833,8 @@ def resident_features(features: np.ndarray, splits: dict[str, np.ndarray], devic
 
 
 def release_device_memory(device: torch.device) -> None:
-    """Return what Python no longer references to the device, so free memory reads true."""
-    gc.collect()
+    """Return the blocks the CUDA allocator caches for tensors no longer referenced, so free memory
+    reads true.  (No gc.collect(): a Ctrl-C arriving while it runs a finaliser would be swallowed.)"""
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
