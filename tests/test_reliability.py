@@ -404,8 +404,10 @@ def interrupt_after_first_entry(args, workdir, signum) -> dict:
     """Start the CLI, send signum as soon as results.json holds a finished entry, and wait for it to end."""
     results_path = Path(args[args.index("--output-dir") + 1]) / "visual_ablation_tiny" / "results.json"
     with open(workdir / "stdout.txt", "w") as out, open(workdir / "stderr.txt", "w") as err:
+        # a shell's background job ignores SIGINT, and its children inherit that: give Ctrl-C back its default
         process = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=workdir, env=cli_env(),
-                                   stdout=out, stderr=err)
+                                   stdout=out, stderr=err,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.monotonic() + 180
             while not finished_entries(results_path):
