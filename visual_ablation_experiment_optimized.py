@@ -21,6 +21,7 @@ It writes <output-dir>/visual_ablation_<dataset>/ with
     retention.png       each group's accuracy as a fraction of all layers', 95% intervals over runs
     layer_map.png       with --layer-map: each module's accuracy, blocks in network order by positions
     confusion_<best>.png  the best entry's test confusion matrix
+    script.py, command.txt  the code that ran and its command line
 results.json is rewritten after every finished entry; an interrupted run continues with --resume.
 Under torchrun (torchrun --nproc-per-node N visual_ablation_experiment_optimized.py <flags>) the
 processes share extraction and entries, and give the per-run numbers one process gives.
@@ -52,6 +53,7 @@ import os
 import pickle
 import platform
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -200,32 +202,25 @@ class Config:
         return self.layer_groups + tuple(name for name, _ in self.custom_groups)
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not a fraction in (0, 1]")
-    return value
+def _checked(convert: Callable, accept: Callable, expected: str):
+    """An argparse type: the text converted, and refused in one line saying what is expected when it
+    does not convert or is out of range."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {expected}")
+        return value
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not a probability in [0, 1)")
-    return value
+_fraction = _checked(float, lambda v: 0.0 < v <= 1.0, "a fraction in (0, 1]")
+_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+_non_negative_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
+_probability = _checked(float, lambda v: 0.0 <= v < 1.0, "a probability in [0, 1)")
+_device = _checked(str, lambda text: re.fullmatch(r"auto|cpu|cuda(:\d+)?", text), "one of auto, cpu, cuda, cuda:N")
 
 
 def _choice_list(allowed: tuple[str, ...]):
@@ -250,12 +245,6 @@ def _group_definition(text: str) -> tuple[str, str]:
     except re.error as err:
         raise argparse.ArgumentTypeError(f"{pattern!r} is not a regular expression ({err})") from None
     return name, pattern
-
-
-def _device(text: str) -> str:
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
-        raise argparse.ArgumentTypeError(f"{text} is not one of auto, cpu, cuda, cuda:N")
-    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -3621,8 +3610,18 @@ def write_json_atomic(path: Path, obj: dict) -> None:
         raise
 
 
+SCRIPT_SOURCE = Path(__file__).read_bytes()  # read at start: the code that runs, even if the file is edited meanwhile
+SCRIPT_COPY, COMMAND_FILE = "script.py", "command.txt"  # beside results.json: the code and command behind it
+
+
 def script_sha256() -> str:
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    return hashlib.sha256(SCRIPT_SOURCE).hexdigest()
+
+
+def save_code(out_dir: Path, command: str) -> None:
+    """A copy of the script that is running and its command line, beside the results they produce."""
+    (out_dir / SCRIPT_COPY).write_bytes(SCRIPT_SOURCE)
+    (out_dir / COMMAND_FILE).write_text(command + "\n")
 
 
 def library_versions() -> dict[str, str]:
@@ -4482,13 +4481,15 @@ def prepared(cfg: Config, ranks: Ranks) -> tuple[torch.device, Experiment]:
     return device, exp
 
 
-def run_experiment(cfg: Config, ranks: Ranks) -> Path:
+def run_experiment(cfg: Config, ranks: Ranks, command: str = "") -> Path:
     device, exp = agreed(lambda: prepared(cfg, ranks), ranks)
     out_dir = exp.out_dir
     raise_agreed(unshared_directory({"--cache-dir": Path(cfg.cache_dir), "--output-dir": out_dir}, ranks), ranks)
     with exclusive_output_dir(out_dir) if ranks.rank == 0 else nullcontext():
+        if ranks.rank == 0:
+            save_code(out_dir, command)
         barrier(ranks)  # the others start once rank 0 holds the directory
-        run_entries(cfg, exp, device, ranks)
+        run_entries(cfg, exp, device, ranks, command)
     return out_dir
 
 
@@ -4630,13 +4631,13 @@ def in_report_order(results: dict, jobs: list[Job]) -> None:
             entries.sort(key=key)
 
 
-def run_entries(cfg: Config, exp: Experiment, device: torch.device, ranks: Ranks = Ranks()) -> None:
+def run_entries(cfg: Config, exp: Experiment, device: torch.device, ranks: Ranks = Ranks(), command: str = "") -> None:
     """Extract the features, then train and evaluate every entry not yet finished (each representation
     and layer group with each classifier, then the layer maps, then the block ablation); rank 0 writes
     results.json after each entry it finishes or gathers, and the reports even when interrupted."""
     started = time.perf_counter()
     results = results_header(cfg, exp.loaded, exp.labels, exp.modules, exp.groups, device)
-    results["processes"] = ranks.world
+    results["processes"], results["command"] = ranks.world, command
     results["split_sizes"] = {split: len(rows) for split, rows in exp.splits.items()}
     results["unlabeled_rows"] = exp.labels.unlabeled
     results["warnings"] = exp.warnings
@@ -4715,13 +4716,15 @@ def _interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     cfg, ranks = parse_config(argv), launcher_ranks()
+    command = shlex.join([Path(__file__).name, *argv])
     if ranks.world > 1:  # the cache is how ranks share features
         cfg = dataclasses.replace(cfg, cache_features=True)
     signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM ends the run like Ctrl-C: results kept
     try:
         with process_group(ranks):
-            run_experiment(cfg, ranks)
+            run_experiment(cfg, ranks, command)
     except ExperimentError as err:
         if err.same_on_every_rank:
             if ranks.rank == 0:

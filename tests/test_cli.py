@@ -1,8 +1,10 @@
 """The command line: what it accepts, its defaults, how it reports a user's mistake, and a whole
 run end to end on a tiny generated dataset (and again from the feature cache)."""
 
+import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -134,7 +136,7 @@ def cli_runs(tiny_dataset_path, tmp_path_factory):
         process = run_cli(args, cwd=tmp)
         results = json.loads((out_dir / "results.json").read_text()) if process.returncode == 0 else None
         runs.append({"process": process, "results": results})
-    return {"out_dir": out_dir, "first": runs[0], "second": runs[1]}
+    return {"out_dir": out_dir, "first": runs[0], "second": runs[1], "args": args}
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +183,17 @@ def test_results_json_records_the_configuration(results):
     assert config["num_runs"] == 2 and config["max_epochs"] == 8 and config["hidden_dim"] == 32
     assert list(config["representations"]) == list(REPRESENTATIONS)
     assert list(config["layer_groups"]) == ["all", "visual", "text"]
+
+
+def test_a_copy_of_the_script_and_its_command_line_lie_beside_the_results(cli_runs, results):
+    out_dir = cli_runs["out_dir"]
+    copy = (out_dir / vae.SCRIPT_COPY).read_bytes()
+    assert hashlib.sha256(copy).hexdigest() == results["script_sha256"] == hashlib.sha256(SCRIPT.read_bytes()).hexdigest()
+    command = (out_dir / vae.COMMAND_FILE).read_text().strip()
+    assert command == results["command"]
+    words = shlex.split(command)
+    assert words[0] == SCRIPT.name
+    assert vae.parse_config(words[1:]) == vae.parse_config(cli_runs["args"])  # the command reruns this experiment
 
 
 def test_results_json_has_one_entry_per_representation_and_group(results):
