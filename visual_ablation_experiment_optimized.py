@@ -3245,106 +3245,137 @@ def predictions_fitting(logits, data: SplitData, split: str) -> torch.Tensor:
         tqdm.write(f"notice: out of GPU memory during evaluation; continuing with {rows}-row chunks")
 
 
+class StackedModels:
+    """The models of one ensemble, one slice each, held as one stacked set of parameters: the classifier's
+    parameters and running statistics, Adam's moments and loss scale, each slice's L2 penalty (and, for
+    the layer map, module block), and the best weights so far.  Slices that stop leave the stack.
+    Changing the architecture is the classifier's init and forward; the optimiser is `step`."""
+
+    def __init__(self, classifier: Classifier, slices: Slices, data: SplitData, cfg: Config, device: torch.device):
+        self.classifier, self.amp = classifier, amp_dtype(cfg, device)
+        self.params, self.buffers = classifier.init(slices.seeds, data.input_dim, data.num_classes, cfg, device)
+        for p in self.params.values():
+            p.requires_grad_(True)
+        self.moments = {k: {"m": torch.zeros_like(p), "v": torch.zeros_like(p)} for k, p in self.params.items()}
+        self.per_slice = {"l2": torch.tensor(slices.l2, device=device).view(-1, 1, 1)}
+        if slices.blocks is not None:
+            self.per_slice["blocks"] = torch.tensor(slices.blocks, device=device)
+        self.best_params = {k: p.detach().clone() for k, p in self.params.items()}
+        self.best_buffers = {k: b.clone() for k, b in self.buffers.items()}
+        self.active = list(range(len(slices)))  # the original slice index of each slice still in the stack
+        self.scaler = LossScaler(device, enabled=self.amp == torch.float16)
+        self.steps = torch.zeros((), device=device)  # Adam's step count (skipped float16 steps not counted)
+        self.training_forward = training_forward(cfg, classifier, device)
+        self.device = device
+
+    def forward(self, x: torch.Tensor, dropout_scales: torch.Tensor | None) -> torch.Tensor:
+        """Training mode: every slice's logits on its rows (running statistics updated)."""
+        return self.training_forward(self.params, self.buffers, x, dropout_scales, self.amp, self.per_slice.get("blocks"))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Evaluation mode, with the current weights."""
+        return self.classifier.forward(self.params, self.buffers, x, None, self.amp, self.per_slice.get("blocks"))
+
+    def step(self, losses: torch.Tensor, lr: torch.Tensor) -> None:
+        """Adam on every slice's mean loss, each with its learning rate and L2 penalty."""
+        (losses.sum() * self.scaler.scale).backward()
+        finite = self.scaler.unscale([p.grad for p in self.params.values()])
+        self.steps = self.steps + (1 if finite is None else finite.float())
+        decay = {k: self.per_slice["l2"] for k in self.params if self.classifier.penalised(k)}
+        adam_step(self.params, self.moments, lr, self.steps, decay, finite)
+
+    def snapshot(self, slots: list[int]) -> None:
+        """Copy these slices' current weights as their best."""
+        if not slots:
+            return
+        index = torch.tensor(slots, device=self.device)
+        targets = torch.tensor([self.active[s] for s in slots], device=self.device)
+        for k, p in self.params.items():
+            self.best_params[k][targets] = p.detach()[index]  # copies, not references
+        for k, b in self.buffers.items():
+            self.best_buffers[k][targets] = b[index]
+
+    def keep(self, slots: list[int]) -> None:
+        """Keep only these slices, tensor by tensor in place, so each old tensor is freed as its
+        replacement is made (never a second copy of the whole model)."""
+        keep = torch.tensor(slots, device=self.device)
+        for k in self.params:
+            self.params[k] = self.params[k].detach()[keep].requires_grad_(True)
+        for tensors in (self.buffers, self.per_slice, *self.moments.values()):
+            for k in tensors:
+                tensors[k] = tensors[k][keep]
+        self.active = [self.active[s] for s in slots]
+
+
+def epoch_end(histories: list[RunHistory], active: list[int], val_acc: list[float], epoch_loss: list[float],
+              epoch: int, cfg: Config) -> tuple[list[int], list[int]]:
+    """Record one epoch of every slice still training: (slots whose validation accuracy improved, slots
+    that go on).  A slice stops when its loss is not finite or its patience runs out (not before --min-epochs)."""
+    improved, keep = [], []
+    for slot, r in enumerate(active):
+        h = histories[r]
+        h.val_acc.append(val_acc[slot])
+        h.train_loss.append(epoch_loss[slot])
+        if not math.isfinite(epoch_loss[slot]):
+            h.failed = f"training loss became non-finite at epoch {epoch + 1}"
+            continue
+        if val_acc[slot] > h.best_val_acc:
+            h.best_val_acc, h.best_epoch, h.epochs_since_best = val_acc[slot], epoch + 1, 0
+            improved.append(slot)
+        else:
+            h.epochs_since_best += 1
+        plateau_update(h, val_acc[slot])
+        if h.epochs_since_best < cfg.patience or epoch + 1 < cfg.min_epochs:
+            keep.append(slot)
+    return improved, keep
+
+
 def train_ensemble(data: SplitData, cfg: Config, slices: Slices, classifier: Classifier, device: torch.device,
                    progress_label: str = "") -> EnsembleResult:
     """Train one model per slice, all at once as stacked weights, each with its own initialisation,
     shuffling and dropout stream, L2 penalty, learning-rate schedule, early stopping and best weights.
     Slices that stop are dropped from the stack so the rest train at the cost of what is left."""
     started = time.perf_counter()
-    amp = amp_dtype(cfg, device)
-    count = len(slices)
-    params, buffers = classifier.init(slices.seeds, data.input_dim, data.num_classes, cfg, device)
-    for p in params.values():
-        p.requires_grad_(True)
-    per_slice = {"l2": torch.tensor(slices.l2, device=device).view(-1, 1, 1)}
-    if slices.blocks is not None:
-        per_slice["blocks"] = torch.tensor(slices.blocks, device=device)
-    opt_state = {k: {"m": torch.zeros_like(p), "v": torch.zeros_like(p)} for k, p in params.items()}
-    best_params = {k: p.detach().clone() for k, p in params.items()}
-    best_buffers = {k: b.clone() for k, b in buffers.items()}
+    models = StackedModels(classifier, slices, data, cfg, device)
+    compiled_before = compile_seconds(models.training_forward)
     histories = [RunHistory(seed=s, lr=classifier.lr or cfg.lr, l2=l2) for s, l2 in zip(slices.seeds, slices.l2)]
     generators = [torch.Generator(device=device).manual_seed(s) for s in slices.seeds]
     # row blocks: one shared sequence for the entry, the same whichever slices train together
     shared = torch.Generator(device=device).manual_seed(row_block_seed(cfg)) if data.features.row_blocks else None
-    scaler = LossScaler(device, enabled=amp == torch.float16)
-    active = list(range(count))  # original slice index of each slice of the stack
-    forward = training_forward(cfg, classifier, device)
-    compiled_before = compile_seconds(forward)
-    y_train = data.y["train"]
-    n_train = data.size("train")
+    y_train, n_train = data.y["train"], data.size("train")
     batch = min(cfg.batch_size, n_train)
     # BatchNorm cannot normalise a batch of one row: a trailing batch of one is dropped
     steps = n_train // batch + (1 if n_train % batch > 1 else 0)
-    step_count = torch.zeros((), device=device)
 
     epochs = tqdm(range(cfg.max_epochs), desc=f"epochs {progress_label}".strip(), leave=False, unit="ep")
     for epoch in epochs:
+        active = models.active
         lr = torch.tensor([histories[r].lr for r in active], device=device)
-        decay = {k: per_slice["l2"] for k in params if classifier.penalised(k)}
-        blocks = per_slice.get("blocks")
         order = epoch_order(n_train, batch, [generators[r] for r in active], shared, device)
         loss_sum = torch.zeros(len(active), device=device)
-        for idx, x in data.features.epoch_batches(order, batch, steps, blocks, data.block_width):
+        for idx, x in data.features.epoch_batches(order, batch, steps, models.per_slice.get("blocks"), data.block_width):
             dropout_scales = None
             if classifier.dropout:
                 draws = torch.stack([torch.rand(idx.shape[1], NUM_HIDDEN, cfg.hidden_dim, generator=generators[r],
                                                 device=device) for r in active])
                 dropout_scales = (draws >= cfg.dropout).float().mul_(1.0 / (1.0 - cfg.dropout))
-            logits = forward(params, buffers, x, dropout_scales, amp)
+            logits = models.forward(x, dropout_scales)
             losses = F.cross_entropy(logits.flatten(0, 1), y_train[idx].flatten(), reduction="none").view(len(active), -1).mean(1)
-            (losses.sum() * scaler.scale).backward()
-            finite = scaler.unscale([p.grad for p in params.values()])
-            step_count = step_count + (1 if finite is None else finite.float())  # skipped steps are not counted
-            adam_step(params, opt_state, lr, step_count, decay, finite)
+            models.step(losses, lr)
             loss_sum += losses.detach()
         with torch.no_grad():
-            current = lambda x: classifier.forward(params, buffers, x, None, amp, blocks)
-            val_acc = (predictions(current, data, "val") == data.y["val"]).float().mean(1).tolist()
-        epoch_loss = (loss_sum / steps).tolist()  # one host sync per epoch
-        improved, keep_slices = [], []
-        for slot, r in enumerate(active):
-            h = histories[r]
-            h.val_acc.append(val_acc[slot])
-            h.train_loss.append(epoch_loss[slot])
-            if not math.isfinite(epoch_loss[slot]):
-                h.failed = f"training loss became non-finite at epoch {epoch + 1}"
-                continue
-            if val_acc[slot] > h.best_val_acc:
-                h.best_val_acc, h.best_epoch, h.epochs_since_best = val_acc[slot], epoch + 1, 0
-                improved.append(slot)
-            else:
-                h.epochs_since_best += 1
-            plateau_update(h, val_acc[slot])
-            if h.epochs_since_best < cfg.patience or epoch + 1 < cfg.min_epochs:
-                keep_slices.append(slot)
-        if improved:
-            slots = torch.tensor(improved, device=device)
-            targets = torch.tensor([active[s] for s in improved], device=device)
-            for k, p in params.items():
-                best_params[k][targets] = p.detach()[slots]  # copies, not references
-            for k, b in buffers.items():
-                best_buffers[k][targets] = b[slots]
-        epochs.set_postfix(active=len(keep_slices), best=f"{max(h.best_val_acc for h in histories):.3f}")
-        if not keep_slices:
+            val_acc = (predictions(models.logits, data, "val") == data.y["val"]).float().mean(1).tolist()
+        improved, keep = epoch_end(histories, active, val_acc, (loss_sum / steps).tolist(), epoch, cfg)  # one host sync
+        models.snapshot(improved)
+        epochs.set_postfix(active=len(keep), best=f"{max(h.best_val_acc for h in histories):.3f}")
+        if not keep:
             break
-        if len(keep_slices) < len(active):
-            compact_ensemble(params, buffers, opt_state, per_slice, keep_slices, device)
-            active = [active[s] for s in keep_slices]
+        if len(keep) < len(active):
+            models.keep(keep)
     epochs.close()
-    compiling = compile_seconds(forward) - compiled_before
-    return EnsembleResult(classifier, slices, histories, best_params, best_buffers,
+    compiling = compile_seconds(models.training_forward) - compiled_before
+    return EnsembleResult(classifier, slices, histories, models.best_params, models.best_buffers,
                           time.perf_counter() - started - compiling, compiling)
-
-
-def compact_ensemble(params, buffers, opt_state, per_slice, keep_slices: list[int], device: torch.device) -> None:
-    """Keep only the slices still training, tensor by tensor in place, so each old tensor is freed as
-    its replacement is made (never a second copy of the whole model)."""
-    keep = torch.tensor(keep_slices, device=device)
-    for k in params:
-        params[k] = params[k].detach()[keep].requires_grad_(True)
-    for tensors in (buffers, per_slice, *opt_state.values()):
-        for k in tensors:
-            tensors[k] = tensors[k][keep]
 
 
 def merge_results(parts: list[EnsembleResult]) -> EnsembleResult:
