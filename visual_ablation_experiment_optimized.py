@@ -248,39 +248,24 @@ def _group_definition(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = Config()
     p = argparse.ArgumentParser(
         description="Visual-only ablation of LoRA weight representations.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = p.add_argument
+    defaults = Config()
+    add_data_arguments(p.add_argument_group("the dataset and its labels").add_argument, defaults)
+    add_experiment_arguments(p.add_argument_group("what is compared").add_argument, defaults)
+    add_training_arguments(p.add_argument_group("the classifiers' training").add_argument, defaults)
+    add_running_arguments(p.add_argument_group("where it runs and writes").add_argument, defaults)
+    return p
+
+
+def add_data_arguments(add: Callable, defaults: Config) -> None:
     add("--dataset", default=defaults.dataset,
         help="preset (1k, 10k, 50k, 100k, small), hub id owner/name, local save_to_disk or parquet path, "
              "folder of adapter .safetensors files, or sanity-check")
-    add("--num-runs", type=_positive_int, default=defaults.num_runs, help="training runs per representation and layer group")
-    add("--output-dir", default=defaults.output_dir, help="directory for results")
-    add("--quick", action="store_true", help="3 runs instead of --num-runs")
-    add("--cache-features", action="store_true", help="cache computed features on disk and reuse them")
-    add("--cache-dir", default=defaults.cache_dir, help="feature cache directory")
     add("--data-dir", default=defaults.data_dir, help="directory for generated datasets (sanity-check)")
-    add("--dropout", type=_probability, default=defaults.dropout, help="dropout rate of the MLP")
-    add("--weight-decay", type=float, default=defaults.weight_decay, help="Adam weight decay (L2)")
-    add("--hidden-dim", type=_positive_int, default=defaults.hidden_dim, help="MLP hidden width")
-    add("--batch-size", type=_positive_int, default=defaults.batch_size, help="training mini-batch size")
-    add("--sample-layers", type=_fraction, default=defaults.sample_layers,
-        help="fraction of LoRA modules to use, seeded, down/up pairs kept together")
-    add("--no-amp", action="store_true", help="disable mixed precision on CUDA")
-    add("--num-workers", type=_non_negative_int, default=defaults.num_workers,
-        help="parallel readers: threads reading weight chunks, DataLoader workers when features are streamed (0: none)")
-    add("--representations", type=_choice_list(REPRESENTATION_NAMES), default=defaults.representations,
-        help="comma list of representations (default: all but delta_canonical)")
-    add("--layer-groups", type=_choice_list(BUILTIN_GROUPS), default=defaults.layer_groups,
-        help="comma list of layer groups: all, visual (attn1), text (attn2)")
-    add("--group", dest="custom_groups", type=_group_definition, action="append", default=[], metavar="NAME=REGEX",
-        help="define and evaluate a layer group: modules whose name matches REGEX (repeatable)")
-    add("--max-epochs", type=_positive_int, default=defaults.max_epochs, help="maximum training epochs")
-    add("--patience", type=_positive_int, default=defaults.patience, help="early-stopping patience in epochs")
-    add("--lr", type=float, default=defaults.lr, help="Adam learning rate")
-    add("--seed", type=int, default=defaults.seed, help="base seed: run k uses seed + k")
+    add("--sanity-rows", type=_positive_int, default=defaults.sanity_rows,
+        help="rows of the generated sanity-check dataset")
     add("--label-column", default=defaults.label_column, help="column holding the class label")
     add("--labels", default=None, metavar="CSV",
         help="folder of adapters: CSV of `adapter path, label` rows (default: metadata.json, else parent folder names)")
@@ -288,32 +273,62 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of adapters: leave out adapters whose tensors differ from the others instead of stopping")
     add("--export-dataset", default=None, metavar="DIR",
         help="folder of adapters: also save the table built from it with save_to_disk, for sharing")
-    add("--device", type=_device, default=defaults.device, help="auto, cpu, cuda or cuda:N")
-    add("--sequential-runs", action="store_true",
-        help="train runs one at a time instead of as one batched ensemble (for comparison)")
-    add("--compile", choices=("auto", "on", "off"), default=defaults.compile,
-        help="torch.compile the training step: auto = on CUDA only, where compilation pays for itself")
-    add("--max-resident-features-gb", type=float, default=defaults.max_resident_features_gb,
-        help="stream features larger than this from disk during training (0: half the free device memory)")
-    add("--sanity-rows", type=_positive_int, default=defaults.sanity_rows,
-        help="rows of the generated sanity-check dataset")
-    add("--resume", action="store_true",
-        help="continue an interrupted run in the same output directory, skipping finished entries")
+    add("--drop-unlabeled", action="store_true",
+        help="leave out rows whose label is missing (None/NaN; recorded in results.json) instead of refusing")
     add("--allow-nonfinite", action="store_true",
         help="zero NaN/Inf weights (recorded in results.json) instead of refusing the dataset")
     add("--allow-missing-classes", action="store_true",
         help="run even when a split lacks a class (warned, recorded) instead of refusing")
-    add("--drop-unlabeled", action="store_true",
-        help="leave out rows whose label is missing (None/NaN; recorded in results.json) instead of refusing")
-    add("--min-epochs", type=_non_negative_int, default=defaults.min_epochs,
-        help="no early stopping before this epoch (0: the published protocol); reruns stalled runs")
+
+
+def add_experiment_arguments(add: Callable, defaults: Config) -> None:
+    add("--representations", type=_choice_list(REPRESENTATION_NAMES), default=defaults.representations,
+        help="comma list of representations (default: all but delta_canonical)")
+    add("--layer-groups", type=_choice_list(BUILTIN_GROUPS), default=defaults.layer_groups,
+        help="comma list of layer groups: all, visual (attn1), text (attn2)")
+    add("--group", dest="custom_groups", type=_group_definition, action="append", default=[], metavar="NAME=REGEX",
+        help="define and evaluate a layer group: modules whose name matches REGEX (repeatable)")
+    add("--sample-layers", type=_fraction, default=defaults.sample_layers,
+        help="fraction of LoRA modules to use, seeded, down/up pairs kept together")
     add("--classifiers", type=_choice_list(CLASSIFIER_NAMES), default=defaults.classifiers,
         help="comma list: mlp (the published protocol), linear (multinomial logistic regression, L2 chosen on val)")
     add("--layer-map", type=_choice_list(REPRESENTATION_NAMES), default=defaults.layer_map, metavar="REPR[,REPR...]",
         help="map test accuracy module by module for these representations (one linear probe per module)")
     add("--block-ablation", action="store_true",
         help="also train on all layers minus one block at a time (for every representation and classifier)")
-    return p
+    add("--num-runs", type=_positive_int, default=defaults.num_runs, help="training runs per representation and layer group")
+    add("--quick", action="store_true", help="3 runs instead of --num-runs")
+    add("--seed", type=int, default=defaults.seed, help="base seed: run k uses seed + k")
+
+
+def add_training_arguments(add: Callable, defaults: Config) -> None:
+    add("--hidden-dim", type=_positive_int, default=defaults.hidden_dim, help="MLP hidden width")
+    add("--dropout", type=_probability, default=defaults.dropout, help="dropout rate of the MLP")
+    add("--weight-decay", type=float, default=defaults.weight_decay, help="Adam weight decay (L2)")
+    add("--lr", type=float, default=defaults.lr, help="Adam learning rate")
+    add("--batch-size", type=_positive_int, default=defaults.batch_size, help="training mini-batch size")
+    add("--max-epochs", type=_positive_int, default=defaults.max_epochs, help="maximum training epochs")
+    add("--patience", type=_positive_int, default=defaults.patience, help="early-stopping patience in epochs")
+    add("--min-epochs", type=_non_negative_int, default=defaults.min_epochs,
+        help="no early stopping before this epoch (0: the published protocol); reruns stalled runs")
+    add("--sequential-runs", action="store_true",
+        help="train runs one at a time instead of as one batched ensemble (for comparison)")
+
+
+def add_running_arguments(add: Callable, defaults: Config) -> None:
+    add("--output-dir", default=defaults.output_dir, help="directory for results")
+    add("--resume", action="store_true",
+        help="continue an interrupted run in the same output directory, skipping finished entries")
+    add("--cache-features", action="store_true", help="cache computed features on disk and reuse them")
+    add("--cache-dir", default=defaults.cache_dir, help="feature cache directory")
+    add("--device", type=_device, default=defaults.device, help="auto, cpu, cuda or cuda:N")
+    add("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    add("--compile", choices=("auto", "on", "off"), default=defaults.compile,
+        help="torch.compile the training step: auto = on CUDA only, where compilation pays for itself")
+    add("--num-workers", type=_non_negative_int, default=defaults.num_workers,
+        help="parallel readers: threads reading weight chunks, DataLoader workers when features are streamed (0: none)")
+    add("--max-resident-features-gb", type=float, default=defaults.max_resident_features_gb,
+        help="stream features larger than this from disk during training (0: half the free device memory)")
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -4662,11 +4677,9 @@ def in_report_order(results: dict, jobs: list[Job]) -> None:
             entries.sort(key=key)
 
 
-def run_entries(cfg: Config, exp: Experiment, device: torch.device, ranks: Ranks = Ranks(), command: str = "") -> None:
-    """Extract the features, then train and evaluate every entry not yet finished (each representation
-    and layer group with each classifier, then the layer maps, then the block ablation); rank 0 writes
-    results.json after each entry it finishes or gathers, and the reports even when interrupted."""
-    started = time.perf_counter()
+def starting_results(cfg: Config, exp: Experiment, device: torch.device, ranks: Ranks, command: str) -> dict:
+    """results.json as this run starts: its header, with the entries an interrupted run (any of its
+    ranks) finished when resuming; rank 0 saves it at once and says what the run is."""
     results = results_header(cfg, exp.loaded, exp.labels, exp.modules, exp.groups, device)
     results["processes"], results["command"] = ranks.world, command
     results["split_sizes"] = {split: len(rows) for split, rows in exp.splits.items()}
@@ -4678,12 +4691,32 @@ def run_entries(cfg: Config, exp: Experiment, device: torch.device, ranks: Ranks
         results.update({k: v for k, v in previous.items() if k.endswith("_results") or k in EXTRA_SECTIONS})
         if ranks.rank == 0:  # with what other ranks had finished, before they write their files anew
             save_results(results_path, results)
-    done = finished_entries(results)
     if ranks.rank == 0:
         print(f"dataset {exp.loaded.name}: {exp.loaded.dataset.num_rows} adapters, {results['num_classes']} classes, "
               f"{results['num_all_layers']} LoRA tensors; device {device}; {cfg.runs} runs per entry"
               + (f"; {ranks.world} processes" if ranks.world > 1 else "")
-              + (f"; resuming with {len(done)} entries done" if previous is not None else ""))
+              + (f"; resuming with {len(finished_entries(results))} entries done" if previous is not None else ""))
+    return results
+
+
+def record_extraction(results: dict, store: FeatureStore, computed: int, seconds: float, cfg: Config) -> None:
+    """What extraction did and found: its time, features computed and loaded, NaN/Inf counts."""
+    results["feature_extraction"] = {"seconds": seconds, "computed": computed, "loaded_from_cache": store.loaded}
+    results["nonfinite_weights"] = {"zeroed": cfg.allow_nonfinite, "counts": store.nonfinite}
+    results["nonfinite_features"] = {"zeroed": cfg.allow_nonfinite, "counts": store.nonfinite_features}
+    if store.nonfinite_features:
+        warn(results["warnings"], f"zeroed NaN/Inf features (--allow-nonfinite) in {len(store.nonfinite_features)} "
+                                  "(representation, layer) pairs; see nonfinite_features")
+
+
+def run_entries(cfg: Config, exp: Experiment, device: torch.device, ranks: Ranks = Ranks(), command: str = "") -> None:
+    """Extract the features, then train and evaluate every entry not yet finished (each representation
+    and layer group with each classifier, then the layer maps, then the block ablation); rank 0 writes
+    results.json after each entry it finishes or gathers, and the reports even when interrupted."""
+    started = time.perf_counter()
+    results_path = exp.out_dir / "results.json"
+    results = starting_results(cfg, exp, device, ranks, command)
+    done = finished_entries(results)
     plan = planned_jobs(cfg, exp)
     jobs = pending_jobs(plan, done)
     stalled, table = None, None
@@ -4692,13 +4725,7 @@ def run_entries(cfg: Config, exp: Experiment, device: torch.device, ranks: Ranks
         needed = tuple(dict.fromkeys(job.representation for job in jobs))
         store = extract_features(exp.loaded, exp.modules, dataclasses.replace(cfg, representations=needed), device, ranks)
         own_computed, computed = store.computed, summed(ranks, store.computed)
-        results["feature_extraction"] = {"seconds": time.perf_counter() - extraction_started,
-                                         "computed": computed, "loaded_from_cache": store.loaded}
-        results["nonfinite_weights"] = {"zeroed": cfg.allow_nonfinite, "counts": store.nonfinite}
-        results["nonfinite_features"] = {"zeroed": cfg.allow_nonfinite, "counts": store.nonfinite_features}
-        if store.nonfinite_features:
-            warn(results["warnings"], f"zeroed NaN/Inf features (--allow-nonfinite) in {len(store.nonfinite_features)} "
-                                      "(representation, layer) pairs; see nonfinite_features")
+        record_extraction(results, store, computed, time.perf_counter() - extraction_started, cfg)
         mine = assigned_jobs(jobs, [job_cost(job, exp, store, cfg) for job in jobs], ranks)
         own: dict[str, list] = defaultdict(list)  # what this rank finished, for rank 0 to gather
 
