@@ -2596,12 +2596,17 @@ def mapped_modules(modules: list[Module], representation: str) -> list[Module]:
     return [m for m in modules if unit_columns([m], representation)]
 
 
+def module_widths(store: FeatureStore, modules: list[Module], representation: str) -> list[int]:
+    """How many features of a representation each module gives."""
+    return [sum(unit_width(representation, [store.shapes[c] for c in columns])
+                for _, columns in unit_columns([m], representation)) for m in modules]
+
+
 def layer_map_matrix(store: FeatureStore, modules: list[Module], representation: str,
                      memory_limit: int | None = None) -> tuple[np.ndarray, list[int]]:
     """For the layer map: each module's features alone, zero-padded to the widest module's width,
     module after module, (rows, modules * width); and each module's own width."""
-    widths = [sum(unit_width(representation, [store.shapes[c] for c in columns])
-                  for _, columns in unit_columns([m], representation)) for m in modules]
+    widths = module_widths(store, modules, representation)
     width = max(widths)
     out = store.empty_matrix(len(modules) * width, memory_limit)
     for i, (module, own) in enumerate(zip(modules, widths)):
@@ -4592,11 +4597,15 @@ class Job:
     name: str = ""
     classifiers: tuple[str, ...] = ()
 
+    @property
+    def group(self) -> str:
+        """Derived: the layer group an entry of this job is named after."""
+        return self.name if self.kind == "group" else f"without_{self.name}"
+
     def entry_names(self) -> list[str]:
         if self.kind == "map":
             return [f"layer_map {self.representation}"]
-        group = self.name if self.kind == "group" else f"without_{self.name}"
-        return [entry_name(self.representation, group, c) for c in self.classifiers]
+        return [entry_name(self.representation, self.group, c) for c in self.classifiers]
 
 
 def planned_jobs(cfg: Config, exp: Experiment) -> list[Job]:
@@ -4637,19 +4646,15 @@ STEP_OVERHEAD_MACS = 2_500_000
 def job_cost(job: Job, exp: Experiment, store: FeatureStore, cfg: Config) -> int:
     """Expected training cost: rows x models x (each model's parameters, one multiply-add per row each,
     + a step's fixed cost)."""
-    widths = [sum(unit_width(job.representation, [store.shapes[c] for c in columns])
-                  for _, columns in unit_columns([m], job.representation)) for m in job_modules(job, exp)]
-    num_classes = len(exp.labels.class_names)
-    if job.kind == "map":
-        model = CLASSIFIERS["linear"]
-        models = len(run_slices(cfg, model, len(widths)))
-        per_model = model.sizes(max(widths), num_classes, cfg).params
-        return exp.loaded.dataset.num_rows * models * (per_model + STEP_OVERHEAD_MACS)
+    widths = module_widths(store, job_modules(job, exp), job.representation)
+    # a layer map: a linear probe per module on its padded columns; else each classifier on all of them
+    trained = [("linear", max(widths), len(widths))] if job.kind == "map" else \
+        [(name, sum(widths), None) for name in job.classifiers]
     cost = 0
-    for name in job.classifiers:
+    for name, width, blocks in trained:
         model = CLASSIFIERS[name]
-        per_model = model.sizes(sum(widths), num_classes, cfg).params
-        cost += exp.loaded.dataset.num_rows * len(run_slices(cfg, model)) * (per_model + STEP_OVERHEAD_MACS)
+        per_model = model.sizes(width, len(exp.labels.class_names), cfg).params
+        cost += exp.loaded.dataset.num_rows * len(run_slices(cfg, model, blocks)) * (per_model + STEP_OVERHEAD_MACS)
     return cost
 
 
@@ -4658,9 +4663,8 @@ def trained_job(job: Job, store: FeatureStore, exp: Experiment, cfg: Config, dev
     if job.kind == "map":
         yield "layer_map", trained_layer_map(store, exp, cfg, device, job.representation)
         return
-    group = job.name if job.kind == "group" else f"without_{job.name}"
     section = group_result_key(job.name)[0] if job.kind == "group" else "block_ablation"
-    for entry in trained_entries(store, exp, cfg, device, job.representation, job_modules(job, exp), group,
+    for entry in trained_entries(store, exp, cfg, device, job.representation, job_modules(job, exp), job.group,
                                  list(job.classifiers)):
         if job.kind == "ablation":
             entry["features"], entry["block"] = job.representation, job.name
