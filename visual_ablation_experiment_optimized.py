@@ -89,15 +89,14 @@ HUB_PRESETS = {
 }
 SANITY_CHECK = "sanity-check"
 
-REPRESENTATION_NAMES = (
+# evaluated unless --representations says otherwise: the published ten and delta_spectral (every one
+# there is is in the registry under "Representations"; delta_canonical is as wide as the raw weights,
+# so training on it costs as much as flat_vec, the largest entry, and it is asked for by name)
+DEFAULT_REPRESENTATIONS = (
     "simple_stats", "rank_based", "stats", "spectral", "matrix_norms", "distribution",
-    "frequency", "flat_vec", "info_theoretic", "ensemble", "delta_spectral", "delta_canonical",
+    "frequency", "flat_vec", "info_theoretic", "ensemble", "delta_spectral",
 )
-# delta_canonical is as wide as the raw weights: training on it costs as much as flat_vec, the
-# largest entry, so it is asked for by name
-DEFAULT_REPRESENTATIONS = REPRESENTATION_NAMES[:-1]
 BUILTIN_GROUPS = ("all", "visual", "text")
-CLASSIFIER_NAMES = ("mlp", "linear")  # mlp: the published protocol; linear: an L2-regularised logistic-regression probe
 
 SPLIT_SEED = 42  # the published split; fixed so results stay comparable with the paper
 EPS = 1e-8       # the original's guard for divisions and standardisation
@@ -282,7 +281,7 @@ def add_data_arguments(add: Callable, defaults: Config) -> None:
 
 
 def add_experiment_arguments(add: Callable, defaults: Config) -> None:
-    add("--representations", type=_choice_list(REPRESENTATION_NAMES), default=defaults.representations,
+    add("--representations", type=_choice_list(tuple(REPRESENTATIONS)), default=defaults.representations,
         help="comma list of representations (default: all but delta_canonical)")
     add("--layer-groups", type=_choice_list(BUILTIN_GROUPS), default=defaults.layer_groups,
         help="comma list of layer groups: all, visual (attn1), text (attn2)")
@@ -290,9 +289,9 @@ def add_experiment_arguments(add: Callable, defaults: Config) -> None:
         help="define and evaluate a layer group: modules whose name matches REGEX (repeatable)")
     add("--sample-layers", type=_fraction, default=defaults.sample_layers,
         help="fraction of LoRA modules to use, seeded, down/up pairs kept together")
-    add("--classifiers", type=_choice_list(CLASSIFIER_NAMES), default=defaults.classifiers,
+    add("--classifiers", type=_choice_list(tuple(CLASSIFIERS)), default=defaults.classifiers,
         help="comma list: mlp (the published protocol), linear (multinomial logistic regression, L2 chosen on val)")
-    add("--layer-map", type=_choice_list(REPRESENTATION_NAMES), default=defaults.layer_map, metavar="REPR[,REPR...]",
+    add("--layer-map", type=_choice_list(tuple(REPRESENTATIONS)), default=defaults.layer_map, metavar="REPR[,REPR...]",
         help="map test accuracy module by module for these representations (one linear probe per module)")
     add("--block-ablation", action="store_true",
         help="also train on all layers minus one block at a time (for every representation and classifier)")
@@ -2090,14 +2089,25 @@ def delta_canonical(p: PairBatch) -> torch.Tensor:
     return torch.cat([(u * u_weights[:, None]).flatten(1), (v * v_weights[:, None]).flatten(1)], 1).float()
 
 
-# name -> function; per-matrix functions take a MatrixBatch, pair functions a PairBatch
-MATRIX_REPRESENTATIONS = {
-    "simple_stats": simple_stats, "rank_based": rank_based, "stats": stats, "spectral": spectral,
-    "matrix_norms": matrix_norms, "distribution": distribution, "frequency": frequency,
-    "flat_vec": flat_vec, "info_theoretic": info_theoretic, "ensemble": ensemble,
+# The registry: name -> (function, the batch it reads: a MatrixBatch of single LoRA tensors, or a
+# PairBatch of modules' down and up factors).  A new representation is a function above and a line here;
+# --representations, extraction, the cache and the reports take their names from it.
+REPRESENTATIONS: dict[str, tuple[Callable[..., torch.Tensor], type]] = {
+    "simple_stats": (simple_stats, MatrixBatch),
+    "rank_based": (rank_based, MatrixBatch),
+    "stats": (stats, MatrixBatch),
+    "spectral": (spectral, MatrixBatch),
+    "matrix_norms": (matrix_norms, MatrixBatch),
+    "distribution": (distribution, MatrixBatch),
+    "frequency": (frequency, MatrixBatch),
+    "flat_vec": (flat_vec, MatrixBatch),
+    "info_theoretic": (info_theoretic, MatrixBatch),
+    "ensemble": (ensemble, MatrixBatch),
+    "delta_spectral": (delta_spectral, PairBatch),
+    "delta_canonical": (delta_canonical, PairBatch),
 }
-PAIR_REPRESENTATIONS = {"delta_spectral": delta_spectral, "delta_canonical": delta_canonical}
-assert set(MATRIX_REPRESENTATIONS) | set(PAIR_REPRESENTATIONS) == set(REPRESENTATION_NAMES)
+MATRIX_REPRESENTATIONS = {name: f for name, (f, batch) in REPRESENTATIONS.items() if batch is MatrixBatch}
+PAIR_REPRESENTATIONS = {name: f for name, (f, batch) in REPRESENTATIONS.items() if batch is PairBatch}
 
 
 @functools.cache
@@ -2252,7 +2262,7 @@ class FeatureStore:
     def key(self, unit: str, representation: str, part: str = "features") -> dict:
         """Identifies stored features: the data, the unit, the representation, and the code that computes it."""
         return {"format": FEATURE_FORMAT_VERSION, "dataset": self.fingerprint, "unit": unit,
-                "representation": representation, "code": code_fingerprint(STORED_CODE[representation]),
+                "representation": representation, "code": code_fingerprint(stored_code(representation)),
                 "part": part}
 
     def checked_shapes(self, columns: list[str]) -> dict[str, tuple[int, int]]:
@@ -2373,8 +2383,11 @@ def nonfinite_per_row(weights: torch.Tensor) -> torch.Tensor:
     return (~torch.isfinite(weights)).flatten(1).sum(1, keepdim=True)
 
 
-# the code behind each kind of stored array, whose fingerprint is part of its cache key
-STORED_CODE = {**MATRIX_REPRESENTATIONS, **PAIR_REPRESENTATIONS, NONFINITE: nonfinite_per_row, SHAPES: column_shape}
+def stored_code(kind: str) -> Callable:
+    """The code behind each kind of stored array, whose fingerprint is part of its cache key."""
+    if kind == NONFINITE:
+        return nonfinite_per_row
+    return column_shape if kind == SHAPES else REPRESENTATIONS[kind][0]
 
 CHUNK_BYTES = 4 << 20  # weights per read on a CPU: amortises per-operation overhead, while the chunks in
                       # flight and the ~10 chunk-sized intermediates of the statistics stay small
@@ -3018,6 +3031,7 @@ class Classifier:
     """Adam's initial learning rate; None: --lr"""
 
 
+# mlp: the published protocol; linear: an L2-regularised logistic-regression probe
 CLASSIFIERS = {
     "mlp": Classifier("mlp", init_mlp, ensemble_forward, mlp_sizes, penalised=lambda name: True, dropout=True, l2_grid=None,
                       lr=None),

@@ -1,6 +1,8 @@
 """Helpers of the CLI-level tests: tiny datasets in the real format, and how a run is checked."""
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +86,18 @@ def adapters(path, rows=60, modules=(VISUAL_MODULE, TEXT_MODULE), labels=None, *
     columns["category_label"] = balanced_labels(rows, 2) if labels is None else labels
     columns.update(extra)
     return save_dataset(path, columns)
+
+
+def edited_script(tmp_path, name, *edits):
+    """A copy of the script with edits (old, new), each old text found once, imported as module `name`."""
+    source = SCRIPT.read_text()
+    for old, new in edits:
+        assert source.count(old) == 1, old
+        source = source.replace(old, new)
+    path = tmp_path / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import visual_ablation_experiment_optimized as vae
+from helpers import cli_args, edited_script, results_of
 
 EPS = 1e-8
 TOP_K = 10
@@ -532,3 +533,42 @@ def test_single_element_matrix_is_undefined_only_in_features_built_on_the_unbias
     features = script_features(name, np.full((2, 1, 1), 0.5, dtype=np.float32))
     undefined = {FEATURE_NAMES[name][j] for j in np.nonzero(~np.isfinite(features).all(0))[0]}
     assert undefined == UNDEFINED_FOR_ONE_ELEMENT.get(name, set())
+
+
+# --- the registry -------------------------------------------------------------------------------
+
+NEW_REPRESENTATION = '''def abs_stats(b: MatrixBatch) -> torch.Tensor:
+    """2: mean absolute value, largest absolute value."""
+    return torch.stack([b.flat.abs().mean(1), b.flat.abs().amax(1)], 1)
+
+
+'''
+
+
+def test_a_new_representation_is_one_function_and_one_registry_line(tmp_path, tiny_dataset_path, capsys):
+    registry = "# The registry: name -> (function"
+    last_line = '    "delta_canonical": (delta_canonical, PairBatch),\n'
+    edited = edited_script(tmp_path, "registry_edit", (registry, NEW_REPRESENTATION + registry),
+                           (last_line, last_line + '    "abs_stats": (abs_stats, MatrixBatch),\n'))
+    argv = cli_args(tmp_path, tiny_dataset_path, "--representations", "simple_stats,abs_stats", "--cache-features",
+                    "--layer-groups", "all")
+    assert edited.main(argv) == 0, capsys.readouterr().err[-2000:]
+    simple_stats, abs_stats = results_of(tmp_path, tiny_dataset_path.name)["all_layers_results"]
+    assert abs_stats["representation"] == "abs_stats_all_layers"
+    assert abs_stats["feature_dim"] * 5 == simple_stats["feature_dim"] * 2  # 2 features per tensor, 5 for simple_stats
+    assert abs_stats["num_successful_runs"] == len(abs_stats["per_run_results"]) == 2
+
+
+def test_every_registered_representation_can_be_asked_for_and_the_defaults_are_registered():
+    assert vae.parse_config(["--representations", ",".join(vae.REPRESENTATIONS)]).representations == \
+        tuple(vae.REPRESENTATIONS)
+    assert set(vae.DEFAULT_REPRESENTATIONS) < set(vae.REPRESENTATIONS)
+
+
+@pytest.mark.parametrize("name", list(vae.REPRESENTATIONS))
+def test_each_registered_function_reads_the_batch_it_is_registered_with(name):
+    function, batch = vae.REPRESENTATIONS[name]
+    matrices = torch.from_numpy(random_matrices((4, 320), n=2))
+    down, up = vae.MatrixBatch(matrices), vae.MatrixBatch(matrices.mT.contiguous())
+    features = function(vae.PairBatch(down, up) if batch is vae.PairBatch else down)
+    assert features.shape[0] == 2 and features.ndim == 2 and torch.isfinite(features).all()

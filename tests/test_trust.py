@@ -2,7 +2,6 @@
 with one line (exit code 2) or shown plainly in the outputs, never averaged in silently."""
 
 import errno
-import importlib.util
 import json
 import os
 import shutil
@@ -17,8 +16,8 @@ import torch
 from datasets import Dataset
 
 import visual_ablation_experiment_optimized as vae
-from helpers import (SCRIPT, TEXT_MODULE, VISUAL_MODULE, adapters, balanced_labels, cli_args, error_line,
-                     lora_weights, results_of, save_dataset, user_error)
+from helpers import (SCRIPT, TEXT_MODULE, VISUAL_MODULE, adapters, balanced_labels, cli_args, edited_script,
+                     error_line, lora_weights, results_of, save_dataset, user_error)
 
 ROWS = 60
 VISUAL_DOWN = f"{VISUAL_MODULE}.lora.down.weight"
@@ -239,32 +238,20 @@ def test_lock_left_by_a_dead_process_is_taken_over(tmp_path, capsys):
 
 # --- cached features follow the code -------------------------------------------------------------
 
-def edited_script(tmp_path, old, new, name):
-    """A copy of the script with one edit, imported as its own module."""
-    source = SCRIPT.read_text()
-    assert source.count(old) == 1, old
-    path = tmp_path / f"{name}.py"
-    path.write_text(source.replace(old, new))
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def changed_fingerprints(module) -> set[str]:
-    return {name for name, code in vae.STORED_CODE.items()
-            if vae.code_fingerprint(code) != module.code_fingerprint(module.STORED_CODE[name])}
+    kinds = [*vae.REPRESENTATIONS, vae.NONFINITE, vae.SHAPES]
+    return {kind for kind in kinds
+            if vae.code_fingerprint(vae.stored_code(kind)) != module.code_fingerprint(module.stored_code(kind))}
 
 
 def test_editing_a_constant_changes_the_cache_key_of_exactly_the_representations_reading_it(tmp_path):
-    edited = edited_script(tmp_path, "GRAM_RELATIVE_FLOOR = 1e-5", "GRAM_RELATIVE_FLOOR = 2e-5", "floor_edit")
+    edited = edited_script(tmp_path, "floor_edit", ("GRAM_RELATIVE_FLOOR = 1e-5", "GRAM_RELATIVE_FLOOR = 2e-5"))
     assert changed_fingerprints(edited) == {"spectral", "matrix_norms", "ensemble", "delta_spectral"}
 
 
 def test_editing_shared_batch_code_changes_the_cache_key_of_exactly_its_users(tmp_path):
-    edited = edited_script(tmp_path, "    return values.sort(dim=1).values\n",
-                           "    return values.sort(dim=1, stable=True).values\n", "sort_edit")
+    edited = edited_script(tmp_path, "sort_edit", ("    return values.sort(dim=1).values\n",
+                                                    "    return values.sort(dim=1, stable=True).values\n"))
     assert changed_fingerprints(edited) == {"rank_based", "stats", "distribution", "frequency", "info_theoretic",
                                             "ensemble"}
 
@@ -274,7 +261,7 @@ def test_rerun_after_an_edit_recomputes_only_the_representations_it_touches(tmp_
     argv = cli_args(tmp_path, dataset, "--representations", "simple_stats,spectral", "--cache-features",
                     "--layer-groups", "all")
     run_ok(capsys, argv)
-    edited = edited_script(tmp_path, "GRAM_RELATIVE_FLOOR = 1e-5", "GRAM_RELATIVE_FLOOR = 2e-5", "rerun_edit")
+    edited = edited_script(tmp_path, "rerun_edit", ("GRAM_RELATIVE_FLOOR = 1e-5", "GRAM_RELATIVE_FLOOR = 2e-5"))
     shutil.rmtree(tmp_path / "out")
     assert edited.main(argv) == 0
     extraction = results_of(tmp_path, "edit")["feature_extraction"]
