@@ -76,6 +76,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+
 # =============================================================================================
 # Configuration
 # =============================================================================================
@@ -97,7 +98,6 @@ DEFAULT_REPRESENTATIONS = (
     "frequency", "flat_vec", "info_theoretic", "ensemble", "delta_spectral",
 )
 BUILTIN_GROUPS = ("all", "visual", "text")
-
 SPLIT_SEED = 42  # the published split; fixed so results stay comparable with the paper
 EPS = 1e-8       # the original's guard for divisions and standardisation
 FEATURE_FORMAT_VERSION = 1  # bump when any representation's output changes
@@ -201,146 +201,7 @@ class Config:
         return self.layer_groups + tuple(name for name, _ in self.custom_groups)
 
 
-def _checked(convert: Callable, accept: Callable, expected: str):
-    """An argparse type: the text converted, and refused in one line saying what is expected when it
-    does not convert or is out of range."""
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not accept(value):
-            raise argparse.ArgumentTypeError(f"{text} is not {expected}")
-        return value
-    return parse
-
-
-_fraction = _checked(float, lambda v: 0.0 < v <= 1.0, "a fraction in (0, 1]")
-_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
-_non_negative_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
-_probability = _checked(float, lambda v: 0.0 <= v < 1.0, "a probability in [0, 1)")
-_device = _checked(str, lambda text: re.fullmatch(r"auto|cpu|cuda(:\d+)?", text), "one of auto, cpu, cuda, cuda:N")
-
-
-def _choice_list(allowed: tuple[str, ...]):
-    def parse(text: str) -> tuple[str, ...]:
-        names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-        unknown = [n for n in names if n not in allowed]
-        if unknown or not names:
-            raise argparse.ArgumentTypeError(
-                f"unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(allowed)}")
-        return names
-    return parse
-
-
-def _group_definition(text: str) -> tuple[str, str]:
-    name, _, pattern = text.partition("=")
-    if not re.fullmatch(r"[A-Za-z][\w-]*", name) or not pattern:
-        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=REGEX (e.g. attn=q_proj|k_proj|v_proj|o_proj)")
-    if name in BUILTIN_GROUPS:
-        raise argparse.ArgumentTypeError(f"{name} is a built-in group; choose it with --layer-groups")
-    try:
-        re.compile(pattern)
-    except re.error as err:
-        raise argparse.ArgumentTypeError(f"{pattern!r} is not a regular expression ({err})") from None
-    return name, pattern
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Visual-only ablation of LoRA weight representations.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    defaults = Config()
-    add_data_arguments(p.add_argument_group("the dataset and its labels").add_argument, defaults)
-    add_experiment_arguments(p.add_argument_group("what is compared").add_argument, defaults)
-    add_training_arguments(p.add_argument_group("the classifiers' training").add_argument, defaults)
-    add_running_arguments(p.add_argument_group("where it runs and writes").add_argument, defaults)
-    return p
-
-
-def add_data_arguments(add: Callable, defaults: Config) -> None:
-    add("--dataset", default=defaults.dataset,
-        help="preset (1k, 10k, 50k, 100k, small), hub id owner/name, local save_to_disk or parquet path, "
-             "folder of adapter .safetensors files, or sanity-check")
-    add("--data-dir", default=defaults.data_dir, help="directory for generated datasets (sanity-check)")
-    add("--sanity-rows", type=_positive_int, default=defaults.sanity_rows,
-        help="rows of the generated sanity-check dataset")
-    add("--label-column", default=defaults.label_column, help="column holding the class label")
-    add("--labels", default=None, metavar="CSV",
-        help="folder of adapters: CSV of `adapter path, label` rows (default: metadata.json, else parent folder names)")
-    add("--skip-mismatched", action="store_true",
-        help="folder of adapters: leave out adapters whose tensors differ from the others instead of stopping")
-    add("--export-dataset", default=None, metavar="DIR",
-        help="folder of adapters: also save the table built from it with save_to_disk, for sharing")
-    add("--drop-unlabeled", action="store_true",
-        help="leave out rows whose label is missing (None/NaN; recorded in results.json) instead of refusing")
-    add("--allow-nonfinite", action="store_true",
-        help="zero NaN/Inf weights (recorded in results.json) instead of refusing the dataset")
-    add("--allow-missing-classes", action="store_true",
-        help="run even when a split lacks a class (warned, recorded) instead of refusing")
-
-
-def add_experiment_arguments(add: Callable, defaults: Config) -> None:
-    add("--representations", type=_choice_list(tuple(REPRESENTATIONS)), default=defaults.representations,
-        help="comma list of representations (default: all but delta_canonical)")
-    add("--layer-groups", type=_choice_list(BUILTIN_GROUPS), default=defaults.layer_groups,
-        help="comma list of layer groups: all, visual (attn1), text (attn2)")
-    add("--group", dest="custom_groups", type=_group_definition, action="append", default=[], metavar="NAME=REGEX",
-        help="define and evaluate a layer group: modules whose name matches REGEX (repeatable)")
-    add("--sample-layers", type=_fraction, default=defaults.sample_layers,
-        help="fraction of LoRA modules to use, seeded, down/up pairs kept together")
-    add("--classifiers", type=_choice_list(tuple(CLASSIFIERS)), default=defaults.classifiers,
-        help="comma list: mlp (the published protocol), linear (multinomial logistic regression, L2 chosen on val)")
-    add("--layer-map", type=_choice_list(tuple(REPRESENTATIONS)), default=defaults.layer_map, metavar="REPR[,REPR...]",
-        help="map test accuracy module by module for these representations (one linear probe per module)")
-    add("--block-ablation", action="store_true",
-        help="also train on all layers minus one block at a time (for every representation and classifier)")
-    add("--num-runs", type=_positive_int, default=defaults.num_runs, help="training runs per representation and layer group")
-    add("--quick", action="store_true", help="3 runs instead of --num-runs")
-    add("--seed", type=int, default=defaults.seed, help="base seed: run k uses seed + k")
-
-
-def add_training_arguments(add: Callable, defaults: Config) -> None:
-    add("--hidden-dim", type=_positive_int, default=defaults.hidden_dim, help="MLP hidden width")
-    add("--dropout", type=_probability, default=defaults.dropout, help="dropout rate of the MLP")
-    add("--weight-decay", type=float, default=defaults.weight_decay, help="Adam weight decay (L2)")
-    add("--lr", type=float, default=defaults.lr, help="Adam learning rate")
-    add("--batch-size", type=_positive_int, default=defaults.batch_size, help="training mini-batch size")
-    add("--max-epochs", type=_positive_int, default=defaults.max_epochs, help="maximum training epochs")
-    add("--patience", type=_positive_int, default=defaults.patience, help="early-stopping patience in epochs")
-    add("--min-epochs", type=_non_negative_int, default=defaults.min_epochs,
-        help="no early stopping before this epoch (0: the published protocol); reruns stalled runs")
-    add("--sequential-runs", action="store_true",
-        help="train runs one at a time instead of as one batched ensemble (for comparison)")
-
-
-def add_running_arguments(add: Callable, defaults: Config) -> None:
-    add("--output-dir", default=defaults.output_dir, help="directory for results")
-    add("--resume", action="store_true",
-        help="continue an interrupted run in the same output directory, skipping finished entries")
-    add("--cache-features", action="store_true", help="cache computed features on disk and reuse them")
-    add("--cache-dir", default=defaults.cache_dir, help="feature cache directory")
-    add("--device", type=_device, default=defaults.device, help="auto, cpu, cuda or cuda:N")
-    add("--no-amp", action="store_true", help="disable mixed precision on CUDA")
-    add("--compile", choices=("auto", "on", "off"), default=defaults.compile,
-        help="torch.compile the training step: auto = on CUDA only, where compilation pays for itself")
-    add("--num-workers", type=_non_negative_int, default=defaults.num_workers,
-        help="parallel readers: threads reading weight chunks, DataLoader workers when features are streamed (0: none)")
-    add("--max-resident-features-gb", type=float, default=defaults.max_resident_features_gb,
-        help="stream features larger than this from disk during training (0: half the free device memory)")
-
-
-def parse_config(argv: list[str] | None = None) -> Config:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.custom_groups = tuple(dict(args.custom_groups).items())
-    clash = [name for name, _ in args.custom_groups if name in args.layer_groups]
-    if clash:
-        parser.error(f"--group {clash[0]} is defined twice")
-    return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
-
-
-# --- several processes: torchrun ---------------------------------------------------------------
+# --- several processes: torchrun -------------------------------------------------------------
 #
 # Under torchrun (RANK, WORLD_SIZE and LOCAL_RANK in the environment) every process prepares the same
 # experiment, extracts its share of the features into the shared cache, trains the jobs assigned to
@@ -423,6 +284,8 @@ def agreed(check: Callable, ranks: Ranks):
     return result
 
 
+# --- the device, precision and seeds ---------------------------------------------------------
+
 def resolve_device(cfg: Config, ranks: Ranks = Ranks()) -> torch.device:
     """The one place that decides where tensors live; under torchrun each rank's own GPU."""
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -461,6 +324,13 @@ def free_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def release_device_memory(device: torch.device) -> None:
+    """Return the blocks the CUDA allocator caches for tensors no longer referenced, so free memory
+    reads true.  (No gc.collect(): a Ctrl-C arriving while it runs a finaliser would be swallowed.)"""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def compile_available(device: torch.device) -> str | None:
     """None when torch.compile can be used on this device, else why not."""
     if not torch._dynamo.is_dynamo_supported():
@@ -481,8 +351,10 @@ def row_block_seed(cfg: Config) -> int:
 
 
 # =============================================================================================
-# Data: resolve the dataset, load it, split it, find the LoRA layers
+# Data: resolve the dataset, load it, split it, label it, find its LoRA layers and groups
 # =============================================================================================
+
+# --- resolving --dataset ---------------------------------------------------------------------
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 LORA_COLUMN = re.compile(r"(?P<module>.+)\.lora\.(?P<side>down|up)\.weight")
@@ -522,25 +394,6 @@ def load_hub_dataset(hub_id: str):
         raise ExperimentError(f"{hub_id} was not found on the Hub ({err}); check the id") from None
 
 
-def load_local_dataset(path: Path):
-    """A save_to_disk directory (Dataset or DatasetDict, taking `train`), or parquet file(s); a
-    damaged one (half-copied, not really parquet) is a user error naming what is wrong."""
-    import datasets
-    from datasets.exceptions import DatasetGenerationError
-    verbosity = datasets.logging.get_verbosity()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own multi-line log of the error below
-    try:
-        return _load_local_dataset(path)
-    except (pa.ArrowInvalid, FileNotFoundError, json.JSONDecodeError) as err:
-        raise ExperimentError(f"{path} cannot be read as a dataset ({type(err).__name__}: {brief(err)}); "
-                              "it may be damaged or half-copied: copy or save it again") from None
-    except DatasetGenerationError as err:  # parquet files that are not one table
-        raise ExperimentError(f"the parquet files of {path} cannot be read as one table ({brief(err.__cause__ or err)}); "
-                              "keep only files with the same columns and types there") from None
-    finally:
-        datasets.logging.set_verbosity(verbosity)
-
-
 def brief(err: BaseException) -> str:
     """An error's first line, and its last when that says more (a cast error ends with its reason)."""
     lines = str(err).strip().splitlines() or [type(err).__name__]
@@ -566,850 +419,24 @@ def _load_local_dataset(path: Path):
         f"{path} holds no dataset: expected a save_to_disk directory or parquet file(s)")
 
 
-# --- the split -------------------------------------------------------------------------------
-
-def split_indices(num_rows: int) -> dict[str, np.ndarray]:
-    """Row indices of train (70%), val (~10%) and test (~20%), exactly as the published split."""
-    from datasets import Dataset
-    rows = Dataset.from_dict({"row": np.arange(num_rows)})
-    try:
-        first = rows.train_test_split(test_size=0.3, seed=SPLIT_SEED)
-        second = first["test"].train_test_split(test_size=0.67, seed=SPLIT_SEED)
-    except ValueError as err:
-        raise ExperimentError(f"{num_rows} rows are too few to split 70/10/20 ({err}); use a larger dataset") from None
-    return {"train": np.asarray(first["train"]["row"]),
-            "val": np.asarray(second["train"]["row"]),
-            "test": np.asarray(second["test"]["row"])}
-
-
-# --- writing datasets ---------------------------------------------------------------------
-
-WRITER_BATCH_BYTES = 64 << 20  # weights per Arrow batch written: bounds the memory a batch takes
-
-
-def nested_list_array(matrices: np.ndarray) -> pa.Array:
-    """(n, rows, cols) matrices as list<list<float32>>, the published tables' storage, without a Python loop.
-
-    (datasets' own encoder walks every matrix row in Python, several times slower than reading.)
-    """
-    n, rows, cols = matrices.shape
-    row_offsets = pa.array(np.arange(0, n * rows * cols + 1, cols, dtype=np.int32))
-    matrix_offsets = pa.array(np.arange(0, n * rows + 1, rows, dtype=np.int32))
-    return pa.ListArray.from_arrays(matrix_offsets, pa.ListArray.from_arrays(row_offsets, matrices.reshape(-1)))
-
-
-def write_arrow_stream(tables, schema: pa.Schema, arrow_file: str) -> None:
-    """Arrow tables written one after the other to one Arrow stream file, which datasets opens as is."""
-    with pa.OSFile(arrow_file, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for table in tables:
-            writer.write_table(table)
-
-
-def save_batches(tables, schema: pa.Schema, path: Path, extra_files: dict[str, str] | None = None) -> None:
-    """Arrow tables (consecutive row batches) saved as one dataset with save_to_disk at path,
-    complete or absent: streamed to an Arrow file (memory holds one batch), copied into
-    save_to_disk's layout beside the target, then renamed into place."""
+def load_local_dataset(path: Path):
+    """A save_to_disk directory (Dataset or DatasetDict, taking `train`), or parquet file(s); a
+    damaged one (half-copied, not really parquet) is a user error naming what is wrong."""
     import datasets
-    partial = path.with_name(path.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-        arrow_file = os.path.join(scratch, "rows.arrow")
-        write_arrow_stream(tables, schema, arrow_file)
-        ds = datasets.Dataset.from_file(arrow_file)
-        ds.save_to_disk(str(partial))
-        del ds
-    for name, text in (extra_files or {}).items():
-        (partial / name).write_text(text)
-    os.replace(partial, path)
-
-
-# --- the generated dataset ------------------------------------------------------------------
-
-SD15_BLOCKS = (  # (transformer block prefix, channels) of the Stable Diffusion v1.5 UNet
-    [(f"down_blocks.{b}.attentions.{a}", ch) for b, ch in ((0, 320), (1, 640), (2, 1280)) for a in (0, 1)]
-    + [("mid_block.attentions.0", 1280)]
-    + [(f"up_blocks.{b}.attentions.{a}", ch) for b, ch in ((1, 1280), (2, 640), (3, 320)) for a in (0, 1, 2)]
-)
-TEXT_CONTEXT_DIM = 768  # CLIP text features read by attn2 to_k / to_v
-CLASS_NAMES = ("airplane", "bird", "cat", "car", "dog", "fish", "fruit", "ship", "snake", "vegetable")
-
-
-def sd15_lora_shapes(rank: int = 1, projections: tuple[str, ...] = ("to_q", "to_v")) -> dict[str, tuple[int, int]]:
-    """Column name -> matrix shape for LoRA on the SD v1.5 attention projections, sorted by name."""
-    shapes = {}
-    for block, ch in SD15_BLOCKS:
-        for attn in ("attn1", "attn2"):
-            for proj in projections:
-                reads_text = attn == "attn2" and proj in ("to_k", "to_v")
-                in_features = TEXT_CONTEXT_DIM if reads_text else ch
-                module = f"{block}.transformer_blocks.0.{attn}.{proj}"
-                shapes[f"{module}.lora.down.weight"] = (rank, in_features)
-                shapes[f"{module}.lora.up.weight"] = (ch, rank)
-    return dict(sorted(shapes.items()))
-
-
-@dataclass(frozen=True)
-class SyntheticSpec:
-    """A generated LoRA dataset in the published layout, with a class signal of known strength.
-
-    Each class shapes every tensor in three ways, each visible to different representations:
-    a gain on the tensor's scale (norms, spectra, statistics), a tail weight that makes its
-    values heavier-tailed (quantiles, kurtosis, histograms) and a prototype pattern added to
-    its values (raw weights).  Every adapter also has its own overall scale, hiding absolute
-    norms, and noise; self-attention (attn1) tensors get `visual_share` of the signal of
-    cross-attention (attn2) ones, so the visual-only ablation has something to find.
-    """
-
-    rows: int = 400
-    rank: int = 1
-    projections: tuple[str, ...] = ("to_q", "to_v")
-    num_classes: int = 10
-    seed: int = 0
-    gain_spread: float = 0.04
-    tail_spread: float = 0.2
-    prototype_strength: float = 0.08
-    visual_share: float = 0.7
-    array2d: bool = False
-
-    @cached_property
-    def shapes(self) -> dict[str, tuple[int, int]]:
-        return sd15_lora_shapes(self.rank, self.projections)
-
-
-@functools.lru_cache(maxsize=4)
-def synthetic_labels(spec: SyntheticSpec) -> np.ndarray:
-    """Every row's class, dealt round-robin within each split of the published split procedure,
-    so that every split holds every class (as far as its size allows)."""
-    labels = np.empty(spec.rows, dtype=np.int64)
-    offset = np.random.default_rng(spec.seed).integers(spec.num_classes)
+    from datasets.exceptions import DatasetGenerationError
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own multi-line log of the error below
     try:
-        parts = split_indices(spec.rows).values()
-    except ExperimentError:  # too few rows to split at all: deal the classes over every row
-        parts = [np.arange(spec.rows)]
-    for idx in parts:
-        labels[idx] = (np.arange(len(idx)) + offset) % spec.num_classes
-    return labels
+        return _load_local_dataset(path)
+    except (pa.ArrowInvalid, FileNotFoundError, json.JSONDecodeError) as err:
+        raise ExperimentError(f"{path} cannot be read as a dataset ({type(err).__name__}: {brief(err)}); "
+                              "it may be damaged or half-copied: copy or save it again") from None
+    except DatasetGenerationError as err:  # parquet files that are not one table
+        raise ExperimentError(f"the parquet files of {path} cannot be read as one table ({brief(err.__cause__ or err)}); "
+                              "keep only files with the same columns and types there") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
-
-def synthetic_rows(spec: SyntheticSpec, start: int, stop: int) -> dict[str, np.ndarray]:
-    """Rows [start, stop) of the generated dataset, deterministic for a given (seed, start, stop)."""
-    block = np.random.default_rng([spec.seed, start, stop])
-    n = stop - start
-    labels = synthetic_labels(spec)[start:stop]
-    adapter_scale = np.exp(0.3 * block.standard_normal(n))[:, None, None]
-    columns: dict[str, np.ndarray] = {}
-    for t, (name, shape) in enumerate(spec.shapes.items()):
-        share = spec.visual_share if ".attn1." in name else 1.0
-        structure = np.random.default_rng([spec.seed, t])  # the same for every block: the class signal
-        gains = 1.0 + share * spec.gain_spread * structure.standard_normal(spec.num_classes)
-        tails = share * spec.tail_spread * structure.random(spec.num_classes)
-        prototypes = structure.standard_normal((spec.num_classes, *shape))
-        noise = np.random.default_rng([spec.seed, start, stop, t])
-        heavy = noise.standard_normal((n, *shape)) * np.exp(tails[labels][:, None, None] * noise.standard_normal((n, *shape)))
-        values = heavy + share * spec.prototype_strength * prototypes[labels]
-        scale = gains[labels][:, None, None] * adapter_scale * np.exp(0.1 * noise.standard_normal((n, 1, 1)))
-        columns[name] = (values * scale / np.sqrt(max(shape))).astype(np.float32)
-    columns["category_label"] = labels.astype(np.int64)
-    columns["category_name"] = np.array([CLASS_NAMES[i % len(CLASS_NAMES)] for i in labels])
-    return columns
-
-
-def synthetic_features(spec: SyntheticSpec):
-    from datasets import Array2D, Features, Sequence, Value
-    tensor = (lambda s: Array2D(s, "float32")) if spec.array2d else (lambda s: Sequence(Sequence(Value("float32"))))
-    feats = {name: tensor(shape) for name, shape in spec.shapes.items()}
-    feats.update(category_label=Value("int64"), category_name=Value("string"))
-    return Features(feats)
-
-
-def synthetic_table(spec: SyntheticSpec, start: int, stop: int, schema: pa.Schema) -> pa.Table:
-    """Rows [start, stop) of the generated dataset as an Arrow table in its schema."""
-    columns = synthetic_rows(spec, start, stop)
-    arrays = []
-    for field in schema:
-        values = columns[field.name]
-        if values.ndim == 3:
-            storage = nested_list_array(values)
-            arrays.append(pa.ExtensionArray.from_storage(field.type, storage) if spec.array2d else storage)
-        else:
-            arrays.append(pa.array(values, field.type))
-    return pa.Table.from_arrays(arrays, schema=schema)
-
-
-def synthetic_tables(spec: SyntheticSpec, schema: pa.Schema):
-    """The generated dataset as Arrow tables of WRITER_BATCH_BYTES of weights each."""
-    floats_per_row = sum(r * c for r, c in spec.shapes.values())
-    rows = max(1, WRITER_BATCH_BYTES // (4 * floats_per_row))
-    return (synthetic_table(spec, start, min(start + rows, spec.rows), schema) for start in range(0, spec.rows, rows))
-
-
-def write_synthetic_dataset(spec: SyntheticSpec, path: Path) -> Path:
-    """Write the dataset with save_to_disk in batches, so memory stays bounded; reuse it if present."""
-    if (path / "state.json").exists():
-        return path
-    schema = synthetic_features(spec).arrow_schema
-    save_batches(synthetic_tables(spec, schema), schema, path)
-    return path
-
-
-def write_sanity_check_dataset(data_dir: Path, rows: int) -> Path:
-    spec = SyntheticSpec(rows=rows)
-    return write_synthetic_dataset(spec, data_dir / f"{SANITY_CHECK}-{rows}")
-
-
-# --- adapter folders: one vocabulary of tensor names, then one table row per adapter ---------
-#
-# PATH/<adapter>/pytorch_lora_weights.safetensors   diffusers (optional metadata.json beside it)
-# PATH/<adapter>/adapter_model.safetensors          PEFT, with adapter_config.json
-# PATH/<name>.safetensors                           one file per adapter, as kohya-style trainers write
-#                                                   (optional <name>.metadata.json beside it)
-# Any of these may sit one level deeper, PATH/<label>/..., which gives the label.
-
-FOLDER_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
-TABLE_INFO_FILE = "adapter_table.json"  # label source and skipped adapters, kept beside the Arrow files
-ADAPTER_TABLE_VERSION = 1  # bump when the table built from the same files would change
-
-# kohya flattens a module path by turning every "." into "_"; these names keep their "_" when it
-# is turned back (diffusers UNet, the original SD/SDXL UNet kohya uses for SDXL, CLIP text encoders,
-# common language models).  A name missing here is split at each "_": still one name per module,
-# consistent between kohya files, but it would not line up with the same module from another trainer.
-KOHYA_COMPOUND_NAMES = frozenset({
-    "down_blocks", "mid_block", "up_blocks", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
-    "proj_in", "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "conv_norm_out",
-    "time_embedding", "linear_1", "linear_2", "add_embedding",
-    "input_blocks", "middle_block", "output_blocks", "in_layers", "out_layers", "emb_layers",
-    "skip_connection", "time_embed", "label_emb",
-    "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "text_projection",
-    "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head", "self_attention",
-    "query_key_value", "dense_h_to_4h", "dense_4h_to_h", "c_attn", "c_proj", "c_fc",
-})
-KOHYA_LONGEST_NAME = max(name.count("_") + 1 for name in KOHYA_COMPOUND_NAMES)
-KOHYA_COMPONENTS = {"lora_unet": "", "lora_te": "text_encoder.", "lora_te1": "text_encoder.", "lora_te2": "text_encoder_2."}
-KOHYA_KINDS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
-
-KOHYA_KEY = re.compile(r"(?P<component>lora_unet|lora_te[12]?)_(?P<flat>[^.]+)\.(?P<suffix>lora_down\.weight|lora_up\.weight|alpha)")
-# diffusers' attention-processor era: attn1.processor.to_q_lora.down.weight (unet), self_attn.to_q_lora.down.weight (text encoder)
-PROCESSOR_KEY = re.compile(r"(?P<parent>.+?)(?:\.processor)?\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<side>down|up)\.weight")
-DOTTED_KEY = re.compile(
-    r"(?P<module>.+?)\.(?:"
-    r"lora\.(?P<legacy>down|up)\.weight"                 # diffusers: to_q.lora.down.weight
-    r"|lora_linear_layer\.(?P<linear>down|up)\.weight"   # diffusers text encoder: q_proj.lora_linear_layer.down.weight
-    r"|lora_(?P<peft>A|B)(?:\.[\w-]+)?\.weight"         # PEFT, optionally with the adapter name: lora_A.default.weight
-    r"|lora_embedding_(?P<embedding>A|B)(?:\.[\w-]+)?"  # PEFT embedding layers
-    r"|(?P<alpha>alpha))")
-SIDES = {"down": "down", "A": "down", "up": "up", "B": "up"}
-WRAPPER_PREFIXES = ("base_model.model.", "unet.")  # PeftModel's wrapper, diffusers' save_lora_weights component
-PROCESSOR_TEXT_PROJECTIONS = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
-
-
-def unwrapped_name(name: str) -> str:
-    """A tensor or module path without the wrappers a saving library puts before it."""
-    for prefix in WRAPPER_PREFIXES:
-        name = name.removeprefix(prefix)
-    return name
-
-
-def dotted_module_path(flat: str) -> str:
-    """A kohya module name (dots flattened to "_") back as the dotted module path of the model."""
-    tokens = flat.split("_")
-    parts, i = [], 0
-    while i < len(tokens):
-        for width in range(min(KOHYA_LONGEST_NAME, len(tokens) - i), 0, -1):
-            name = "_".join(tokens[i:i + width])
-            if width == 1 or name in KOHYA_COMPOUND_NAMES:
-                parts.append(name)
-                i += width
-                break
-    return ".".join(parts)
-
-
-def lora_column_name(module: str, kind: str) -> str:
-    """The canonical column of a module's tensor: the published tables' `<module>.lora.down.weight`."""
-    return f"{module}.alpha" if kind == "alpha" else f"{module}.lora.{kind}.weight"
-
-
-def canonical_lora_key(key: str) -> tuple[str, str]:
-    """(canonical name, kind) of a tensor key from any trainer; kind is down, up, alpha or other.
-
-    Every naming becomes the published tables' `<module>.lora.{down,up}.weight` (alpha scalars:
-    `<module>.alpha`), the module path dotted and without the `unet.` / `base_model.model.`
-    wrappers; text-encoder modules keep `text_encoder.` (or `text_encoder_2.`) in front so they
-    never mix with UNet modules.  A key that is no LoRA down/up/alpha tensor comes back, without
-    those wrappers, as kind other.
-    """
-    kohya = KOHYA_KEY.fullmatch(key)
-    if kohya:
-        module = KOHYA_COMPONENTS[kohya["component"]] + dotted_module_path(kohya["flat"])
-        kind = KOHYA_KINDS[kohya["suffix"]]
-        return lora_column_name(module, kind), kind
-    key = unwrapped_name(key)
-    processor = PROCESSOR_KEY.fullmatch(key)
-    if processor:
-        parent, proj = processor["parent"], processor["proj"]
-        if parent.startswith("text_encoder"):
-            module = f"{parent}.{PROCESSOR_TEXT_PROJECTIONS[proj]}"
-        else:
-            module = f"{parent}.to_out.0" if proj == "to_out" else f"{parent}.{proj}"
-        return lora_column_name(module, processor["side"]), processor["side"]
-    dotted = DOTTED_KEY.fullmatch(key)
-    if dotted:
-        side = dotted["legacy"] or dotted["linear"] or dotted["peft"] or dotted["embedding"]
-        kind = SIDES[side] if side else "alpha"
-        return lora_column_name(dotted["module"], kind), kind
-    return key, "other"
-
-
-# --- what one adapter holds ---------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class AdapterFile:
-    """One adapter found in a folder: its weights file and its name, the path relative to the folder."""
-
-    weights: Path
-    name: str  # its sub-folder for the diffusers / PEFT layouts, its file for one-file adapters
-
-    @property
-    def has_own_folder(self) -> bool:
-        """Whether the adapter is a folder (diffusers / PEFT layout) rather than one loose file."""
-        return self.weights.name in FOLDER_WEIGHT_NAMES
-
-    @property
-    def metadata_path(self) -> Path:
-        """Where its label metadata would be: metadata.json in its folder, <name>.metadata.json beside a loose file."""
-        if self.has_own_folder:
-            return self.weights.parent / "metadata.json"
-        return self.weights.with_name(self.weights.stem + ".metadata.json")  # a shared folder needs one per file
-
-    @property
-    def config_path(self) -> Path | None:
-        """Where PEFT's adapter_config.json would be (loose files have none)."""
-        return self.weights.parent / "adapter_config.json" if self.has_own_folder else None
-
-    @property
-    def label_folder(self) -> str | None:
-        """The folder directly above the adapter, inside the folder of adapters."""
-        parent = Path(self.name).parent
-        return None if parent == Path(".") else parent.name
-
-
-@dataclass(frozen=True)
-class AdapterLayout:
-    """The LoRA tensors a file holds, shared by every adapter written with the same keys and shapes."""
-
-    tensors: tuple[tuple[str, str, tuple[int, int]], ...]  # (column, key in the file, 2-D shape), by column
-    alphas: tuple[tuple[str, str], ...]                     # (module, key of its alpha scalar)
-    ranks: tuple[tuple[str, int], ...]                      # (module, LoRA rank)
-    ignored: tuple[str, ...]                                # keys that are no LoRA down/up/alpha tensor
-    problem: str | None                                     # why these tensors cannot form a table row
-
-    @property
-    def signature(self) -> dict[str, tuple[int, int]]:
-        """Column -> shape: what adapters must share to be rows of one table."""
-        return {column: shape for column, _, shape in self.tensors}
-
-
-@functools.lru_cache(maxsize=256)  # thousands of adapters share a handful of layouts: keep one of each
-def adapter_layout(key_shapes: tuple[tuple[str, tuple[int, ...]], ...]) -> AdapterLayout:
-    """The canonical tensors of a file from its keys and shapes (no tensor data needed).
-
-    Convolution LoRA weights (rank, in, kh, kw) / (out, rank, 1, 1) are kept as the 2-D matrices
-    (rank, in*kh*kw) / (out, rank) whose product is the update, as for linear layers.
-    """
-    tensors, alphas, ignored, problems, seen = {}, [], [], [], set()
-    for key, shape in key_shapes:
-        column, kind = canonical_lora_key(key)
-        if kind == "other":
-            ignored.append(key)
-        elif column in seen:
-            problems.append(f"two keys name {column}")
-        elif kind == "alpha":
-            alphas.append((column.removesuffix(".alpha"), key))
-        elif len(shape) < 2:
-            problems.append(f"{key} has shape {list(shape)}, not a matrix")
-        else:
-            tensors[column] = (key, (shape[0], math.prod(shape[1:])))
-        seen.add(column)
-    ranks = {}
-    for column, (_, (rows, cols)) in sorted(tensors.items()):
-        module, side = column.rsplit(".lora.", 1)
-        ranks.setdefault(module, rows if side.startswith("down") else cols)
-    if not tensors and not problems:
-        problems.append("no LoRA down/up tensors" + (f" (keys like {ignored[0]})" if ignored else ""))
-    return AdapterLayout(
-        tensors=tuple((column, key, shape) for column, (key, shape) in sorted(tensors.items())),
-        alphas=tuple(sorted(alphas)), ranks=tuple(sorted(ranks.items())), ignored=tuple(ignored),
-        problem="; ".join(problems) or None)
-
-
-def unreadable(path: Path, err: Exception) -> str:
-    """Why a file cannot be read, naming a symlink loop or a dangling symlink as such."""
-    try:
-        os.stat(path)
-    except OSError as stat_err:
-        if stat_err.errno == errno.ELOOP:
-            return f"{path} is a symlink loop (following it leads back to itself)"
-        if os.path.islink(path):
-            return f"{path} is a symlink to {os.readlink(path)}, which does not exist"
-    return f"cannot read {path} ({err.strerror if isinstance(err, OSError) and err.strerror else err})"
-
-
-def json_file(path: Path) -> dict | None:
-    """A JSON object from a sidecar file, None when the file is absent."""
-    if not os.path.lexists(path):
-        return None
-    try:
-        value = json.loads(path.read_text())
-    except OSError as err:
-        raise ExperimentError(f"{unreadable(path, err)}; fix or remove it") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ExperimentError(f"{path} is not valid JSON ({err}); fix or remove it") from None
-    if not isinstance(value, dict):
-        raise ExperimentError(f"{path} holds a JSON {type(value).__name__}, not an object; fix or remove it")
-    return value
-
-
-def lora_configs(adapter: AdapterFile, file_metadata: dict[str, str]) -> dict[str, dict]:
-    """LoRA hyper-parameters shipped with an adapter, by model component ("" applies to all).
-
-    PEFT writes them to adapter_config.json; recent diffusers into the safetensors header under
-    `lora_adapter_metadata`, each field prefixed by its component (`unet.lora_alpha`).
-    """
-    config = json_file(adapter.config_path) if adapter.config_path else None
-    if config is not None:
-        return {"": config}
-    packed = file_metadata.get("lora_adapter_metadata")
-    if not packed:
-        return {}
-    try:
-        fields = json.loads(packed)
-    except json.JSONDecodeError as err:
-        raise ExperimentError(f"{adapter.weights}: its lora_adapter_metadata header is not JSON ({err})") from None
-    if not isinstance(fields, dict):
-        raise ExperimentError(f"{adapter.weights}: its lora_adapter_metadata header is not a JSON object")
-    configs: dict[str, dict] = {}
-    for name, value in fields.items():
-        component, _, field_name = name.rpartition(".")
-        configs.setdefault(component, {})[field_name] = value
-    return configs
-
-
-def pattern_value(patterns: dict, module: str, default):
-    """PEFT's per-module override (alpha_pattern): a pattern matches the module path or its dotted tail."""
-    for pattern, value in patterns.items():
-        if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module):
-            return value
-    return default
-
-
-def module_scale(module: str, rank: int, alpha: float | None, configs: dict[str, dict]) -> float:
-    """The factor the trainer multiplies up @ down by: alpha / rank (alpha / sqrt(rank) for rsLoRA)."""
-    if alpha is not None:
-        return (alpha or rank) / rank  # kohya: an alpha of 0 means no scaling
-    head = module.split(".", 1)[0]
-    if "" in configs:
-        config, inner = configs[""], module
-    elif head in configs:
-        config, inner = configs[head], module.split(".", 1)[1]
-    else:  # canonical UNet names carry no component: the one config that is no text encoder's
-        others = [c for name, c in configs.items() if not name.startswith("text_encoder")]
-        config, inner = (others[0] if len(others) == 1 else None), module
-    if config is None:
-        return 1.0  # nothing recorded: diffusers' trainers set lora_alpha to the rank
-    alpha = pattern_value(config.get("alpha_pattern") or {}, inner, config.get("lora_alpha", rank))
-    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-
-
-@dataclass(frozen=True)
-class ScannedAdapter:
-    """An adapter's layout, scale and metadata, read without loading its weights."""
-
-    file: AdapterFile
-    layout: AdapterLayout | None
-    scale: float
-    metadata: dict | None  # the scalar fields of its metadata file, None without one
-    problem: str | None    # why it cannot join the table, for the mismatch report
-
-
-def scan_adapter(adapter: AdapterFile) -> ScannedAdapter:
-    """Read an adapter's header, alpha scalars and sidecar files."""
-    from safetensors import SafetensorError, safe_open
-    metadata = json_file(adapter.metadata_path)
-    if metadata is not None:
-        metadata = {k: v for k, v in metadata.items() if v is None or isinstance(v, (str, int, float, bool))}
-    try:
-        # the "pt" framework reads bfloat16, which numpy has no type for (kohya often saves bf16)
-        with safe_open(str(adapter.weights), framework="pt") as f:
-            layout = adapter_layout(tuple((k, tuple(f.get_slice(k).get_shape())) for k in sorted(f.keys())))
-            alphas = {module: float(f.get_tensor(key)) for module, key in layout.alphas}
-            configs = lora_configs(adapter, f.metadata() or {})
-    except (OSError, SafetensorError) as err:
-        return ScannedAdapter(adapter, None, 1.0, metadata, f"unreadable: {unreadable(adapter.weights, err)}")
-    scales = {module: module_scale(module, rank, alphas.get(module), configs) for module, rank in layout.ranks}
-    distinct = sorted(set(np.float32(list(scales.values())).tolist()))
-    problem = layout.problem
-    if problem is None and len(distinct) > 1:  # the table keeps one scale per adapter
-        problem = f"its modules were trained with different scales ({distinct[0]:g} .. {distinct[-1]:g})"
-    return ScannedAdapter(adapter, layout, distinct[0] if distinct else 1.0, metadata, problem)
-
-
-# --- finding adapters ---------------------------------------------------------------------------
-
-def adapter_weight_files(folder: Path):
-    """Every .safetensors file under the folder, skipping hidden folders (.cache, .git), in sorted order."""
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if name.endswith(".safetensors") and not name.startswith("."):
-                yield Path(root) / name
-
-
-def is_adapter_folder(path: Path) -> bool:
-    """Whether --dataset names a folder of LoRA files rather than a saved dataset."""
-    if not path.is_dir() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
-        return False
-    return next(adapter_weight_files(path), None) is not None
-
-
-def adapter_files(folder: Path) -> list[AdapterFile]:
-    """The adapters of a folder, sorted by name; one adapter per sub-folder or per loose file."""
-    adapters = {}
-    for weights in adapter_weight_files(folder):
-        owner = weights.parent if weights.name in FOLDER_WEIGHT_NAMES else weights
-        name = owner.relative_to(folder).as_posix()
-        if name in adapters:
-            raise ExperimentError(
-                f"{folder / name} holds both {adapters[name].weights.name} and {weights.name}; keep one per adapter folder")
-        adapters[name] = AdapterFile(weights, name)
-    if not adapters:
-        found_bin = next(folder.rglob("*.bin"), None) is not None
-        raise ExperimentError(
-            f"no adapters in {folder}: expected <adapter>/pytorch_lora_weights.safetensors, "
-            "<adapter>/adapter_model.safetensors or <name>.safetensors files"
-            + (" (.bin files are not read: save the adapters with safetensors)" if found_bin else ""))
-    return [adapters[name] for name in sorted(adapters)]
-
-
-def files_fingerprint(folder: Path, adapters: list[AdapterFile], labels_csv: Path | None, options: dict) -> str:
-    """Changes whenever a weights or sidecar file, the labels CSV or a build option changes."""
-    parts = []
-    for adapter in adapters:
-        for path in (adapter.weights, adapter.metadata_path, adapter.config_path):
-            if path is not None and path.exists():
-                st = path.stat()
-                parts.append((path.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns))
-    if labels_csv is not None:
-        st = labels_csv.stat()
-        parts.append((str(labels_csv.resolve()), st.st_size, st.st_mtime_ns))
-    identity = json.dumps([ADAPTER_TABLE_VERSION, options, parts])
-    return hashlib.sha256(identity.encode()).hexdigest()[:20]
-
-
-# --- which adapters go in the table -------------------------------------------------------------
-
-def mismatch_reason(reference: dict[str, tuple[int, int]], adapter: ScannedAdapter) -> str | None:
-    """Why an adapter cannot share the reference's columns, or None when it can."""
-    if adapter.problem:
-        return adapter.problem
-    theirs = adapter.layout.signature
-    if theirs == reference:
-        return None
-    missing = sorted(set(reference) - set(theirs))
-    extra = sorted(set(theirs) - set(reference))
-    reshaped = sorted(c for c in set(reference) & set(theirs) if reference[c] != theirs[c])
-    reasons = []
-    for what, columns in (("missing", missing), ("extra", extra)):
-        if columns:
-            reasons.append(f"{what} {columns[0]}" + (f" and {len(columns) - 1} more" if len(columns) > 1 else ""))
-    if reshaped:
-        c = reshaped[0]
-        reasons.append(f"{c} is {list(theirs[c])}, not {list(reference[c])}"
-                       + (f", and {len(reshaped) - 1} more shapes differ" if len(reshaped) > 1 else ""))
-    return "; ".join(reasons)
-
-
-def describe_adapters(reasons: list[tuple[str, str]], shown: int = 3) -> str:
-    """A few adapters with their reasons, and how many more there are."""
-    text = ", ".join(f"{name} ({reason})" for name, reason in reasons[:shown])
-    return text + (f", and {len(reasons) - shown} more" if len(reasons) > shown else "")
-
-
-def matching_adapters(scanned: list[ScannedAdapter], folder: Path,
-                      skip_mismatched: bool) -> tuple[list[ScannedAdapter], list[tuple[str, str]]]:
-    """The adapters sharing the most common set of tensors and shapes, and (name, reason) of the others.
-
-    Raises ExperimentError when some do not match, unless skip_mismatched.
-    """
-    usable = [a for a in scanned if a.problem is None]
-    if not usable:
-        reasons = [(a.file.name, a.problem) for a in scanned]
-        raise ExperimentError(f"no adapter in {folder} holds usable LoRA tensors: {describe_adapters(reasons)}; "
-                              "expected LoRA down/up weights named as diffusers, PEFT or kohya write them")
-    counts = Counter(tuple(a.layout.signature.items()) for a in usable)
-    reference = dict(counts.most_common(1)[0][0])
-    kept, skipped = [], []
-    for adapter in scanned:
-        reason = mismatch_reason(reference, adapter)
-        if reason is None:
-            kept.append(adapter)
-        else:
-            skipped.append((adapter.file.name, reason))
-    if skipped and not skip_mismatched:
-        raise ExperimentError(
-            f"{len(skipped)} of {len(scanned)} adapters do not share the tensors of the other {len(kept)}: "
-            f"{describe_adapters(skipped)}; fix or remove them, or pass --skip-mismatched to leave them out")
-    return kept, skipped
-
-
-# --- labels -------------------------------------------------------------------------------------
-
-def typed_labels(labels: list[str]) -> list[int] | list[str]:
-    """Labels as ints when every one is an integer, else as the strings (the script encodes those)."""
-    if all(re.fullmatch(r"-?\d+", label) for label in labels):
-        return [int(label) for label in labels]
-    return labels
-
-
-def csv_labels(labels_csv: Path, folder: Path, adapters: list[AdapterFile]) -> list[str]:
-    """Each adapter's label from a CSV of rows `adapter path, label`.
-
-    A path is relative to the folder or absolute, and names the adapter's folder or its weights
-    file; a first row naming no adapter is taken as the header.
-    """
-    names = {}
-    for adapter in adapters:
-        names[adapter.name] = adapter.name
-        names[adapter.weights.relative_to(folder).as_posix()] = adapter.name
-    root = folder.resolve()
-    labels, unknown = {}, []
-    try:
-        with open(labels_csv, newline="") as f:
-            rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise ExperimentError(f"cannot read --labels {labels_csv} ({err})") from None
-    for i, row in enumerate(rows):
-        if len(row) < 2:
-            raise ExperimentError(f"--labels {labels_csv}: row {i + 1} has no label; each row is: adapter path, label")
-        path = Path(row[0].strip())
-        if path.is_absolute():
-            path = Path(os.path.relpath(path.resolve(), root))
-        name = names.get(Path(os.path.normpath(path)).as_posix())
-        if name is not None:
-            labels[name] = row[1].strip()
-        elif i > 0:
-            unknown.append(row[0])
-    if unknown:
-        tqdm.write(f"WARNING: --labels {labels_csv}: {len(unknown)} rows name no adapter in {folder} "
-                   f"(e.g. {unknown[0]}); they are ignored")
-    missing = [a.name for a in adapters if a.name not in labels]
-    if missing:
-        raise ExperimentError(
-            f"--labels {labels_csv} has no label for {len(missing)} adapters (e.g. {missing[0]}); "
-            "add a row `adapter path, label` for each")
-    return [labels[a.name] for a in adapters]
-
-
-def label_columns(adapters: list[ScannedAdapter], folder: Path, labels_csv: Path | None) -> tuple[list[dict], str]:
-    """Each adapter's label (and metadata) columns, and the source they came from.
-
-    Sources, first that applies: the --labels CSV when given, a metadata file beside every adapter
-    (its scalar fields become columns), the name of the folder above every adapter.
-    """
-    files = [a.file for a in adapters]
-    if labels_csv is not None:
-        labels = typed_labels(csv_labels(labels_csv, folder, files))
-        return [{"category_label": label} for label in labels], f"--labels {labels_csv}"
-    without_metadata = [a.file for a in adapters if a.metadata is None]
-    if not without_metadata:
-        return [a.metadata for a in adapters], "metadata files beside the adapters"
-    if len(without_metadata) < len(adapters):
-        example = without_metadata[0]
-        raise ExperimentError(
-            f"{len(adapters) - len(without_metadata)} of {len(adapters)} adapters have a metadata file but "
-            f"{example.name} has no {example.metadata_path.name}; add one beside every adapter or pass --labels FILE")
-    folders = [f.label_folder for f in files]
-    if None not in folders:
-        return [{"category_label": label} for label in typed_labels(folders)], "the folder above each adapter"
-    raise ExperimentError(
-        f"no labels for the adapters in {folder} (e.g. {files[folders.index(None)].name}): put a metadata.json "
-        "beside each adapter, sort them into PATH/<label>/ folders, or pass --labels FILE")
-
-
-def value_feature(values: list):
-    """The datasets Value type holding a metadata field: bool, int64, float64 or string."""
-    from datasets import Value
-    kinds = {type(v) for v in values if v is not None}
-    if kinds == {bool}:
-        return Value("bool")
-    if kinds == {int}:
-        return Value("int64")
-    if kinds and kinds <= {int, float}:
-        return Value("float64")
-    return Value("string")
-
-
-def table_features(layout: AdapterLayout, labels: list[dict], array2d: bool):
-    """The table's schema: one 2-D float32 column per tensor, adapter_path, lora_scale, label fields."""
-    from datasets import Array2D, Features, Sequence, Value
-    features = {}
-    for column, _, shape in layout.tensors:
-        features[column] = Array2D(shape, "float32") if array2d else Sequence(Sequence(Value("float32")))
-    features["adapter_path"] = Value("string")
-    features["lora_scale"] = Value("float32")
-    fields = sorted({name for row in labels for name in row} - set(features))  # the table's own columns win
-    for name in fields:
-        features[name] = value_feature([row.get(name) for row in labels])
-    return Features(features)
-
-
-def storable(value, pa_type: pa.DataType):
-    """A metadata value as its column stores it: text columns take any field as its string."""
-    return str(value) if value is not None and pa.types.is_string(pa_type) else value
-
-
-# --- writing the table --------------------------------------------------------------------------
-
-def adapter_tensors(adapter: ScannedAdapter) -> dict[str, np.ndarray]:
-    """The adapter's LoRA tensors as float32 matrices, by canonical column."""
-    from safetensors import safe_open
-    with safe_open(str(adapter.file.weights), framework="pt") as f:
-        return {column: f.get_tensor(key).to(torch.float32).reshape(shape).numpy()
-                for column, key, shape in adapter.layout.tensors}
-
-
-def adapter_tensor_stream(adapters: list[ScannedAdapter], num_workers: int):
-    """Each adapter's tensors in order, read by threads a few adapters ahead: memory holds a window, not the folder."""
-    window = 2 * max(1, num_workers)
-    with ThreadPoolExecutor(max(1, num_workers)) as pool, \
-            tqdm(total=len(adapters), desc="reading adapters", unit="adapter") as bar:
-        pending = deque()
-        for adapter in adapters:
-            pending.append(pool.submit(adapter_tensors, adapter))
-            if len(pending) >= window:
-                yield pending.popleft().result()
-                bar.update()
-        while pending:
-            yield pending.popleft().result()
-            bar.update()
-
-
-def batch_table(adapters: list[ScannedAdapter], labels: list[dict], tensors: list[dict[str, np.ndarray]],
-                schema: pa.Schema) -> pa.Table:
-    """Consecutive rows of the table as one Arrow table in its schema."""
-    arrays = []
-    for field in schema:
-        if field.name in tensors[0]:
-            storage = nested_list_array(np.stack([t[field.name] for t in tensors]))
-            is_array2d = isinstance(field.type, pa.ExtensionType)
-            arrays.append(pa.ExtensionArray.from_storage(field.type, storage) if is_array2d else storage)
-        elif field.name == "adapter_path":
-            arrays.append(pa.array([a.file.name for a in adapters], field.type))
-        elif field.name == "lora_scale":
-            arrays.append(pa.array([a.scale for a in adapters], field.type))
-        else:
-            arrays.append(pa.array([storable(row.get(field.name), field.type) for row in labels], field.type))
-    return pa.Table.from_arrays(arrays, schema=schema)
-
-
-def write_adapter_table(adapters: list[ScannedAdapter], labels: list[dict], features, path: Path,
-                        num_workers: int, info: dict) -> None:
-    """Write the table with save_to_disk at path, in batches of about WRITER_BATCH_BYTES of weights."""
-    floats_per_row = sum(rows * cols for _, _, (rows, cols) in adapters[0].layout.tensors)
-    rows_per_batch = max(1, WRITER_BATCH_BYTES // (4 * floats_per_row))
-    schema = features.arrow_schema
-
-    def batches(stream):
-        for start in range(0, len(adapters), rows_per_batch):
-            stop = min(start + rows_per_batch, len(adapters))
-            yield batch_table(adapters[start:stop], labels[start:stop], list(itertools.islice(stream, stop - start)), schema)
-
-    with closing(adapter_tensor_stream(adapters, num_workers)) as stream:
-        save_batches(batches(stream), schema, path, {TABLE_INFO_FILE: json.dumps(info, indent=1)})
-
-
-def skipped_description(skipped: list, shown: int) -> str:
-    return (f"left out {len(skipped)} adapters that do not match the others (--skip-mismatched): "
-            + describe_adapters(skipped, shown))
-
-
-def warn_skipped(skipped: list) -> None:
-    """One warning naming the adapters left out by --skip-mismatched (also when the table is reused)."""
-    if skipped:
-        tqdm.write(f"WARNING: {skipped_description(skipped, shown=5)}")
-
-
-def skipped_adapter_warnings(table: Path) -> list[str]:
-    """For results.json: every adapter a built table left out, each named with its reason."""
-    skipped = json.loads((table / TABLE_INFO_FILE).read_text())["skipped"]
-    return [skipped_description(skipped, shown=len(skipped))] if skipped else []
-
-
-def warn_ignored(adapters: list[ScannedAdapter]) -> None:
-    """One warning for keys that are no LoRA down/up/alpha tensor (DoRA magnitudes, biases, ...)."""
-    layouts = {id(a.layout): a.layout for a in adapters}.values()
-    ignored = sorted({key for layout in layouts for key in layout.ignored})
-    if ignored:
-        tqdm.write(f"WARNING: ignored {len(ignored)} tensor names that are no LoRA down/up weights "
-                   f"(e.g. {ignored[0]})")
-
-
-def build_adapter_table(folder: Path, cache_dir: Path, labels_csv: Path | None, num_workers: int,
-                        skip_mismatched: bool, array2d: bool = False) -> tuple[Path, str]:
-    """The folder of adapters as a save_to_disk table in the published schema, and where its labels came from.
-
-    Built once under cache_dir/adapter_tables and reused while the files' names, sizes and mtimes
-    (weights, metadata, configs, the labels CSV) and the options stay the same; an older table
-    of the same folder is removed when a new one is built.  Every adapter must hold the same
-    tensors with the same shapes; the others stop the build, or are left out with skip_mismatched.
-    The scale alpha / rank of each adapter goes into the float column lora_scale; an adapter
-    whose modules were trained with different scales counts as mismatched.
-    """
-    folder = Path(folder)
-    labels_csv = None if labels_csv is None else Path(labels_csv)
-    adapters = adapter_files(folder)
-    if labels_csv is not None and not labels_csv.is_file():
-        raise ExperimentError(f"--labels {labels_csv} is not a file; give a CSV of rows `adapter path, label`")
-    options = {"skip_mismatched": skip_mismatched, "array2d": array2d}
-    fingerprint = files_fingerprint(folder, adapters, labels_csv, options)
-    stem = f"{folder.resolve().name}-{hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:8]}"
-    table = Path(cache_dir) / "adapter_tables" / f"{stem}-{fingerprint}"
-    if (table / TABLE_INFO_FILE).exists():
-        info = json.loads((table / TABLE_INFO_FILE).read_text())
-        warn_skipped(info["skipped"])
-        return table, info["label_source"]
-
-    with ThreadPoolExecutor(max(1, num_workers)) as pool:
-        scanned = list(tqdm(pool.map(scan_adapter, adapters), total=len(adapters), desc="scanning adapters",
-                            unit="adapter", leave=False))
-    kept, skipped = matching_adapters(scanned, folder, skip_mismatched)
-    warn_skipped(skipped)
-    warn_ignored(kept)
-    labels, label_source = label_columns(kept, folder, labels_csv)
-    features = table_features(kept[0].layout, labels, array2d)
-    info = {"fingerprint": fingerprint, "folder": str(folder.resolve()), "adapters": len(kept),
-            "label_source": label_source, "skipped": skipped}
-    write_adapter_table(kept, labels, features, table, num_workers, info)
-    for stale in table.parent.glob(f"{stem}-*"):
-        if stale != table:
-            shutil.rmtree(stale, ignore_errors=True)
-    return table, label_source
-
-
-def export_dataset(table_path: Path, out_dir: Path) -> Path:
-    """Save a built table with save_to_disk at out_dir for sharing, replacing an earlier export there."""
-    import datasets
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "state.json").exists():
-        raise ExperimentError(f"--export-dataset {out_dir} exists and holds something else; choose a new or empty folder")
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    datasets.load_from_disk(str(table_path)).save_to_disk(str(partial))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(partial, out_dir)
-    return out_dir
-
-
-# --- resolving --dataset -------------------------------------------------------------------
 
 def dataset_short_name(spec: str) -> str:
     """Preset name, or the last component of a path (`.` and `..` resolved) or hub id (never a whole path)."""
@@ -1453,7 +480,23 @@ def load_experiment_dataset(cfg: Config) -> LoadedDataset:
     return LoadedDataset(ds, dataset_short_name(spec), source, dataset_fingerprint(ds), warnings)
 
 
-# --- labels and layers -------------------------------------------------------------------------
+# --- the split -------------------------------------------------------------------------------
+
+def split_indices(num_rows: int) -> dict[str, np.ndarray]:
+    """Row indices of train (70%), val (~10%) and test (~20%), exactly as the published split."""
+    from datasets import Dataset
+    rows = Dataset.from_dict({"row": np.arange(num_rows)})
+    try:
+        first = rows.train_test_split(test_size=0.3, seed=SPLIT_SEED)
+        second = first["test"].train_test_split(test_size=0.67, seed=SPLIT_SEED)
+    except ValueError as err:
+        raise ExperimentError(f"{num_rows} rows are too few to split 70/10/20 ({err}); use a larger dataset") from None
+    return {"train": np.asarray(first["train"]["row"]),
+            "val": np.asarray(second["train"]["row"]),
+            "test": np.asarray(second["test"]["row"])}
+
+
+# --- labels and layers -----------------------------------------------------------------------
 
 @dataclass
 class Labels:
@@ -1541,6 +584,17 @@ class Module:
         return next((c for c in self.columns if c.endswith(".lora.up.weight")), None)
 
 
+def refuse_duplicate_modules(names: list[str]) -> None:
+    """`unet.X` and `X` are one module saved twice; counted as two, every layer count and feature
+    dimension would be wrong."""
+    seen = {}
+    for name in sorted(names):
+        other = seen.setdefault(unwrapped_name(name), name)
+        if other != name:
+            raise ExperimentError(f"columns of {other} and {name} are the same LoRA module under two names; "
+                                  "keep one of them in the dataset")
+
+
 def lora_modules(column_names: list[str]) -> list[Module]:
     """LoRA tensor columns found by name, grouped into modules, sorted."""
     by_module = defaultdict(list)
@@ -1554,17 +608,6 @@ def lora_modules(column_names: list[str]) -> list[Module]:
             + ", ".join(column_names[:6]) + (" ..." if len(column_names) > 6 else ""))
     refuse_duplicate_modules(list(by_module))
     return [Module(m, tuple(sorted(cols))) for m, cols in sorted(by_module.items())]
-
-
-def refuse_duplicate_modules(names: list[str]) -> None:
-    """`unet.X` and `X` are one module saved twice; counted as two, every layer count and feature
-    dimension would be wrong."""
-    seen = {}
-    for name in sorted(names):
-        other = seen.setdefault(unwrapped_name(name), name)
-        if other != name:
-            raise ExperimentError(f"columns of {other} and {name} are the same LoRA module under two names; "
-                                  "keep one of them in the dataset")
 
 
 def sample_modules(modules: list[Module], fraction: float, seed: int) -> list[Module]:
@@ -1632,8 +675,6 @@ def network_blocks(modules: list[Module]) -> dict[str, list[Module]]:
     return {b: blocks[b] for b in sorted(blocks, key=block_order_key)}
 
 
-# --- reading weights -----------------------------------------------------------------------
-
 MAX_LORA_SCALE = 1e4  # alpha / rank beyond this is no trained adapter: a corrupted or mislabelled column
 
 
@@ -1651,160 +692,6 @@ def lora_scales(table: pa.Table) -> np.ndarray | None:
                               f"(row {bad[0]}: {scales[bad[0]]}); it must be alpha / rank of each adapter: "
                               "fix the column or remove it")
     return scales.astype(np.float32)
-
-
-def _storage(chunk: pa.Array) -> pa.Array:
-    """The list<list<float>> storage of a chunk, whether nested lists or Array2D."""
-    return chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
-
-
-def column_shape(table: pa.Table, column: str) -> tuple[int, int]:
-    """(rows, cols) of the matrices in a 2-D tensor column, checked to be the same in every row."""
-    outer_lengths, inner_lengths = [], []
-    for chunk in table.column(column).chunks:
-        storage = _storage(chunk)
-        if storage.null_count:
-            raise ExperimentError(f"column {column} has missing values; every adapter needs every tensor")
-        outer_lengths.append(pc.list_value_length(storage).to_numpy(zero_copy_only=False))
-        inner_lengths.append(pc.list_value_length(storage.flatten()).to_numpy(zero_copy_only=False))
-    outer = np.concatenate(outer_lengths)
-    inner = np.concatenate(inner_lengths)
-    if len(outer) == 0 or len(inner) == 0:
-        raise ExperimentError(f"column {column} holds no matrices")
-    rows, cols = int(outer[0]), int(inner[0])
-    bad_outer = np.flatnonzero(outer != rows)
-    if bad_outer.size:
-        raise ExperimentError(
-            f"column {column}: row {bad_outer[0]} has {outer[bad_outer[0]]} matrix rows, row 0 has {rows}; "
-            "every adapter must have the same shape in a column")
-    bad_inner = np.flatnonzero(inner != cols)
-    if bad_inner.size:
-        row = int(bad_inner[0] // rows)
-        raise ExperimentError(
-            f"column {column}: row {row} has matrices of another width than row 0 ({cols}); "
-            "every adapter must have the same shape in a column")
-    return rows, cols
-
-
-def value_pieces(table: pa.Table, column: str, start: int, stop: int) -> list[pa.Array]:
-    """The flat values of rows [start, stop) of a 2-D tensor column, one zero-copy piece per Arrow
-    chunk.  The slice is found from the first and last offsets of each list level (`.values`
-    alone would ignore the slice; `flatten` walks every offset, touching pages as large as the
-    weights themselves for an (n, 1) matrix)."""
-    pieces = []
-    for chunk in table.column(column).slice(start, stop - start).chunks:
-        matrices = _storage(chunk)
-        rows = matrices.values
-        first_row, last_row = _list_offset(matrices, 0), _list_offset(matrices, len(matrices))
-        first, last = _list_offset(rows, first_row), _list_offset(rows, last_row)
-        pieces.append(rows.values.slice(first, last - first))
-    return pieces
-
-
-def _list_offset(lists: pa.Array, i: int) -> int:
-    """The i-th offset of a list array, read from its offsets buffer: one page touched, where the
-    `offsets` accessor touches them all."""
-    dtype = np.int64 if pa.types.is_large_list(lists.type) else np.int32
-    width = np.dtype(dtype).itemsize
-    return int(np.frombuffer(lists.buffers()[1], dtype=dtype, count=1, offset=width * (lists.offset + i))[0])
-
-
-def read_matrices(table: pa.Table, column: str, start: int, stop: int, shape: tuple[int, int]) -> np.ndarray:
-    """Rows [start, stop) of a 2-D tensor column as a float32 (n, rows, cols) array, without per-row objects."""
-    pieces = [p.to_numpy(zero_copy_only=False) for p in value_pieces(table, column, start, stop)]
-    flat = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-    with np.errstate(over="ignore"):  # float64 beyond float32 becomes Inf: counted and refused as such
-        return flat.astype(np.float32, copy=False).reshape(stop - start, *shape)
-
-
-def _pread_into(fd: int, target: np.ndarray, offset: int) -> None:
-    view = memoryview(target).cast("B")
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            raise ExperimentError("a dataset file ended early: it is truncated or being rewritten; reload the dataset")
-        done += n
-
-
-class WeightReader:
-    """Reads row chunks of 2-D tensor columns into a caller's float32 buffer.
-
-    A dataset on disk is read with pread from its Arrow files, at the byte ranges the files' own
-    metadata gives: the weights go straight into the buffer (pinned memory on CUDA) and never stay
-    mapped, so resident memory is bounded by the chunks in flight, not by the dataset.  A table held
-    in memory, or a column stored in another float type, is copied from its Arrow buffers instead.
-    """
-
-    def __init__(self, ds):
-        if ds._indices is not None:  # the Arrow table ignores an indices mapping: materialise it
-            ds = ds.flatten_indices()
-        self.table = ds.data.table
-        self._files: list[tuple[int, int, int, mmap.mmap]] = []  # base address, size, fd, map
-        paths = [f["filename"] for f in ds.cache_files]
-        if not paths:
-            return
-        tables = []
-        for path in paths:
-            fd = os.open(path, os.O_RDONLY)
-            mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)  # metadata and offsets only are touched
-            buffer = pa.py_buffer(mapped)
-            tables.append(pa.ipc.open_stream(buffer).read_all())
-            self._files.append((buffer.address, buffer.size, fd, mapped))
-        own = pa.concat_tables(tables)
-        if own.num_rows == self.table.num_rows and own.schema.names == self.table.schema.names:
-            self.table = own
-        else:  # the Dataset transformed its files' columns: read what it shows
-            self._close_files()
-
-    def _file_range(self, values: pa.Array) -> tuple[int, int] | None:
-        """(fd, byte offset) of a float32 piece that lies in one of our files, else None."""
-        if values.type != pa.float32():
-            return None
-        address = values.buffers()[1].address + values.offset * 4
-        for base, size, fd, _ in self._files:
-            if base <= address < base + size:
-                return fd, address - base
-        return None
-
-    def read(self, column: str, start: int, stop: int, out: np.ndarray) -> None:
-        """Fill the float32 array `out` (stop - start rows of the column's matrices) with those rows."""
-        pieces = value_pieces(self.table, column, start, stop)
-        located = [self._file_range(values) for values in pieces]
-        if None in located:  # held in memory, or not float32
-            out[...] = read_matrices(self.table, column, start, stop, out.shape[1:])
-            return
-        flat, pos = out.reshape(-1), 0
-        for values, (fd, offset) in zip(pieces, located):
-            _pread_into(fd, flat[pos:pos + len(values)], offset)
-            pos += len(values)
-        self._release_pages()
-
-    def column_shape(self, column: str) -> tuple[int, int]:
-        """column_shape, then the file pages its check touched (every row's list offsets, as large as
-        the weights for an (n, 1) matrix) are dropped from this process: they stay in the OS cache."""
-        shape = column_shape(self.table, column)
-        self._release_pages()
-        return shape
-
-    def _release_pages(self) -> None:
-        """Drop the pages of our maps from this process (they stay in the OS page cache): locating
-        a chunk reads a few list offsets, and each fault maps a window of pages around them."""
-        for _, _, _, mapped in self._files:
-            mapped.madvise(mmap.MADV_DONTNEED)
-
-    @cached_property
-    def scales(self) -> np.ndarray | None:
-        return lora_scales(self.table)
-
-    def _close_files(self) -> None:
-        for _, _, fd, mapped in self._files:
-            try:
-                mapped.close()
-            except BufferError:  # a caller still holds an Arrow view of it: the OS unmaps it at exit
-                pass
-            os.close(fd)
-        self._files = []
 
 
 # =============================================================================================
@@ -2110,6 +997,19 @@ MATRIX_REPRESENTATIONS = {name: f for name, (f, batch) in REPRESENTATIONS.items(
 PAIR_REPRESENTATIONS = {name: f for name, (f, batch) in REPRESENTATIONS.items() if batch is PairBatch}
 
 
+# =============================================================================================
+# Feature extraction and cache
+# =============================================================================================
+
+def referenced_names(code) -> set[str]:
+    """Global and attribute names a code object uses, nested functions and comprehensions included."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            names |= referenced_names(const)
+    return names
+
+
 @functools.cache
 def code_fingerprint(function) -> str:
     """A hash of the source of a function and of everything of this script it reads: the functions
@@ -2138,19 +1038,6 @@ def code_fingerprint(function) -> str:
                 parts.append(f"{name} = {value!r}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
-
-def referenced_names(code) -> set[str]:
-    """Global and attribute names a code object uses, nested functions and comprehensions included."""
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if inspect.iscode(const):
-            names |= referenced_names(const)
-    return names
-
-
-# =============================================================================================
-# Feature extraction and cache
-# =============================================================================================
 
 class CacheError(Exception):
     """A cache file that cannot be trusted (unreadable, truncated, tampered)."""
@@ -2230,6 +1117,28 @@ class FeatureCache:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+NONFINITE = "nonfinite_count"  # per row, the NaN/Inf values of a column: stored like a representation
+SHAPES = "matrix_shapes"  # per column of the table, its checked (rows, cols), -1 where not checked yet
+
+
+def nonfinite_per_row(weights: torch.Tensor) -> torch.Tensor:
+    """(N, 1): the NaN/Inf values of each matrix."""
+    return (~torch.isfinite(weights)).flatten(1).sum(1, keepdim=True)
+
+
+def stored_code(kind: str) -> Callable:
+    """The code behind each kind of stored array, whose fingerprint is part of its cache key."""
+    if kind == NONFINITE:
+        return nonfinite_per_row
+    return column_shape if kind == SHAPES else REPRESENTATIONS[kind][0]
+
+
+CHUNK_BYTES = 4 << 20  # weights per read on a CPU: amortises per-operation overhead, while the chunks in
+                      # flight and the ~10 chunk-sized intermediates of the statistics stay small
+CUDA_CHUNK_BYTES = 256 << 20  # on a GPU larger chunks keep it busy; halved on out-of-memory
+MIN_CHUNK_BYTES = 1 << 20
 
 
 class FeatureStore:
@@ -2374,27 +1283,6 @@ class FeatureStore:
         return out
 
 
-NONFINITE = "nonfinite_count"  # per row, the NaN/Inf values of a column: stored like a representation
-SHAPES = "matrix_shapes"  # per column of the table, its checked (rows, cols), -1 where not checked yet
-
-
-def nonfinite_per_row(weights: torch.Tensor) -> torch.Tensor:
-    """(N, 1): the NaN/Inf values of each matrix."""
-    return (~torch.isfinite(weights)).flatten(1).sum(1, keepdim=True)
-
-
-def stored_code(kind: str) -> Callable:
-    """The code behind each kind of stored array, whose fingerprint is part of its cache key."""
-    if kind == NONFINITE:
-        return nonfinite_per_row
-    return column_shape if kind == SHAPES else REPRESENTATIONS[kind][0]
-
-CHUNK_BYTES = 4 << 20  # weights per read on a CPU: amortises per-operation overhead, while the chunks in
-                      # flight and the ~10 chunk-sized intermediates of the statistics stay small
-CUDA_CHUNK_BYTES = 256 << 20  # on a GPU larger chunks keep it busy; halved on out-of-memory
-MIN_CHUNK_BYTES = 1 << 20
-
-
 @dataclass
 class ChunkTask:
     """Rows [start, stop) of one module's columns, and the features to compute from them."""
@@ -2529,6 +1417,18 @@ def compute_pending(store: FeatureStore, work: list, cfg: Config, device: torch.
                 progress.update()
 
 
+def unit_columns(modules: list[Module], representation: str) -> list[tuple[str, tuple[str, ...]]]:
+    """(store unit, the columns it is computed from) making up a representation for a set of modules, in order."""
+    if representation in PAIR_REPRESENTATIONS:
+        return [(m.name, (m.down, m.up)) for m in modules if m.down and m.up]
+    return [(c, (c,)) for m in modules for c in m.columns]
+
+
+def feature_units(modules: list[Module], representation: str) -> list[str]:
+    """The store units whose features make up a representation for a set of modules, in order."""
+    return [unit for unit, _ in unit_columns(modules, representation)]
+
+
 def extract_features(loaded: LoadedDataset, modules: list[Module], cfg: Config, device: torch.device,
                      ranks: Ranks = Ranks()) -> FeatureStore:
     """Compute every requested representation of every selected module that the store lacks: one
@@ -2568,18 +1468,6 @@ def extract_features(loaded: LoadedDataset, modules: list[Module], cfg: Config, 
     agreed(lambda: store.count_nonfinite_features([(unit, r) for r in cfg.representations if r != "flat_vec"
                                                    for unit in feature_units(modules, r)]), ranks)
     return store
-
-
-def unit_columns(modules: list[Module], representation: str) -> list[tuple[str, tuple[str, ...]]]:
-    """(store unit, the columns it is computed from) making up a representation for a set of modules, in order."""
-    if representation in PAIR_REPRESENTATIONS:
-        return [(m.name, (m.down, m.up)) for m in modules if m.down and m.up]
-    return [(c, (c,)) for m in modules for c in m.columns]
-
-
-def feature_units(modules: list[Module], representation: str) -> list[str]:
-    """The store units whose features make up a representation for a set of modules, in order."""
-    return [unit for unit, _ in unit_columns(modules, representation)]
 
 
 def unit_width(representation: str, shapes: list[tuple[int, int]]) -> int:
@@ -2629,14 +1517,8 @@ def layer_map_matrix(store: FeatureStore, modules: list[Module], representation:
 
 
 # =============================================================================================
-# Model and training: all runs of one (representation, group) trained as one batched ensemble
+# On-device data: standardised features, resident on the device or streamed in row blocks
 # =============================================================================================
-
-BN_MOMENTUM, BN_EPS = 0.1, 1e-5          # nn.BatchNorm1d defaults
-ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam defaults
-LR_FACTOR, LR_PATIENCE, LR_THRESHOLD = 0.5, 10, 1e-4  # ReduceLROnPlateau(mode="max", factor=0.5, patience=10)
-NUM_HIDDEN = 3
-
 
 EVAL_CHUNK_ROWS = 8192
 ROW_CHUNK_BYTES = 2 ** 28  # bounds a temporary chunk of feature rows: the statistics' float64, a streamed evaluation's
@@ -2827,6 +1709,18 @@ def feature_budget_bytes(device: torch.device, limit_gb: float) -> int:
     return free_memory_bytes(device) // 2
 
 
+def resident_features(features: np.ndarray, splits: dict[str, np.ndarray], device: torch.device,
+                      row_blocks: bool) -> ResidentFeatures | None:
+    """ResidentFeatures, or None when the device runs out of memory holding them (a shared GPU whose
+    free memory shrank since the budget was measured)."""
+    try:
+        return ResidentFeatures(features, splits, device, row_blocks)
+    except torch.OutOfMemoryError:
+        pass  # released below, outside the handler, whose traceback holds the partial copies
+    release_device_memory(device)
+    return None
+
+
 def standardise(features: np.ndarray, labels: np.ndarray, splits: dict[str, np.ndarray], num_classes: int,
                 device: torch.device, budget_bytes: int | None = None, workers: int = 0,
                 block_width: int | None = None, batch: int = Config.batch_size, row_blocks: bool = False) -> SplitData:
@@ -2842,26 +1736,17 @@ def standardise(features: np.ndarray, labels: np.ndarray, splits: dict[str, np.n
     return SplitData(source, y, num_classes, features.shape[1], block_width)
 
 
-def resident_features(features: np.ndarray, splits: dict[str, np.ndarray], device: torch.device,
-                      row_blocks: bool) -> ResidentFeatures | None:
-    """ResidentFeatures, or None when the device runs out of memory holding them (a shared GPU whose
-    free memory shrank since the budget was measured)."""
-    try:
-        return ResidentFeatures(features, splits, device, row_blocks)
-    except torch.OutOfMemoryError:
-        pass  # released below, outside the handler, whose traceback holds the partial copies
-    release_device_memory(device)
-    return None
+# =============================================================================================
+# Model and training: the runs of an entry trained together as one stacked ensemble
+# =============================================================================================
+
+BN_MOMENTUM, BN_EPS = 0.1, 1e-5          # nn.BatchNorm1d defaults
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam defaults
+LR_FACTOR, LR_PATIENCE, LR_THRESHOLD = 0.5, 10, 1e-4  # ReduceLROnPlateau(mode="max", factor=0.5, patience=10)
+NUM_HIDDEN = 3
 
 
-def release_device_memory(device: torch.device) -> None:
-    """Return the blocks the CUDA allocator caches for tensors no longer referenced, so free memory
-    reads true.  (No gc.collect(): a Ctrl-C arriving while it runs a finaliser would be swallowed.)"""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-# --- the classifiers: one stacked set of parameters, a slice per model trained ----------------
+# --- the classifiers: one stacked set of parameters, a slice per model trained ---------------
 
 def uniform_like_linear(gen: torch.Generator, fan_in: int, shape: tuple[int, ...]) -> torch.Tensor:
     """nn.Linear's initialisation: uniform in +-1/sqrt(fan_in)."""
@@ -3009,6 +1894,7 @@ def linear_forward(params: dict[str, torch.Tensor], buffers: dict[str, torch.Ten
 # The L2 strengths the linear probe tries, on the mean cross-entropy + l2/2 * |w|^2 (the intercept is
 # not penalised, as in scikit-learn: C = 1 / (l2 * training rows)); the validation split picks one per run.
 LINEAR_L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
 # Adam's learning rate for the linear probe: a convex model on standardised features, where the MLP's
 # 1e-3 leaves it far from its optimum when early stopping ends it
 LINEAR_LR = 1e-2
@@ -3039,6 +1925,8 @@ CLASSIFIERS = {
                          dropout=False, l2_grid=LINEAR_L2_GRID, lr=LINEAR_LR),
 }
 
+
+# --- training --------------------------------------------------------------------------------
 
 COMPILE_BACKEND = "inductor"
 
@@ -3566,11 +2454,10 @@ def split_metrics(result: EnsembleResult, data: SplitData, amp) -> tuple[dict, d
     return metrics, confusions
 
 
-def evaluate_entry(result: EnsembleResult, data: SplitData, cfg: Config, device: torch.device,
-                   entry_name: str, num_layers: int) -> dict:
-    """One results.json entry: the best weights of every run evaluated on every split."""
-    metrics, confusions = split_metrics(result, data, amp_dtype(cfg, device))
-    return runs_entry(result, metrics, confusions, data, cfg, entry_name, num_layers, data.feature_dim)
+def entry_name(representation: str, group: str, classifier: str = "mlp") -> str:
+    """An entry's name: the original's <representation>_<group suffix> for the MLP, _<classifier> after it otherwise."""
+    name = f"{representation}_{group_result_key(group)[1]}"
+    return name if classifier == "mlp" else f"{name}_{classifier}"
 
 
 def runs_entry(result: EnsembleResult, metrics: dict, confusions: dict, data: SplitData, cfg: Config,
@@ -3619,6 +2506,13 @@ def runs_entry(result: EnsembleResult, metrics: dict, confusions: dict, data: Sp
     # streamed features: every run's batches come from the same row blocks, each run shuffling within them
     entry["batch_order"] = "row_blocks" if data.features.row_blocks else "per_run"
     return entry
+
+
+def evaluate_entry(result: EnsembleResult, data: SplitData, cfg: Config, device: torch.device,
+                   entry_name: str, num_layers: int) -> dict:
+    """One results.json entry: the best weights of every run evaluated on every split."""
+    metrics, confusions = split_metrics(result, data, amp_dtype(cfg, device))
+    return runs_entry(result, metrics, confusions, data, cfg, entry_name, num_layers, data.feature_dim)
 
 
 MAP_ENTRY_OMITS = ("learning_curves", "val_confusion_matrices", "test_confusion_matrices")  # kept lean: one per module
@@ -3693,12 +2587,6 @@ def library_versions() -> dict[str, str]:
     import datasets
     return {"python": platform.python_version(), "torch": torch.__version__, "datasets": datasets.__version__,
             "numpy": np.__version__, "pyarrow": pa.__version__}
-
-
-def entry_name(representation: str, group: str, classifier: str = "mlp") -> str:
-    """An entry's name: the original's <representation>_<group suffix> for the MLP, _<classifier> after it otherwise."""
-    name = f"{representation}_{group_result_key(group)[1]}"
-    return name if classifier == "mlp" else f"{name}_{classifier}"
 
 
 def find_entry(results: dict, group: str, representation: str, classifier: str = "mlp") -> dict | None:
@@ -3807,36 +2695,6 @@ def row_label(representation: str, classifier: str) -> str:
 
 STALLED_MARK = "*"      # after a run whose training never learned
 NEAR_CHANCE_MARK = "~"  # after a retention whose all-layers accuracy is not clearly above chance
-
-
-def comparison_table(results: dict) -> str:
-    """Fixed-width table: test accuracy on all layers vs each other group, drop and retention; below it
-    every entry's accuracy run by run, and a footnote for each mark used."""
-    groups = [g for g in results["groups"] if g != "all"]
-    rows = result_rows(results)
-    width = max(16, *(len(row_label(*row)) for row in rows))
-    header = f"{'representation':<{width}} {'all layers':>22}"
-    for g in groups:
-        header += f" {g:>22} {'drop':>8} {'retention':>11}"
-    lines = [f"Test accuracy, mean +- std (median) over the successful runs ({results['dataset']}, "
-             f"{results['num_runs']} runs, {results['num_classes']} classes, chance {1 / results['num_classes']:.3f})",
-             header, "-" * len(header)]
-    for rep, clf in rows:
-        line = f"{row_label(rep, clf):<{width}} {format_acc(find_entry(results, 'all', rep, clf)):>22}"
-        for g in groups:
-            line += f" {format_acc(find_entry(results, g, rep, clf)):>22} {drop_and_retention(results, g, rep, clf)}"
-        lines.append(line)
-    lines += ["", *per_run_lines(results)]
-    for layer_map in results.get("layer_map", []):
-        lines += ["", *layer_map_lines(layer_map, results["num_classes"], results["num_runs"])]
-    if results.get("block_ablation"):
-        lines += ["", *block_ablation_lines(results)]
-    notes = table_notes(results, groups)
-    if notes:
-        lines += ["", *notes]
-    if not results.get("complete"):
-        lines.append("(partial: the run did not finish; continue it with --resume)")
-    return "\n".join(line.rstrip() for line in lines)
 
 
 def format_acc(entry: dict | None) -> str:
@@ -3952,6 +2810,36 @@ def table_notes(results: dict, groups: list[str]) -> list[str]:
         notes.append(f"{NEAR_CHANCE_MARK} all-layers accuracy near chance: retention not meaningful (its mean is below "
                      "chance + 0.2 * (1 - chance), or mean - 2 * sample std / sqrt(runs) is not above chance)")
     return notes
+
+
+def comparison_table(results: dict) -> str:
+    """Fixed-width table: test accuracy on all layers vs each other group, drop and retention; below it
+    every entry's accuracy run by run, and a footnote for each mark used."""
+    groups = [g for g in results["groups"] if g != "all"]
+    rows = result_rows(results)
+    width = max(16, *(len(row_label(*row)) for row in rows))
+    header = f"{'representation':<{width}} {'all layers':>22}"
+    for g in groups:
+        header += f" {g:>22} {'drop':>8} {'retention':>11}"
+    lines = [f"Test accuracy, mean +- std (median) over the successful runs ({results['dataset']}, "
+             f"{results['num_runs']} runs, {results['num_classes']} classes, chance {1 / results['num_classes']:.3f})",
+             header, "-" * len(header)]
+    for rep, clf in rows:
+        line = f"{row_label(rep, clf):<{width}} {format_acc(find_entry(results, 'all', rep, clf)):>22}"
+        for g in groups:
+            line += f" {format_acc(find_entry(results, g, rep, clf)):>22} {drop_and_retention(results, g, rep, clf)}"
+        lines.append(line)
+    lines += ["", *per_run_lines(results)]
+    for layer_map in results.get("layer_map", []):
+        lines += ["", *layer_map_lines(layer_map, results["num_classes"], results["num_runs"])]
+    if results.get("block_ablation"):
+        lines += ["", *block_ablation_lines(results)]
+    notes = table_notes(results, groups)
+    if notes:
+        lines += ["", *notes]
+    if not results.get("complete"):
+        lines.append("(partial: the run did not finish; continue it with --resume)")
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _pyplot():
@@ -4194,6 +3082,149 @@ def plot_layer_map(results: dict, path: Path) -> None:
 # Main
 # =============================================================================================
 
+# --- the command line ------------------------------------------------------------------------
+
+def _checked(convert: Callable, accept: Callable, expected: str):
+    """An argparse type: the text converted, and refused in one line saying what is expected when it
+    does not convert or is out of range."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {expected}")
+        return value
+    return parse
+
+
+_fraction = _checked(float, lambda v: 0.0 < v <= 1.0, "a fraction in (0, 1]")
+_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+_non_negative_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
+_probability = _checked(float, lambda v: 0.0 <= v < 1.0, "a probability in [0, 1)")
+_device = _checked(str, lambda text: re.fullmatch(r"auto|cpu|cuda(:\d+)?", text), "one of auto, cpu, cuda, cuda:N")
+
+
+def _choice_list(allowed: tuple[str, ...]):
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+        unknown = [n for n in names if n not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(allowed)}")
+        return names
+    return parse
+
+
+def _group_definition(text: str) -> tuple[str, str]:
+    name, _, pattern = text.partition("=")
+    if not re.fullmatch(r"[A-Za-z][\w-]*", name) or not pattern:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=REGEX (e.g. attn=q_proj|k_proj|v_proj|o_proj)")
+    if name in BUILTIN_GROUPS:
+        raise argparse.ArgumentTypeError(f"{name} is a built-in group; choose it with --layer-groups")
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise argparse.ArgumentTypeError(f"{pattern!r} is not a regular expression ({err})") from None
+    return name, pattern
+
+
+def add_data_arguments(add: Callable, defaults: Config) -> None:
+    add("--dataset", default=defaults.dataset,
+        help="preset (1k, 10k, 50k, 100k, small), hub id owner/name, local save_to_disk or parquet path, "
+             "folder of adapter .safetensors files, or sanity-check")
+    add("--data-dir", default=defaults.data_dir, help="directory for generated datasets (sanity-check)")
+    add("--sanity-rows", type=_positive_int, default=defaults.sanity_rows,
+        help="rows of the generated sanity-check dataset")
+    add("--label-column", default=defaults.label_column, help="column holding the class label")
+    add("--labels", default=None, metavar="CSV",
+        help="folder of adapters: CSV of `adapter path, label` rows (default: metadata.json, else parent folder names)")
+    add("--skip-mismatched", action="store_true",
+        help="folder of adapters: leave out adapters whose tensors differ from the others instead of stopping")
+    add("--export-dataset", default=None, metavar="DIR",
+        help="folder of adapters: also save the table built from it with save_to_disk, for sharing")
+    add("--drop-unlabeled", action="store_true",
+        help="leave out rows whose label is missing (None/NaN; recorded in results.json) instead of refusing")
+    add("--allow-nonfinite", action="store_true",
+        help="zero NaN/Inf weights (recorded in results.json) instead of refusing the dataset")
+    add("--allow-missing-classes", action="store_true",
+        help="run even when a split lacks a class (warned, recorded) instead of refusing")
+
+
+def add_experiment_arguments(add: Callable, defaults: Config) -> None:
+    add("--representations", type=_choice_list(tuple(REPRESENTATIONS)), default=defaults.representations,
+        help="comma list of representations (default: all but delta_canonical)")
+    add("--layer-groups", type=_choice_list(BUILTIN_GROUPS), default=defaults.layer_groups,
+        help="comma list of layer groups: all, visual (attn1), text (attn2)")
+    add("--group", dest="custom_groups", type=_group_definition, action="append", default=[], metavar="NAME=REGEX",
+        help="define and evaluate a layer group: modules whose name matches REGEX (repeatable)")
+    add("--sample-layers", type=_fraction, default=defaults.sample_layers,
+        help="fraction of LoRA modules to use, seeded, down/up pairs kept together")
+    add("--classifiers", type=_choice_list(tuple(CLASSIFIERS)), default=defaults.classifiers,
+        help="comma list: mlp (the published protocol), linear (multinomial logistic regression, L2 chosen on val)")
+    add("--layer-map", type=_choice_list(tuple(REPRESENTATIONS)), default=defaults.layer_map, metavar="REPR[,REPR...]",
+        help="map test accuracy module by module for these representations (one linear probe per module)")
+    add("--block-ablation", action="store_true",
+        help="also train on all layers minus one block at a time (for every representation and classifier)")
+    add("--num-runs", type=_positive_int, default=defaults.num_runs, help="training runs per representation and layer group")
+    add("--quick", action="store_true", help="3 runs instead of --num-runs")
+    add("--seed", type=int, default=defaults.seed, help="base seed: run k uses seed + k")
+
+
+def add_training_arguments(add: Callable, defaults: Config) -> None:
+    add("--hidden-dim", type=_positive_int, default=defaults.hidden_dim, help="MLP hidden width")
+    add("--dropout", type=_probability, default=defaults.dropout, help="dropout rate of the MLP")
+    add("--weight-decay", type=float, default=defaults.weight_decay, help="Adam weight decay (L2)")
+    add("--lr", type=float, default=defaults.lr, help="Adam learning rate")
+    add("--batch-size", type=_positive_int, default=defaults.batch_size, help="training mini-batch size")
+    add("--max-epochs", type=_positive_int, default=defaults.max_epochs, help="maximum training epochs")
+    add("--patience", type=_positive_int, default=defaults.patience, help="early-stopping patience in epochs")
+    add("--min-epochs", type=_non_negative_int, default=defaults.min_epochs,
+        help="no early stopping before this epoch (0: the published protocol); reruns stalled runs")
+    add("--sequential-runs", action="store_true",
+        help="train runs one at a time instead of as one batched ensemble (for comparison)")
+
+
+def add_running_arguments(add: Callable, defaults: Config) -> None:
+    add("--output-dir", default=defaults.output_dir, help="directory for results")
+    add("--resume", action="store_true",
+        help="continue an interrupted run in the same output directory, skipping finished entries")
+    add("--cache-features", action="store_true", help="cache computed features on disk and reuse them")
+    add("--cache-dir", default=defaults.cache_dir, help="feature cache directory")
+    add("--device", type=_device, default=defaults.device, help="auto, cpu, cuda or cuda:N")
+    add("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    add("--compile", choices=("auto", "on", "off"), default=defaults.compile,
+        help="torch.compile the training step: auto = on CUDA only, where compilation pays for itself")
+    add("--num-workers", type=_non_negative_int, default=defaults.num_workers,
+        help="parallel readers: threads reading weight chunks, DataLoader workers when features are streamed (0: none)")
+    add("--max-resident-features-gb", type=float, default=defaults.max_resident_features_gb,
+        help="stream features larger than this from disk during training (0: half the free device memory)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Visual-only ablation of LoRA weight representations.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    defaults = Config()
+    add_data_arguments(p.add_argument_group("the dataset and its labels").add_argument, defaults)
+    add_experiment_arguments(p.add_argument_group("what is compared").add_argument, defaults)
+    add_training_arguments(p.add_argument_group("the classifiers' training").add_argument, defaults)
+    add_running_arguments(p.add_argument_group("where it runs and writes").add_argument, defaults)
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.custom_groups = tuple(dict(args.custom_groups).items())
+    clash = [name for name, _ in args.custom_groups if name in args.layer_groups]
+    if clash:
+        parser.error(f"--group {clash[0]} is defined twice")
+    return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+
+
+# --- the run ---------------------------------------------------------------------------------
+
 def results_header(cfg: Config, loaded: LoadedDataset, labels: Labels, modules: list[Module],
                    groups: dict[str, list[Module]], device: torch.device) -> dict:
     count = lambda ms: sum(len(m.columns) for m in ms)
@@ -4269,6 +3300,26 @@ def config_changes(old: dict, new: dict) -> list[str]:
     defaults = json.loads(json.dumps(dataclasses.asdict(Config())))  # for settings added since that run
     old = {**defaults, **old}
     return [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in RESUME_MAY_DIFFER and old.get(k) != v]
+
+
+RANK_FILE = ".rank-{}.json"  # in the output directory: entries a rank > 0 finished, for rank 0 to gather
+
+
+def gather_rank_files(results: dict, rank_files: list[Path]) -> None:
+    """Add the entries the other ranks finished (read from their files) that results lacks."""
+    for path in rank_files:
+        try:
+            gathered = json.loads(path.read_text())  # written atomically: whole or absent
+        except (OSError, json.JSONDecodeError) as err:
+            raise ExperimentError(f"{path} is unreadable ({err}); the entries it held are lost: move it away "
+                                  "and run with --resume to train them again") from None
+        if config_changes(gathered.pop("config", {}), results["config"]):
+            continue  # left by a run with another configuration: not this run's entries
+        for section, entries in gathered.items():
+            done = finished_entries(results)
+            results.setdefault(section, []).extend(
+                e for e in entries if (f"layer_map {e['representation']}" if section == "layer_map"
+                                       else e["representation"]) not in done)
 
 
 def previous_results(path: Path, header: dict, cfg: Config, ranks: Ranks = Ranks()) -> dict | None:
@@ -4361,6 +3412,12 @@ def exclusive_output_dir(out_dir: Path):
         yield
 
 
+def warn(warnings: list[str], message: str) -> None:
+    """A warning printed now and kept for results.json."""
+    warnings.append(message)
+    tqdm.write(f"WARNING: {message}")
+
+
 def checked_splits(cfg: Config, labels: Labels, warnings: list[str]) -> dict[str, np.ndarray]:
     """The split of the labelled rows, refused (or warned of) when a split lacks a class."""
     if len(labels.class_names) < 2:
@@ -4415,12 +3472,6 @@ def checked_ablation_blocks(cfg: Config, groups: dict[str, list[Module]]) -> dic
     return blocks
 
 
-def warn(warnings: list[str], message: str) -> None:
-    """A warning printed now and kept for results.json."""
-    warnings.append(message)
-    tqdm.write(f"WARNING: {message}")
-
-
 def prepare_experiment(cfg: Config, out_dir: Path) -> Experiment:
     """Resolve and check everything that can be checked before computing: one clear error each."""
     check_writable(Path(cfg.cache_dir), "--cache-dir")
@@ -4464,7 +3515,11 @@ def stalled_warning(results: dict, cfg: Config) -> str | None:
             f"protocol does; see the per-run values in results.txt): {'; '.join(stalled)}; {remedy}")
 
 
-RANK_FILE = ".rank-{}.json"  # in the output directory: entries a rank > 0 finished, for rank 0 to gather
+def token_seen(path: Path, token: str) -> bool:
+    try:
+        return path.read_text() == token
+    except OSError:
+        return False
 
 
 def unshared_directory(directories: dict[str, Path], ranks: Ranks) -> ExperimentError | None:
@@ -4491,11 +3546,25 @@ def unshared_directory(directories: dict[str, Path], ranks: Ranks) -> Experiment
                            "does not see a file rank 0 wrote there; put it on storage every node mounts")
 
 
-def token_seen(path: Path, token: str) -> bool:
-    try:
-        return path.read_text() == token
-    except OSError:
-        return False
+@dataclass(frozen=True)
+class Job:
+    """What one rank trains at a time: a representation on a layer group or without a block (kind
+    "group" / "ablation", name the group or block) with its pending classifiers, or a layer map."""
+
+    kind: str
+    representation: str
+    name: str = ""
+    classifiers: tuple[str, ...] = ()
+
+    @property
+    def group(self) -> str:
+        """Derived: the layer group an entry of this job is named after."""
+        return self.name if self.kind == "group" else f"without_{self.name}"
+
+    def entry_names(self) -> list[str]:
+        if self.kind == "map":
+            return [f"layer_map {self.representation}"]
+        return [entry_name(self.representation, self.group, c) for c in self.classifiers]
 
 
 def assigned_jobs(jobs: list[Job], costs: list[int], ranks: Ranks) -> list[Job]:
@@ -4508,23 +3577,6 @@ def assigned_jobs(jobs: list[Job], costs: list[int], ranks: Ranks) -> list[Job]:
         if rank == ranks.rank:
             mine.append(index)
     return [jobs[i] for i in sorted(mine)]
-
-
-def gather_rank_files(results: dict, rank_files: list[Path]) -> None:
-    """Add the entries the other ranks finished (read from their files) that results lacks."""
-    for path in rank_files:
-        try:
-            gathered = json.loads(path.read_text())  # written atomically: whole or absent
-        except (OSError, json.JSONDecodeError) as err:
-            raise ExperimentError(f"{path} is unreadable ({err}); the entries it held are lost: move it away "
-                                  "and run with --resume to train them again") from None
-        if config_changes(gathered.pop("config", {}), results["config"]):
-            continue  # left by a run with another configuration: not this run's entries
-        for section, entries in gathered.items():
-            done = finished_entries(results)
-            results.setdefault(section, []).extend(
-                e for e in entries if (f"layer_map {e['representation']}" if section == "layer_map"
-                                       else e["representation"]) not in done)
 
 
 def gather_ranks(results: dict, out_dir: Path, ranks: Ranks) -> None:
@@ -4546,80 +3598,12 @@ def prepared(cfg: Config, ranks: Ranks) -> tuple[torch.device, Experiment]:
     return device, exp
 
 
-def run_experiment(cfg: Config, ranks: Ranks, command: str = "") -> Path:
-    device, exp = agreed(lambda: prepared(cfg, ranks), ranks)
-    out_dir = exp.out_dir
-    raise_agreed(unshared_directory({"--cache-dir": Path(cfg.cache_dir), "--output-dir": out_dir}, ranks), ranks)
-    with exclusive_output_dir(out_dir) if ranks.rank == 0 else nullcontext():
-        if ranks.rank == 0:
-            save_code(out_dir, command)
-        barrier(ranks)  # the others start once rank 0 holds the directory
-        run_entries(cfg, exp, device, ranks, command)
-    return out_dir
-
-
-def trained_entries(store: FeatureStore, exp: Experiment, cfg: Config, device: torch.device, representation: str,
-                    modules: list[Module], group: str, classifiers: list[str]):
-    """Train and evaluate each classifier on one selection of modules, standardised once; yields entries."""
-    features = group_feature_matrix(store, modules, representation)
-    data = standardise(features, exp.labels.codes, exp.splits, len(exp.labels.class_names), device,
-                       feature_budget_bytes(device, cfg.max_resident_features_gb), cfg.num_workers,
-                       batch=cfg.batch_size)
-    for classifier in classifiers:
-        name = entry_name(representation, group, classifier)
-        result = train_runs(data, cfg, device, name, classifier)
-        entry = evaluate_entry(result, data, cfg, device, name, sum(len(m.columns) for m in modules))
-        tqdm.write(f"{name:<32} test acc {entry['test_acc_mean']:.3f} +- {entry['test_acc_std']:.3f}  "
-                   f"({result.seconds:.1f}s, best epoch {entry['best_epoch_mean']:.0f})"
-                   + (f"  {len(entry['failed_runs'])} runs failed" if entry["failed_runs"] else "")
-                   + (f"  {len(entry['stalled_runs'])} runs stalled" if entry["stalled_runs"] else ""))
-        yield entry
-
-
-def trained_layer_map(store: FeatureStore, exp: Experiment, cfg: Config, device: torch.device, representation: str) -> dict:
-    """The layer map of one representation: a linear probe per module on that module's features alone,
-    every module's runs (and L2 strengths) trained together as one stacked ensemble."""
-    modules = mapped_modules(exp.modules, representation)
-    features, widths = layer_map_matrix(store, modules, representation)
-    data = standardise(features, exp.labels.codes, exp.splits, len(exp.labels.class_names), device,
-                       feature_budget_bytes(device, cfg.max_resident_features_gb), cfg.num_workers,
-                       block_width=features.shape[1] // len(modules), batch=cfg.batch_size)
-    result = train_runs(data, cfg, device, f"layer map {representation}", "linear", num_blocks=len(modules))
-    entries = layer_map_entries(result, data, cfg, device, modules, widths, representation)
-    tqdm.write(f"layer map {representation}: {len(modules)} modules in {result.seconds:.1f}s; best "
-               + ", ".join(f"{e['module']} {e['test_acc_mean']:.3f}"
-                           for e in sorted(entries, key=lambda e: -e["test_acc_mean"])[:3]))
-    return {"representation": representation, "classifier": "linear", "num_modules": len(modules),
-            "training_time": result.seconds, "modules": entries}
-
-
 def with_drops(results: dict) -> None:
     """Every block-ablation entry's drop against its all-layers entry (NaN while that is unmeasured)."""
     for entry in results.get("block_ablation", []):
         base = find_entry(results, "all", entry["features"], entry["classifier"])
         drop = ablation_drop(entry, base) if base is not None else None
         entry["drop_mean"], entry["drop_low"], entry["drop_high"] = drop or (float("nan"),) * 3
-
-
-@dataclass(frozen=True)
-class Job:
-    """What one rank trains at a time: a representation on a layer group or without a block (kind
-    "group" / "ablation", name the group or block) with its pending classifiers, or a layer map."""
-
-    kind: str
-    representation: str
-    name: str = ""
-    classifiers: tuple[str, ...] = ()
-
-    @property
-    def group(self) -> str:
-        """Derived: the layer group an entry of this job is named after."""
-        return self.name if self.kind == "group" else f"without_{self.name}"
-
-    def entry_names(self) -> list[str]:
-        if self.kind == "map":
-            return [f"layer_map {self.representation}"]
-        return [entry_name(self.representation, self.group, c) for c in self.classifiers]
 
 
 def planned_jobs(cfg: Config, exp: Experiment) -> list[Job]:
@@ -4670,6 +3654,41 @@ def job_cost(job: Job, exp: Experiment, store: FeatureStore, cfg: Config) -> int
         per_model = model.sizes(width, len(exp.labels.class_names), cfg).params
         cost += exp.loaded.dataset.num_rows * len(run_slices(cfg, model, blocks)) * (per_model + STEP_OVERHEAD_MACS)
     return cost
+
+
+def trained_entries(store: FeatureStore, exp: Experiment, cfg: Config, device: torch.device, representation: str,
+                    modules: list[Module], group: str, classifiers: list[str]):
+    """Train and evaluate each classifier on one selection of modules, standardised once; yields entries."""
+    features = group_feature_matrix(store, modules, representation)
+    data = standardise(features, exp.labels.codes, exp.splits, len(exp.labels.class_names), device,
+                       feature_budget_bytes(device, cfg.max_resident_features_gb), cfg.num_workers,
+                       batch=cfg.batch_size)
+    for classifier in classifiers:
+        name = entry_name(representation, group, classifier)
+        result = train_runs(data, cfg, device, name, classifier)
+        entry = evaluate_entry(result, data, cfg, device, name, sum(len(m.columns) for m in modules))
+        tqdm.write(f"{name:<32} test acc {entry['test_acc_mean']:.3f} +- {entry['test_acc_std']:.3f}  "
+                   f"({result.seconds:.1f}s, best epoch {entry['best_epoch_mean']:.0f})"
+                   + (f"  {len(entry['failed_runs'])} runs failed" if entry["failed_runs"] else "")
+                   + (f"  {len(entry['stalled_runs'])} runs stalled" if entry["stalled_runs"] else ""))
+        yield entry
+
+
+def trained_layer_map(store: FeatureStore, exp: Experiment, cfg: Config, device: torch.device, representation: str) -> dict:
+    """The layer map of one representation: a linear probe per module on that module's features alone,
+    every module's runs (and L2 strengths) trained together as one stacked ensemble."""
+    modules = mapped_modules(exp.modules, representation)
+    features, widths = layer_map_matrix(store, modules, representation)
+    data = standardise(features, exp.labels.codes, exp.splits, len(exp.labels.class_names), device,
+                       feature_budget_bytes(device, cfg.max_resident_features_gb), cfg.num_workers,
+                       block_width=features.shape[1] // len(modules), batch=cfg.batch_size)
+    result = train_runs(data, cfg, device, f"layer map {representation}", "linear", num_blocks=len(modules))
+    entries = layer_map_entries(result, data, cfg, device, modules, widths, representation)
+    tqdm.write(f"layer map {representation}: {len(modules)} modules in {result.seconds:.1f}s; best "
+               + ", ".join(f"{e['module']} {e['test_acc_mean']:.3f}"
+                           for e in sorted(entries, key=lambda e: -e["test_acc_mean"])[:3]))
+    return {"representation": representation, "classifier": "linear", "num_modules": len(modules),
+            "training_time": result.seconds, "modules": entries}
 
 
 def trained_job(job: Job, store: FeatureStore, exp: Experiment, cfg: Config, device: torch.device):
@@ -4787,6 +3806,18 @@ def run_entries(cfg: Config, exp: Experiment, device: torch.device, ranks: Ranks
     print(f"\nwrote {results_path}, results.txt and the plots in {results['total_seconds']:.0f}s")
 
 
+def run_experiment(cfg: Config, ranks: Ranks, command: str = "") -> Path:
+    device, exp = agreed(lambda: prepared(cfg, ranks), ranks)
+    out_dir = exp.out_dir
+    raise_agreed(unshared_directory({"--cache-dir": Path(cfg.cache_dir), "--output-dir": out_dir}, ranks), ranks)
+    with exclusive_output_dir(out_dir) if ranks.rank == 0 else nullcontext():
+        if ranks.rank == 0:
+            save_code(out_dir, command)
+        barrier(ranks)  # the others start once rank 0 holds the directory
+        run_entries(cfg, exp, device, ranks, command)
+    return out_dir
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -4814,6 +3845,1014 @@ def main(argv: list[str] | None = None) -> int:
                   "continue with the same command and --resume", file=sys.stderr)
         return 130
     return 0
+
+
+# =============================================================================================
+# Appendix: input plumbing
+# =============================================================================================
+# What turns inputs other than a published table into one, and what reads the weights out of a table.
+# The experiment calls in here at three points: load_experiment_dataset builds the sanity-check dataset
+# (write_sanity_check_dataset) or a folder's table (build_adapter_table), and extraction reads weights
+# through WeightReader.  A researcher changing the experiment need not read further.
+
+# --- A. writing a table ----------------------------------------------------------------------
+# Arrow tables (consecutive row batches) saved as one save_to_disk dataset that is complete or absent:
+# streamed to one Arrow file, so memory holds one batch, laid out by datasets beside the target, then
+# renamed into place: an interrupted write leaves no half-written dataset behind.
+
+WRITER_BATCH_BYTES = 64 << 20  # weights per Arrow batch written: bounds the memory a batch takes
+
+
+def nested_list_array(matrices: np.ndarray) -> pa.Array:
+    """(n, rows, cols) matrices as list<list<float32>>, the published tables' storage, without a Python loop.
+
+    (datasets' own encoder walks every matrix row in Python, several times slower than reading.)
+    """
+    n, rows, cols = matrices.shape
+    row_offsets = pa.array(np.arange(0, n * rows * cols + 1, cols, dtype=np.int32))
+    matrix_offsets = pa.array(np.arange(0, n * rows + 1, rows, dtype=np.int32))
+    return pa.ListArray.from_arrays(matrix_offsets, pa.ListArray.from_arrays(row_offsets, matrices.reshape(-1)))
+
+
+def write_arrow_stream(tables, schema: pa.Schema, arrow_file: str) -> None:
+    """Arrow tables written one after the other to one Arrow stream file, which datasets opens as is."""
+    with pa.OSFile(arrow_file, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for table in tables:
+            writer.write_table(table)
+
+
+def save_batches(tables, schema: pa.Schema, path: Path, extra_files: dict[str, str] | None = None) -> None:
+    """Arrow tables (consecutive row batches) saved as one dataset with save_to_disk at path,
+    complete or absent: streamed to an Arrow file (memory holds one batch), copied into
+    save_to_disk's layout beside the target, then renamed into place."""
+    import datasets
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        arrow_file = os.path.join(scratch, "rows.arrow")
+        write_arrow_stream(tables, schema, arrow_file)
+        ds = datasets.Dataset.from_file(arrow_file)
+        ds.save_to_disk(str(partial))
+        del ds
+    for name, text in (extra_files or {}).items():
+        (partial / name).write_text(text)
+    os.replace(partial, path)
+
+
+# --- B. the generated dataset (sanity-check) -------------------------------------------------
+# A table in the published format (the SD v1.5 attention LoRA shapes as nested float32 lists,
+# category_label and category_name) whose ten classes differ in ways each kind of representation can
+# see, attn1 more weakly than attn2 (SyntheticSpec says how).  The same --sanity-rows give the same
+# table on every machine, every split holds every class as far as its size allows, and it is written
+# once and reused.
+
+SD15_BLOCKS = (  # (transformer block prefix, channels) of the Stable Diffusion v1.5 UNet
+    [(f"down_blocks.{b}.attentions.{a}", ch) for b, ch in ((0, 320), (1, 640), (2, 1280)) for a in (0, 1)]
+    + [("mid_block.attentions.0", 1280)]
+    + [(f"up_blocks.{b}.attentions.{a}", ch) for b, ch in ((1, 1280), (2, 640), (3, 320)) for a in (0, 1, 2)]
+)
+TEXT_CONTEXT_DIM = 768  # CLIP text features read by attn2 to_k / to_v
+CLASS_NAMES = ("airplane", "bird", "cat", "car", "dog", "fish", "fruit", "ship", "snake", "vegetable")
+
+
+def sd15_lora_shapes(rank: int = 1, projections: tuple[str, ...] = ("to_q", "to_v")) -> dict[str, tuple[int, int]]:
+    """Column name -> matrix shape for LoRA on the SD v1.5 attention projections, sorted by name."""
+    shapes = {}
+    for block, ch in SD15_BLOCKS:
+        for attn in ("attn1", "attn2"):
+            for proj in projections:
+                reads_text = attn == "attn2" and proj in ("to_k", "to_v")
+                in_features = TEXT_CONTEXT_DIM if reads_text else ch
+                module = f"{block}.transformer_blocks.0.{attn}.{proj}"
+                shapes[f"{module}.lora.down.weight"] = (rank, in_features)
+                shapes[f"{module}.lora.up.weight"] = (ch, rank)
+    return dict(sorted(shapes.items()))
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """A generated LoRA dataset in the published layout, with a class signal of known strength.
+
+    Each class shapes every tensor in three ways, each visible to different representations:
+    a gain on the tensor's scale (norms, spectra, statistics), a tail weight that makes its
+    values heavier-tailed (quantiles, kurtosis, histograms) and a prototype pattern added to
+    its values (raw weights).  Every adapter also has its own overall scale, hiding absolute
+    norms, and noise; self-attention (attn1) tensors get `visual_share` of the signal of
+    cross-attention (attn2) ones, so the visual-only ablation has something to find.
+    """
+
+    rows: int = 400
+    rank: int = 1
+    projections: tuple[str, ...] = ("to_q", "to_v")
+    num_classes: int = 10
+    seed: int = 0
+    gain_spread: float = 0.04
+    tail_spread: float = 0.2
+    prototype_strength: float = 0.08
+    visual_share: float = 0.7
+    array2d: bool = False
+
+    @cached_property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return sd15_lora_shapes(self.rank, self.projections)
+
+
+@functools.lru_cache(maxsize=4)
+def synthetic_labels(spec: SyntheticSpec) -> np.ndarray:
+    """Every row's class, dealt round-robin within each split of the published split procedure,
+    so that every split holds every class (as far as its size allows)."""
+    labels = np.empty(spec.rows, dtype=np.int64)
+    offset = np.random.default_rng(spec.seed).integers(spec.num_classes)
+    try:
+        parts = split_indices(spec.rows).values()
+    except ExperimentError:  # too few rows to split at all: deal the classes over every row
+        parts = [np.arange(spec.rows)]
+    for idx in parts:
+        labels[idx] = (np.arange(len(idx)) + offset) % spec.num_classes
+    return labels
+
+
+def synthetic_rows(spec: SyntheticSpec, start: int, stop: int) -> dict[str, np.ndarray]:
+    """Rows [start, stop) of the generated dataset, deterministic for a given (seed, start, stop)."""
+    block = np.random.default_rng([spec.seed, start, stop])
+    n = stop - start
+    labels = synthetic_labels(spec)[start:stop]
+    adapter_scale = np.exp(0.3 * block.standard_normal(n))[:, None, None]
+    columns: dict[str, np.ndarray] = {}
+    for t, (name, shape) in enumerate(spec.shapes.items()):
+        share = spec.visual_share if ".attn1." in name else 1.0
+        structure = np.random.default_rng([spec.seed, t])  # the same for every block: the class signal
+        gains = 1.0 + share * spec.gain_spread * structure.standard_normal(spec.num_classes)
+        tails = share * spec.tail_spread * structure.random(spec.num_classes)
+        prototypes = structure.standard_normal((spec.num_classes, *shape))
+        noise = np.random.default_rng([spec.seed, start, stop, t])
+        heavy = noise.standard_normal((n, *shape)) * np.exp(tails[labels][:, None, None] * noise.standard_normal((n, *shape)))
+        values = heavy + share * spec.prototype_strength * prototypes[labels]
+        scale = gains[labels][:, None, None] * adapter_scale * np.exp(0.1 * noise.standard_normal((n, 1, 1)))
+        columns[name] = (values * scale / np.sqrt(max(shape))).astype(np.float32)
+    columns["category_label"] = labels.astype(np.int64)
+    columns["category_name"] = np.array([CLASS_NAMES[i % len(CLASS_NAMES)] for i in labels])
+    return columns
+
+
+def synthetic_features(spec: SyntheticSpec):
+    from datasets import Array2D, Features, Sequence, Value
+    tensor = (lambda s: Array2D(s, "float32")) if spec.array2d else (lambda s: Sequence(Sequence(Value("float32"))))
+    feats = {name: tensor(shape) for name, shape in spec.shapes.items()}
+    feats.update(category_label=Value("int64"), category_name=Value("string"))
+    return Features(feats)
+
+
+def synthetic_table(spec: SyntheticSpec, start: int, stop: int, schema: pa.Schema) -> pa.Table:
+    """Rows [start, stop) of the generated dataset as an Arrow table in its schema."""
+    columns = synthetic_rows(spec, start, stop)
+    arrays = []
+    for field in schema:
+        values = columns[field.name]
+        if values.ndim == 3:
+            storage = nested_list_array(values)
+            arrays.append(pa.ExtensionArray.from_storage(field.type, storage) if spec.array2d else storage)
+        else:
+            arrays.append(pa.array(values, field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def synthetic_tables(spec: SyntheticSpec, schema: pa.Schema):
+    """The generated dataset as Arrow tables of WRITER_BATCH_BYTES of weights each."""
+    floats_per_row = sum(r * c for r, c in spec.shapes.values())
+    rows = max(1, WRITER_BATCH_BYTES // (4 * floats_per_row))
+    return (synthetic_table(spec, start, min(start + rows, spec.rows), schema) for start in range(0, spec.rows, rows))
+
+
+def write_synthetic_dataset(spec: SyntheticSpec, path: Path) -> Path:
+    """Write the dataset with save_to_disk in batches, so memory stays bounded; reuse it if present."""
+    if (path / "state.json").exists():
+        return path
+    schema = synthetic_features(spec).arrow_schema
+    save_batches(synthetic_tables(spec, schema), schema, path)
+    return path
+
+
+def write_sanity_check_dataset(data_dir: Path, rows: int) -> Path:
+    spec = SyntheticSpec(rows=rows)
+    return write_synthetic_dataset(spec, data_dir / f"{SANITY_CHECK}-{rows}")
+
+
+# --- C. adapter folders: one vocabulary of tensor names, then one table row per adapter ------
+# A folder of .safetensors adapters becomes one table in the published format: the tensor names of
+# diffusers, PEFT and kohya map to the same canonical column, each adapter's alpha / rank becomes its
+# lora_scale, labels come from --labels, metadata.json or the parent folder (the source is reported),
+# and adapters whose tensors differ from the others stop the build or are skipped and named.  The table
+# is cached by the files' names, sizes and mtimes, so it is built once.
+#
+# PATH/<adapter>/pytorch_lora_weights.safetensors   diffusers (optional metadata.json beside it)
+# PATH/<adapter>/adapter_model.safetensors          PEFT, with adapter_config.json
+# PATH/<name>.safetensors                           one file per adapter, as kohya-style trainers write
+#                                                   (optional <name>.metadata.json beside it)
+# Any of these may sit one level deeper, PATH/<label>/..., which gives the label.
+
+FOLDER_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
+TABLE_INFO_FILE = "adapter_table.json"  # label source and skipped adapters, kept beside the Arrow files
+ADAPTER_TABLE_VERSION = 1  # bump when the table built from the same files would change
+
+# kohya flattens a module path by turning every "." into "_"; these names keep their "_" when it
+# is turned back (diffusers UNet, the original SD/SDXL UNet kohya uses for SDXL, CLIP text encoders,
+# common language models).  A name missing here is split at each "_": still one name per module,
+# consistent between kohya files, but it would not line up with the same module from another trainer.
+KOHYA_COMPOUND_NAMES = frozenset({
+    "down_blocks", "mid_block", "up_blocks", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
+    "proj_in", "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "conv_norm_out",
+    "time_embedding", "linear_1", "linear_2", "add_embedding",
+    "input_blocks", "middle_block", "output_blocks", "in_layers", "out_layers", "emb_layers",
+    "skip_connection", "time_embed", "label_emb",
+    "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "text_projection",
+    "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head", "self_attention",
+    "query_key_value", "dense_h_to_4h", "dense_4h_to_h", "c_attn", "c_proj", "c_fc",
+})
+KOHYA_LONGEST_NAME = max(name.count("_") + 1 for name in KOHYA_COMPOUND_NAMES)
+KOHYA_COMPONENTS = {"lora_unet": "", "lora_te": "text_encoder.", "lora_te1": "text_encoder.", "lora_te2": "text_encoder_2."}
+KOHYA_KINDS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+KOHYA_KEY = re.compile(r"(?P<component>lora_unet|lora_te[12]?)_(?P<flat>[^.]+)\.(?P<suffix>lora_down\.weight|lora_up\.weight|alpha)")
+
+# diffusers' attention-processor era: attn1.processor.to_q_lora.down.weight (unet), self_attn.to_q_lora.down.weight (text encoder)
+PROCESSOR_KEY = re.compile(r"(?P<parent>.+?)(?:\.processor)?\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<side>down|up)\.weight")
+DOTTED_KEY = re.compile(
+    r"(?P<module>.+?)\.(?:"
+    r"lora\.(?P<legacy>down|up)\.weight"                 # diffusers: to_q.lora.down.weight
+    r"|lora_linear_layer\.(?P<linear>down|up)\.weight"   # diffusers text encoder: q_proj.lora_linear_layer.down.weight
+    r"|lora_(?P<peft>A|B)(?:\.[\w-]+)?\.weight"         # PEFT, optionally with the adapter name: lora_A.default.weight
+    r"|lora_embedding_(?P<embedding>A|B)(?:\.[\w-]+)?"  # PEFT embedding layers
+    r"|(?P<alpha>alpha))")
+SIDES = {"down": "down", "A": "down", "up": "up", "B": "up"}
+WRAPPER_PREFIXES = ("base_model.model.", "unet.")  # PeftModel's wrapper, diffusers' save_lora_weights component
+PROCESSOR_TEXT_PROJECTIONS = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+
+
+def unwrapped_name(name: str) -> str:
+    """A tensor or module path without the wrappers a saving library puts before it."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.removeprefix(prefix)
+    return name
+
+
+def dotted_module_path(flat: str) -> str:
+    """A kohya module name (dots flattened to "_") back as the dotted module path of the model."""
+    tokens = flat.split("_")
+    parts, i = [], 0
+    while i < len(tokens):
+        for width in range(min(KOHYA_LONGEST_NAME, len(tokens) - i), 0, -1):
+            name = "_".join(tokens[i:i + width])
+            if width == 1 or name in KOHYA_COMPOUND_NAMES:
+                parts.append(name)
+                i += width
+                break
+    return ".".join(parts)
+
+
+def lora_column_name(module: str, kind: str) -> str:
+    """The canonical column of a module's tensor: the published tables' `<module>.lora.down.weight`."""
+    return f"{module}.alpha" if kind == "alpha" else f"{module}.lora.{kind}.weight"
+
+
+def canonical_lora_key(key: str) -> tuple[str, str]:
+    """(canonical name, kind) of a tensor key from any trainer; kind is down, up, alpha or other.
+
+    Every naming becomes the published tables' `<module>.lora.{down,up}.weight` (alpha scalars:
+    `<module>.alpha`), the module path dotted and without the `unet.` / `base_model.model.`
+    wrappers; text-encoder modules keep `text_encoder.` (or `text_encoder_2.`) in front so they
+    never mix with UNet modules.  A key that is no LoRA down/up/alpha tensor comes back, without
+    those wrappers, as kind other.
+    """
+    kohya = KOHYA_KEY.fullmatch(key)
+    if kohya:
+        module = KOHYA_COMPONENTS[kohya["component"]] + dotted_module_path(kohya["flat"])
+        kind = KOHYA_KINDS[kohya["suffix"]]
+        return lora_column_name(module, kind), kind
+    key = unwrapped_name(key)
+    processor = PROCESSOR_KEY.fullmatch(key)
+    if processor:
+        parent, proj = processor["parent"], processor["proj"]
+        if parent.startswith("text_encoder"):
+            module = f"{parent}.{PROCESSOR_TEXT_PROJECTIONS[proj]}"
+        else:
+            module = f"{parent}.to_out.0" if proj == "to_out" else f"{parent}.{proj}"
+        return lora_column_name(module, processor["side"]), processor["side"]
+    dotted = DOTTED_KEY.fullmatch(key)
+    if dotted:
+        side = dotted["legacy"] or dotted["linear"] or dotted["peft"] or dotted["embedding"]
+        kind = SIDES[side] if side else "alpha"
+        return lora_column_name(dotted["module"], kind), kind
+    return key, "other"
+
+
+# --- C.1 what one adapter holds --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AdapterFile:
+    """One adapter found in a folder: its weights file and its name, the path relative to the folder."""
+
+    weights: Path
+    name: str  # its sub-folder for the diffusers / PEFT layouts, its file for one-file adapters
+
+    @property
+    def has_own_folder(self) -> bool:
+        """Whether the adapter is a folder (diffusers / PEFT layout) rather than one loose file."""
+        return self.weights.name in FOLDER_WEIGHT_NAMES
+
+    @property
+    def metadata_path(self) -> Path:
+        """Where its label metadata would be: metadata.json in its folder, <name>.metadata.json beside a loose file."""
+        if self.has_own_folder:
+            return self.weights.parent / "metadata.json"
+        return self.weights.with_name(self.weights.stem + ".metadata.json")  # a shared folder needs one per file
+
+    @property
+    def config_path(self) -> Path | None:
+        """Where PEFT's adapter_config.json would be (loose files have none)."""
+        return self.weights.parent / "adapter_config.json" if self.has_own_folder else None
+
+    @property
+    def label_folder(self) -> str | None:
+        """The folder directly above the adapter, inside the folder of adapters."""
+        parent = Path(self.name).parent
+        return None if parent == Path(".") else parent.name
+
+
+@dataclass(frozen=True)
+class AdapterLayout:
+    """The LoRA tensors a file holds, shared by every adapter written with the same keys and shapes."""
+
+    tensors: tuple[tuple[str, str, tuple[int, int]], ...]  # (column, key in the file, 2-D shape), by column
+    alphas: tuple[tuple[str, str], ...]                     # (module, key of its alpha scalar)
+    ranks: tuple[tuple[str, int], ...]                      # (module, LoRA rank)
+    ignored: tuple[str, ...]                                # keys that are no LoRA down/up/alpha tensor
+    problem: str | None                                     # why these tensors cannot form a table row
+
+    @property
+    def signature(self) -> dict[str, tuple[int, int]]:
+        """Column -> shape: what adapters must share to be rows of one table."""
+        return {column: shape for column, _, shape in self.tensors}
+
+
+@functools.lru_cache(maxsize=256)  # thousands of adapters share a handful of layouts: keep one of each
+def adapter_layout(key_shapes: tuple[tuple[str, tuple[int, ...]], ...]) -> AdapterLayout:
+    """The canonical tensors of a file from its keys and shapes (no tensor data needed).
+
+    Convolution LoRA weights (rank, in, kh, kw) / (out, rank, 1, 1) are kept as the 2-D matrices
+    (rank, in*kh*kw) / (out, rank) whose product is the update, as for linear layers.
+    """
+    tensors, alphas, ignored, problems, seen = {}, [], [], [], set()
+    for key, shape in key_shapes:
+        column, kind = canonical_lora_key(key)
+        if kind == "other":
+            ignored.append(key)
+        elif column in seen:
+            problems.append(f"two keys name {column}")
+        elif kind == "alpha":
+            alphas.append((column.removesuffix(".alpha"), key))
+        elif len(shape) < 2:
+            problems.append(f"{key} has shape {list(shape)}, not a matrix")
+        else:
+            tensors[column] = (key, (shape[0], math.prod(shape[1:])))
+        seen.add(column)
+    ranks = {}
+    for column, (_, (rows, cols)) in sorted(tensors.items()):
+        module, side = column.rsplit(".lora.", 1)
+        ranks.setdefault(module, rows if side.startswith("down") else cols)
+    if not tensors and not problems:
+        problems.append("no LoRA down/up tensors" + (f" (keys like {ignored[0]})" if ignored else ""))
+    return AdapterLayout(
+        tensors=tuple((column, key, shape) for column, (key, shape) in sorted(tensors.items())),
+        alphas=tuple(sorted(alphas)), ranks=tuple(sorted(ranks.items())), ignored=tuple(ignored),
+        problem="; ".join(problems) or None)
+
+
+def unreadable(path: Path, err: Exception) -> str:
+    """Why a file cannot be read, naming a symlink loop or a dangling symlink as such."""
+    try:
+        os.stat(path)
+    except OSError as stat_err:
+        if stat_err.errno == errno.ELOOP:
+            return f"{path} is a symlink loop (following it leads back to itself)"
+        if os.path.islink(path):
+            return f"{path} is a symlink to {os.readlink(path)}, which does not exist"
+    return f"cannot read {path} ({err.strerror if isinstance(err, OSError) and err.strerror else err})"
+
+
+def json_file(path: Path) -> dict | None:
+    """A JSON object from a sidecar file, None when the file is absent."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except OSError as err:
+        raise ExperimentError(f"{unreadable(path, err)}; fix or remove it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExperimentError(f"{path} is not valid JSON ({err}); fix or remove it") from None
+    if not isinstance(value, dict):
+        raise ExperimentError(f"{path} holds a JSON {type(value).__name__}, not an object; fix or remove it")
+    return value
+
+
+def lora_configs(adapter: AdapterFile, file_metadata: dict[str, str]) -> dict[str, dict]:
+    """LoRA hyper-parameters shipped with an adapter, by model component ("" applies to all).
+
+    PEFT writes them to adapter_config.json; recent diffusers into the safetensors header under
+    `lora_adapter_metadata`, each field prefixed by its component (`unet.lora_alpha`).
+    """
+    config = json_file(adapter.config_path) if adapter.config_path else None
+    if config is not None:
+        return {"": config}
+    packed = file_metadata.get("lora_adapter_metadata")
+    if not packed:
+        return {}
+    try:
+        fields = json.loads(packed)
+    except json.JSONDecodeError as err:
+        raise ExperimentError(f"{adapter.weights}: its lora_adapter_metadata header is not JSON ({err})") from None
+    if not isinstance(fields, dict):
+        raise ExperimentError(f"{adapter.weights}: its lora_adapter_metadata header is not a JSON object")
+    configs: dict[str, dict] = {}
+    for name, value in fields.items():
+        component, _, field_name = name.rpartition(".")
+        configs.setdefault(component, {})[field_name] = value
+    return configs
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """PEFT's per-module override (alpha_pattern): a pattern matches the module path or its dotted tail."""
+    for pattern, value in patterns.items():
+        if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module):
+            return value
+    return default
+
+
+def module_scale(module: str, rank: int, alpha: float | None, configs: dict[str, dict]) -> float:
+    """The factor the trainer multiplies up @ down by: alpha / rank (alpha / sqrt(rank) for rsLoRA)."""
+    if alpha is not None:
+        return (alpha or rank) / rank  # kohya: an alpha of 0 means no scaling
+    head = module.split(".", 1)[0]
+    if "" in configs:
+        config, inner = configs[""], module
+    elif head in configs:
+        config, inner = configs[head], module.split(".", 1)[1]
+    else:  # canonical UNet names carry no component: the one config that is no text encoder's
+        others = [c for name, c in configs.items() if not name.startswith("text_encoder")]
+        config, inner = (others[0] if len(others) == 1 else None), module
+    if config is None:
+        return 1.0  # nothing recorded: diffusers' trainers set lora_alpha to the rank
+    alpha = pattern_value(config.get("alpha_pattern") or {}, inner, config.get("lora_alpha", rank))
+    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+
+
+@dataclass(frozen=True)
+class ScannedAdapter:
+    """An adapter's layout, scale and metadata, read without loading its weights."""
+
+    file: AdapterFile
+    layout: AdapterLayout | None
+    scale: float
+    metadata: dict | None  # the scalar fields of its metadata file, None without one
+    problem: str | None    # why it cannot join the table, for the mismatch report
+
+
+def scan_adapter(adapter: AdapterFile) -> ScannedAdapter:
+    """Read an adapter's header, alpha scalars and sidecar files."""
+    from safetensors import SafetensorError, safe_open
+    metadata = json_file(adapter.metadata_path)
+    if metadata is not None:
+        metadata = {k: v for k, v in metadata.items() if v is None or isinstance(v, (str, int, float, bool))}
+    try:
+        # the "pt" framework reads bfloat16, which numpy has no type for (kohya often saves bf16)
+        with safe_open(str(adapter.weights), framework="pt") as f:
+            layout = adapter_layout(tuple((k, tuple(f.get_slice(k).get_shape())) for k in sorted(f.keys())))
+            alphas = {module: float(f.get_tensor(key)) for module, key in layout.alphas}
+            configs = lora_configs(adapter, f.metadata() or {})
+    except (OSError, SafetensorError) as err:
+        return ScannedAdapter(adapter, None, 1.0, metadata, f"unreadable: {unreadable(adapter.weights, err)}")
+    scales = {module: module_scale(module, rank, alphas.get(module), configs) for module, rank in layout.ranks}
+    distinct = sorted(set(np.float32(list(scales.values())).tolist()))
+    problem = layout.problem
+    if problem is None and len(distinct) > 1:  # the table keeps one scale per adapter
+        problem = f"its modules were trained with different scales ({distinct[0]:g} .. {distinct[-1]:g})"
+    return ScannedAdapter(adapter, layout, distinct[0] if distinct else 1.0, metadata, problem)
+
+
+# --- C.2 finding adapters --------------------------------------------------------------------
+
+def adapter_weight_files(folder: Path):
+    """Every .safetensors file under the folder, skipping hidden folders (.cache, .git), in sorted order."""
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.endswith(".safetensors") and not name.startswith("."):
+                yield Path(root) / name
+
+
+def is_adapter_folder(path: Path) -> bool:
+    """Whether --dataset names a folder of LoRA files rather than a saved dataset."""
+    if not path.is_dir() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+        return False
+    return next(adapter_weight_files(path), None) is not None
+
+
+def adapter_files(folder: Path) -> list[AdapterFile]:
+    """The adapters of a folder, sorted by name; one adapter per sub-folder or per loose file."""
+    adapters = {}
+    for weights in adapter_weight_files(folder):
+        owner = weights.parent if weights.name in FOLDER_WEIGHT_NAMES else weights
+        name = owner.relative_to(folder).as_posix()
+        if name in adapters:
+            raise ExperimentError(
+                f"{folder / name} holds both {adapters[name].weights.name} and {weights.name}; keep one per adapter folder")
+        adapters[name] = AdapterFile(weights, name)
+    if not adapters:
+        found_bin = next(folder.rglob("*.bin"), None) is not None
+        raise ExperimentError(
+            f"no adapters in {folder}: expected <adapter>/pytorch_lora_weights.safetensors, "
+            "<adapter>/adapter_model.safetensors or <name>.safetensors files"
+            + (" (.bin files are not read: save the adapters with safetensors)" if found_bin else ""))
+    return [adapters[name] for name in sorted(adapters)]
+
+
+def files_fingerprint(folder: Path, adapters: list[AdapterFile], labels_csv: Path | None, options: dict) -> str:
+    """Changes whenever a weights or sidecar file, the labels CSV or a build option changes."""
+    parts = []
+    for adapter in adapters:
+        for path in (adapter.weights, adapter.metadata_path, adapter.config_path):
+            if path is not None and path.exists():
+                st = path.stat()
+                parts.append((path.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns))
+    if labels_csv is not None:
+        st = labels_csv.stat()
+        parts.append((str(labels_csv.resolve()), st.st_size, st.st_mtime_ns))
+    identity = json.dumps([ADAPTER_TABLE_VERSION, options, parts])
+    return hashlib.sha256(identity.encode()).hexdigest()[:20]
+
+
+# --- C.3 which adapters go in the table ------------------------------------------------------
+
+def mismatch_reason(reference: dict[str, tuple[int, int]], adapter: ScannedAdapter) -> str | None:
+    """Why an adapter cannot share the reference's columns, or None when it can."""
+    if adapter.problem:
+        return adapter.problem
+    theirs = adapter.layout.signature
+    if theirs == reference:
+        return None
+    missing = sorted(set(reference) - set(theirs))
+    extra = sorted(set(theirs) - set(reference))
+    reshaped = sorted(c for c in set(reference) & set(theirs) if reference[c] != theirs[c])
+    reasons = []
+    for what, columns in (("missing", missing), ("extra", extra)):
+        if columns:
+            reasons.append(f"{what} {columns[0]}" + (f" and {len(columns) - 1} more" if len(columns) > 1 else ""))
+    if reshaped:
+        c = reshaped[0]
+        reasons.append(f"{c} is {list(theirs[c])}, not {list(reference[c])}"
+                       + (f", and {len(reshaped) - 1} more shapes differ" if len(reshaped) > 1 else ""))
+    return "; ".join(reasons)
+
+
+def describe_adapters(reasons: list[tuple[str, str]], shown: int = 3) -> str:
+    """A few adapters with their reasons, and how many more there are."""
+    text = ", ".join(f"{name} ({reason})" for name, reason in reasons[:shown])
+    return text + (f", and {len(reasons) - shown} more" if len(reasons) > shown else "")
+
+
+def matching_adapters(scanned: list[ScannedAdapter], folder: Path,
+                      skip_mismatched: bool) -> tuple[list[ScannedAdapter], list[tuple[str, str]]]:
+    """The adapters sharing the most common set of tensors and shapes, and (name, reason) of the others.
+
+    Raises ExperimentError when some do not match, unless skip_mismatched.
+    """
+    usable = [a for a in scanned if a.problem is None]
+    if not usable:
+        reasons = [(a.file.name, a.problem) for a in scanned]
+        raise ExperimentError(f"no adapter in {folder} holds usable LoRA tensors: {describe_adapters(reasons)}; "
+                              "expected LoRA down/up weights named as diffusers, PEFT or kohya write them")
+    counts = Counter(tuple(a.layout.signature.items()) for a in usable)
+    reference = dict(counts.most_common(1)[0][0])
+    kept, skipped = [], []
+    for adapter in scanned:
+        reason = mismatch_reason(reference, adapter)
+        if reason is None:
+            kept.append(adapter)
+        else:
+            skipped.append((adapter.file.name, reason))
+    if skipped and not skip_mismatched:
+        raise ExperimentError(
+            f"{len(skipped)} of {len(scanned)} adapters do not share the tensors of the other {len(kept)}: "
+            f"{describe_adapters(skipped)}; fix or remove them, or pass --skip-mismatched to leave them out")
+    return kept, skipped
+
+
+# --- C.4 labels ------------------------------------------------------------------------------
+
+def typed_labels(labels: list[str]) -> list[int] | list[str]:
+    """Labels as ints when every one is an integer, else as the strings (the script encodes those)."""
+    if all(re.fullmatch(r"-?\d+", label) for label in labels):
+        return [int(label) for label in labels]
+    return labels
+
+
+def csv_labels(labels_csv: Path, folder: Path, adapters: list[AdapterFile]) -> list[str]:
+    """Each adapter's label from a CSV of rows `adapter path, label`.
+
+    A path is relative to the folder or absolute, and names the adapter's folder or its weights
+    file; a first row naming no adapter is taken as the header.
+    """
+    names = {}
+    for adapter in adapters:
+        names[adapter.name] = adapter.name
+        names[adapter.weights.relative_to(folder).as_posix()] = adapter.name
+    root = folder.resolve()
+    labels, unknown = {}, []
+    try:
+        with open(labels_csv, newline="") as f:
+            rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise ExperimentError(f"cannot read --labels {labels_csv} ({err})") from None
+    for i, row in enumerate(rows):
+        if len(row) < 2:
+            raise ExperimentError(f"--labels {labels_csv}: row {i + 1} has no label; each row is: adapter path, label")
+        path = Path(row[0].strip())
+        if path.is_absolute():
+            path = Path(os.path.relpath(path.resolve(), root))
+        name = names.get(Path(os.path.normpath(path)).as_posix())
+        if name is not None:
+            labels[name] = row[1].strip()
+        elif i > 0:
+            unknown.append(row[0])
+    if unknown:
+        tqdm.write(f"WARNING: --labels {labels_csv}: {len(unknown)} rows name no adapter in {folder} "
+                   f"(e.g. {unknown[0]}); they are ignored")
+    missing = [a.name for a in adapters if a.name not in labels]
+    if missing:
+        raise ExperimentError(
+            f"--labels {labels_csv} has no label for {len(missing)} adapters (e.g. {missing[0]}); "
+            "add a row `adapter path, label` for each")
+    return [labels[a.name] for a in adapters]
+
+
+def label_columns(adapters: list[ScannedAdapter], folder: Path, labels_csv: Path | None) -> tuple[list[dict], str]:
+    """Each adapter's label (and metadata) columns, and the source they came from.
+
+    Sources, first that applies: the --labels CSV when given, a metadata file beside every adapter
+    (its scalar fields become columns), the name of the folder above every adapter.
+    """
+    files = [a.file for a in adapters]
+    if labels_csv is not None:
+        labels = typed_labels(csv_labels(labels_csv, folder, files))
+        return [{"category_label": label} for label in labels], f"--labels {labels_csv}"
+    without_metadata = [a.file for a in adapters if a.metadata is None]
+    if not without_metadata:
+        return [a.metadata for a in adapters], "metadata files beside the adapters"
+    if len(without_metadata) < len(adapters):
+        example = without_metadata[0]
+        raise ExperimentError(
+            f"{len(adapters) - len(without_metadata)} of {len(adapters)} adapters have a metadata file but "
+            f"{example.name} has no {example.metadata_path.name}; add one beside every adapter or pass --labels FILE")
+    folders = [f.label_folder for f in files]
+    if None not in folders:
+        return [{"category_label": label} for label in typed_labels(folders)], "the folder above each adapter"
+    raise ExperimentError(
+        f"no labels for the adapters in {folder} (e.g. {files[folders.index(None)].name}): put a metadata.json "
+        "beside each adapter, sort them into PATH/<label>/ folders, or pass --labels FILE")
+
+
+def value_feature(values: list):
+    """The datasets Value type holding a metadata field: bool, int64, float64 or string."""
+    from datasets import Value
+    kinds = {type(v) for v in values if v is not None}
+    if kinds == {bool}:
+        return Value("bool")
+    if kinds == {int}:
+        return Value("int64")
+    if kinds and kinds <= {int, float}:
+        return Value("float64")
+    return Value("string")
+
+
+def table_features(layout: AdapterLayout, labels: list[dict], array2d: bool):
+    """The table's schema: one 2-D float32 column per tensor, adapter_path, lora_scale, label fields."""
+    from datasets import Array2D, Features, Sequence, Value
+    features = {}
+    for column, _, shape in layout.tensors:
+        features[column] = Array2D(shape, "float32") if array2d else Sequence(Sequence(Value("float32")))
+    features["adapter_path"] = Value("string")
+    features["lora_scale"] = Value("float32")
+    fields = sorted({name for row in labels for name in row} - set(features))  # the table's own columns win
+    for name in fields:
+        features[name] = value_feature([row.get(name) for row in labels])
+    return Features(features)
+
+
+# --- C.5 writing the table -------------------------------------------------------------------
+
+def storable(value, pa_type: pa.DataType):
+    """A metadata value as its column stores it: text columns take any field as its string."""
+    return str(value) if value is not None and pa.types.is_string(pa_type) else value
+
+
+def adapter_tensors(adapter: ScannedAdapter) -> dict[str, np.ndarray]:
+    """The adapter's LoRA tensors as float32 matrices, by canonical column."""
+    from safetensors import safe_open
+    with safe_open(str(adapter.file.weights), framework="pt") as f:
+        return {column: f.get_tensor(key).to(torch.float32).reshape(shape).numpy()
+                for column, key, shape in adapter.layout.tensors}
+
+
+def adapter_tensor_stream(adapters: list[ScannedAdapter], num_workers: int):
+    """Each adapter's tensors in order, read by threads a few adapters ahead: memory holds a window, not the folder."""
+    window = 2 * max(1, num_workers)
+    with ThreadPoolExecutor(max(1, num_workers)) as pool, \
+            tqdm(total=len(adapters), desc="reading adapters", unit="adapter") as bar:
+        pending = deque()
+        for adapter in adapters:
+            pending.append(pool.submit(adapter_tensors, adapter))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+                bar.update()
+        while pending:
+            yield pending.popleft().result()
+            bar.update()
+
+
+def batch_table(adapters: list[ScannedAdapter], labels: list[dict], tensors: list[dict[str, np.ndarray]],
+                schema: pa.Schema) -> pa.Table:
+    """Consecutive rows of the table as one Arrow table in its schema."""
+    arrays = []
+    for field in schema:
+        if field.name in tensors[0]:
+            storage = nested_list_array(np.stack([t[field.name] for t in tensors]))
+            is_array2d = isinstance(field.type, pa.ExtensionType)
+            arrays.append(pa.ExtensionArray.from_storage(field.type, storage) if is_array2d else storage)
+        elif field.name == "adapter_path":
+            arrays.append(pa.array([a.file.name for a in adapters], field.type))
+        elif field.name == "lora_scale":
+            arrays.append(pa.array([a.scale for a in adapters], field.type))
+        else:
+            arrays.append(pa.array([storable(row.get(field.name), field.type) for row in labels], field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def write_adapter_table(adapters: list[ScannedAdapter], labels: list[dict], features, path: Path,
+                        num_workers: int, info: dict) -> None:
+    """Write the table with save_to_disk at path, in batches of about WRITER_BATCH_BYTES of weights."""
+    floats_per_row = sum(rows * cols for _, _, (rows, cols) in adapters[0].layout.tensors)
+    rows_per_batch = max(1, WRITER_BATCH_BYTES // (4 * floats_per_row))
+    schema = features.arrow_schema
+
+    def batches(stream):
+        for start in range(0, len(adapters), rows_per_batch):
+            stop = min(start + rows_per_batch, len(adapters))
+            yield batch_table(adapters[start:stop], labels[start:stop], list(itertools.islice(stream, stop - start)), schema)
+
+    with closing(adapter_tensor_stream(adapters, num_workers)) as stream:
+        save_batches(batches(stream), schema, path, {TABLE_INFO_FILE: json.dumps(info, indent=1)})
+
+
+def skipped_description(skipped: list, shown: int) -> str:
+    return (f"left out {len(skipped)} adapters that do not match the others (--skip-mismatched): "
+            + describe_adapters(skipped, shown))
+
+
+def warn_skipped(skipped: list) -> None:
+    """One warning naming the adapters left out by --skip-mismatched (also when the table is reused)."""
+    if skipped:
+        tqdm.write(f"WARNING: {skipped_description(skipped, shown=5)}")
+
+
+def skipped_adapter_warnings(table: Path) -> list[str]:
+    """For results.json: every adapter a built table left out, each named with its reason."""
+    skipped = json.loads((table / TABLE_INFO_FILE).read_text())["skipped"]
+    return [skipped_description(skipped, shown=len(skipped))] if skipped else []
+
+
+def warn_ignored(adapters: list[ScannedAdapter]) -> None:
+    """One warning for keys that are no LoRA down/up/alpha tensor (DoRA magnitudes, biases, ...)."""
+    layouts = {id(a.layout): a.layout for a in adapters}.values()
+    ignored = sorted({key for layout in layouts for key in layout.ignored})
+    if ignored:
+        tqdm.write(f"WARNING: ignored {len(ignored)} tensor names that are no LoRA down/up weights "
+                   f"(e.g. {ignored[0]})")
+
+
+def build_adapter_table(folder: Path, cache_dir: Path, labels_csv: Path | None, num_workers: int,
+                        skip_mismatched: bool, array2d: bool = False) -> tuple[Path, str]:
+    """The folder of adapters as a save_to_disk table in the published schema, and where its labels came from.
+
+    Built once under cache_dir/adapter_tables and reused while the files' names, sizes and mtimes
+    (weights, metadata, configs, the labels CSV) and the options stay the same; an older table
+    of the same folder is removed when a new one is built.  Every adapter must hold the same
+    tensors with the same shapes; the others stop the build, or are left out with skip_mismatched.
+    The scale alpha / rank of each adapter goes into the float column lora_scale; an adapter
+    whose modules were trained with different scales counts as mismatched.
+    """
+    folder = Path(folder)
+    labels_csv = None if labels_csv is None else Path(labels_csv)
+    adapters = adapter_files(folder)
+    if labels_csv is not None and not labels_csv.is_file():
+        raise ExperimentError(f"--labels {labels_csv} is not a file; give a CSV of rows `adapter path, label`")
+    options = {"skip_mismatched": skip_mismatched, "array2d": array2d}
+    fingerprint = files_fingerprint(folder, adapters, labels_csv, options)
+    stem = f"{folder.resolve().name}-{hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:8]}"
+    table = Path(cache_dir) / "adapter_tables" / f"{stem}-{fingerprint}"
+    if (table / TABLE_INFO_FILE).exists():
+        info = json.loads((table / TABLE_INFO_FILE).read_text())
+        warn_skipped(info["skipped"])
+        return table, info["label_source"]
+
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+        scanned = list(tqdm(pool.map(scan_adapter, adapters), total=len(adapters), desc="scanning adapters",
+                            unit="adapter", leave=False))
+    kept, skipped = matching_adapters(scanned, folder, skip_mismatched)
+    warn_skipped(skipped)
+    warn_ignored(kept)
+    labels, label_source = label_columns(kept, folder, labels_csv)
+    features = table_features(kept[0].layout, labels, array2d)
+    info = {"fingerprint": fingerprint, "folder": str(folder.resolve()), "adapters": len(kept),
+            "label_source": label_source, "skipped": skipped}
+    write_adapter_table(kept, labels, features, table, num_workers, info)
+    for stale in table.parent.glob(f"{stem}-*"):
+        if stale != table:
+            shutil.rmtree(stale, ignore_errors=True)
+    return table, label_source
+
+
+def export_dataset(table_path: Path, out_dir: Path) -> Path:
+    """Save a built table with save_to_disk at out_dir for sharing, replacing an earlier export there."""
+    import datasets
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "state.json").exists():
+        raise ExperimentError(f"--export-dataset {out_dir} exists and holds something else; choose a new or empty folder")
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    datasets.load_from_disk(str(table_path)).save_to_disk(str(partial))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(partial, out_dir)
+    return out_dir
+
+
+# --- D. the Arrow reader ---------------------------------------------------------------------
+# Weights read from a table's Arrow files without a Python object per row: a column's matrix shape is
+# checked to be the same in every row (else one error naming the row), and chunks of rows are read with
+# pread straight into the caller's buffer, so resident memory is bounded by the chunks in flight, not
+# by the dataset.  A table held in memory, or stored in another float type, is copied from Arrow instead.
+
+def _storage(chunk: pa.Array) -> pa.Array:
+    """The list<list<float>> storage of a chunk, whether nested lists or Array2D."""
+    return chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+
+
+def column_shape(table: pa.Table, column: str) -> tuple[int, int]:
+    """(rows, cols) of the matrices in a 2-D tensor column, checked to be the same in every row."""
+    outer_lengths, inner_lengths = [], []
+    for chunk in table.column(column).chunks:
+        storage = _storage(chunk)
+        if storage.null_count:
+            raise ExperimentError(f"column {column} has missing values; every adapter needs every tensor")
+        outer_lengths.append(pc.list_value_length(storage).to_numpy(zero_copy_only=False))
+        inner_lengths.append(pc.list_value_length(storage.flatten()).to_numpy(zero_copy_only=False))
+    outer = np.concatenate(outer_lengths)
+    inner = np.concatenate(inner_lengths)
+    if len(outer) == 0 or len(inner) == 0:
+        raise ExperimentError(f"column {column} holds no matrices")
+    rows, cols = int(outer[0]), int(inner[0])
+    bad_outer = np.flatnonzero(outer != rows)
+    if bad_outer.size:
+        raise ExperimentError(
+            f"column {column}: row {bad_outer[0]} has {outer[bad_outer[0]]} matrix rows, row 0 has {rows}; "
+            "every adapter must have the same shape in a column")
+    bad_inner = np.flatnonzero(inner != cols)
+    if bad_inner.size:
+        row = int(bad_inner[0] // rows)
+        raise ExperimentError(
+            f"column {column}: row {row} has matrices of another width than row 0 ({cols}); "
+            "every adapter must have the same shape in a column")
+    return rows, cols
+
+
+def _list_offset(lists: pa.Array, i: int) -> int:
+    """The i-th offset of a list array, read from its offsets buffer: one page touched, where the
+    `offsets` accessor touches them all."""
+    dtype = np.int64 if pa.types.is_large_list(lists.type) else np.int32
+    width = np.dtype(dtype).itemsize
+    return int(np.frombuffer(lists.buffers()[1], dtype=dtype, count=1, offset=width * (lists.offset + i))[0])
+
+
+def value_pieces(table: pa.Table, column: str, start: int, stop: int) -> list[pa.Array]:
+    """The flat values of rows [start, stop) of a 2-D tensor column, one zero-copy piece per Arrow
+    chunk.  The slice is found from the first and last offsets of each list level (`.values`
+    alone would ignore the slice; `flatten` walks every offset, touching pages as large as the
+    weights themselves for an (n, 1) matrix)."""
+    pieces = []
+    for chunk in table.column(column).slice(start, stop - start).chunks:
+        matrices = _storage(chunk)
+        rows = matrices.values
+        first_row, last_row = _list_offset(matrices, 0), _list_offset(matrices, len(matrices))
+        first, last = _list_offset(rows, first_row), _list_offset(rows, last_row)
+        pieces.append(rows.values.slice(first, last - first))
+    return pieces
+
+
+def read_matrices(table: pa.Table, column: str, start: int, stop: int, shape: tuple[int, int]) -> np.ndarray:
+    """Rows [start, stop) of a 2-D tensor column as a float32 (n, rows, cols) array, without per-row objects."""
+    pieces = [p.to_numpy(zero_copy_only=False) for p in value_pieces(table, column, start, stop)]
+    flat = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+    with np.errstate(over="ignore"):  # float64 beyond float32 becomes Inf: counted and refused as such
+        return flat.astype(np.float32, copy=False).reshape(stop - start, *shape)
+
+
+def _pread_into(fd: int, target: np.ndarray, offset: int) -> None:
+    view = memoryview(target).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise ExperimentError("a dataset file ended early: it is truncated or being rewritten; reload the dataset")
+        done += n
+
+
+class WeightReader:
+    """Reads row chunks of 2-D tensor columns into a caller's float32 buffer.
+
+    A dataset on disk is read with pread from its Arrow files, at the byte ranges the files' own
+    metadata gives: the weights go straight into the buffer (pinned memory on CUDA) and never stay
+    mapped, so resident memory is bounded by the chunks in flight, not by the dataset.  A table held
+    in memory, or a column stored in another float type, is copied from its Arrow buffers instead.
+    """
+
+    def __init__(self, ds):
+        if ds._indices is not None:  # the Arrow table ignores an indices mapping: materialise it
+            ds = ds.flatten_indices()
+        self.table = ds.data.table
+        self._files: list[tuple[int, int, int, mmap.mmap]] = []  # base address, size, fd, map
+        paths = [f["filename"] for f in ds.cache_files]
+        if not paths:
+            return
+        tables = []
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY)
+            mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)  # metadata and offsets only are touched
+            buffer = pa.py_buffer(mapped)
+            tables.append(pa.ipc.open_stream(buffer).read_all())
+            self._files.append((buffer.address, buffer.size, fd, mapped))
+        own = pa.concat_tables(tables)
+        if own.num_rows == self.table.num_rows and own.schema.names == self.table.schema.names:
+            self.table = own
+        else:  # the Dataset transformed its files' columns: read what it shows
+            self._close_files()
+
+    def _file_range(self, values: pa.Array) -> tuple[int, int] | None:
+        """(fd, byte offset) of a float32 piece that lies in one of our files, else None."""
+        if values.type != pa.float32():
+            return None
+        address = values.buffers()[1].address + values.offset * 4
+        for base, size, fd, _ in self._files:
+            if base <= address < base + size:
+                return fd, address - base
+        return None
+
+    def read(self, column: str, start: int, stop: int, out: np.ndarray) -> None:
+        """Fill the float32 array `out` (stop - start rows of the column's matrices) with those rows."""
+        pieces = value_pieces(self.table, column, start, stop)
+        located = [self._file_range(values) for values in pieces]
+        if None in located:  # held in memory, or not float32
+            out[...] = read_matrices(self.table, column, start, stop, out.shape[1:])
+            return
+        flat, pos = out.reshape(-1), 0
+        for values, (fd, offset) in zip(pieces, located):
+            _pread_into(fd, flat[pos:pos + len(values)], offset)
+            pos += len(values)
+        self._release_pages()
+
+    def column_shape(self, column: str) -> tuple[int, int]:
+        """column_shape, then the file pages its check touched (every row's list offsets, as large as
+        the weights for an (n, 1) matrix) are dropped from this process: they stay in the OS cache."""
+        shape = column_shape(self.table, column)
+        self._release_pages()
+        return shape
+
+    def _release_pages(self) -> None:
+        """Drop the pages of our maps from this process (they stay in the OS page cache): locating
+        a chunk reads a few list offsets, and each fault maps a window of pages around them."""
+        for _, _, _, mapped in self._files:
+            mapped.madvise(mmap.MADV_DONTNEED)
+
+    @cached_property
+    def scales(self) -> np.ndarray | None:
+        return lora_scales(self.table)
+
+    def _close_files(self) -> None:
+        for _, _, fd, mapped in self._files:
+            try:
+                mapped.close()
+            except BufferError:  # a caller still holds an Arrow view of it: the OS unmaps it at exit
+                pass
+            os.close(fd)
+        self._files = []
 
 
 if __name__ == "__main__":
