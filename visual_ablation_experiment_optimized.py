@@ -99,9 +99,9 @@ HUB_PRESETS = {
 }
 SANITY_CHECK = "sanity-check"
 
-# evaluated unless --representations says otherwise: the published ten and delta_spectral (every one
-# there is is in the registry under "Representations"; delta_canonical is as wide as the raw weights,
-# so training on it costs as much as flat_vec, the largest entry, and it is asked for by name)
+# evaluated unless --representations says otherwise: the published ten and delta_spectral.  The registry
+# under "Representations" holds them all; delta_canonical is as wide as the raw weights, so training on
+# it costs as much as flat_vec, the largest entry, and it is asked for by name.
 DEFAULT_REPRESENTATIONS = (
     "simple_stats", "rank_based", "stats", "spectral", "matrix_norms", "distribution",
     "frequency", "flat_vec", "info_theoretic", "ensemble", "delta_spectral",
