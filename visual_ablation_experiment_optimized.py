@@ -1874,7 +1874,7 @@ def ensemble_forward(params: dict[str, torch.Tensor], buffers: dict[str, torch.T
                 h = torch.baddbmm(params[f"b{i}"], h, params[f"w{i}"])
             h = h.float()  # normalise in float32
             # by hand, not F.batch_norm on a (batch, slices x hidden) view: that view is a transposed copy
-            # per layer, and its reductions round differently (outputs up to 2e-6 apart), which over
+            # per layer, and its reductions round differently (outputs not identical), which over
             # hundreds of steps changes where runs stop and so their published numbers
             if dropout_scales is not None:
                 mean = h.mean(1, keepdim=True)
