@@ -268,3 +268,12 @@ def test_second_identical_run_computes_no_features(cli_runs):
     extraction = cli_runs["second"]["results"]["feature_extraction"]
     assert extraction["computed"] == 0
     assert extraction["loaded_from_cache"] > 0
+
+
+def test_ci_runs_the_readmes_test_command_verbatim_in_a_new_virtual_environment():
+    root = Path(vae.__file__).parent
+    readme = (root / "README.md").read_text()
+    ci = (root / ".ci" / "run").read_text()
+    test_command = next(line for line in readme.splitlines() if line.startswith("pip install") and "pytest" in line)
+    assert test_command in ci.splitlines()
+    assert "-m venv" in ci

@@ -37,13 +37,40 @@ def test_linear_probe_predicts_as_scikit_learns_logistic_regression_of_the_same_
     result = vae.train_runs(data, cfg, CPU, "linear", "linear")
     ours = vae.predictions(result.logits(None), data, "test")
 
-    x_train, y_train = data.features.x["train"].numpy(), data.y["train"].numpy()
-    reference = LogisticRegression(C=1 / (l2 * len(y_train)), max_iter=5000).fit(x_train, y_train)
-    theirs = torch.from_numpy(reference.predict(data.features.x["test"].numpy()))
+    theirs = torch.from_numpy(sklearn_probe(data, l2).predict(data.features.x["test"].numpy()))
     y_test = data.y["test"]
     for run in range(2):
-        assert (ours[run] == theirs).float().mean() >= 0.95
-        assert (ours[run] == y_test).float().mean() == pytest.approx((theirs == y_test).float().mean(), abs=0.03)
+        assert (ours[run] == theirs).float().mean().item() >= 0.95
+        assert (ours[run] == y_test).float().mean().item() == pytest.approx((theirs == y_test).float().mean().item(), abs=0.03)
+
+
+def sklearn_probe(data, l2: float) -> LogisticRegression:
+    """scikit-learn's multinomial logistic regression at our L2 strength: C = 1 / (l2 * training rows)."""
+    x_train, y_train = data.features.x["train"].numpy(), data.y["train"].numpy()
+    return LogisticRegression(C=1 / (l2 * len(y_train)), tol=1e-10, max_iter=10_000).fit(x_train, y_train)
+
+
+def centred(weights: np.ndarray) -> np.ndarray:
+    """Softmax logits are unchanged by adding one vector to every class: compare weights less their class mean."""
+    return weights - weights.mean(0, keepdims=True)
+
+
+@pytest.mark.parametrize("l2", [1e-1, 1e-2])
+def test_linear_probe_training_reaches_scikit_learns_optimum_at_the_same_l2_strength(l2):
+    """The probe's own stacked model and Adam step, full batch until converged, land on the weights and
+    intercepts scikit-learn finds: the penalty is l2/2 * |w|^2 on the mean loss, and the intercept is free."""
+    data = gaussian_classes()
+    cfg = vae.Config(num_runs=1, device="cpu")
+    model = vae.StackedModels(vae.CLASSIFIERS["linear"], vae.Slices(seeds=[0], l2=[l2], units=[0]), data, cfg, CPU)
+    x, y = data.features.x["train"], data.y["train"]
+    for _ in range(3000):
+        loss = torch.nn.functional.cross_entropy(model.forward(x, None)[0], y)
+        model.step(loss.view(1), torch.tensor([vae.LINEAR_LR]))
+    reference = sklearn_probe(data, l2)
+    weights = model.params["w0"][0].detach().numpy().T
+    intercepts = model.params["b0"][0, 0].detach().numpy()
+    np.testing.assert_allclose(centred(weights), centred(reference.coef_), atol=2e-3)
+    np.testing.assert_allclose(centred(intercepts), centred(reference.intercept_), atol=2e-3)
 
 
 def test_linear_probe_chooses_each_runs_l2_strength_by_validation_accuracy():
