@@ -81,6 +81,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import scipy.stats
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -2085,6 +2086,8 @@ class RunHistory:
     lr: float = 0.0
     l2: float = 0.0
     failed: str | None = None
+    seconds: float = 0.0
+    """its share of the ensemble's training time: each epoch's time split among the slices it trained"""
 
 
 def plateau_update(h: RunHistory, val_acc: float) -> None:
@@ -2283,6 +2286,7 @@ def train_ensemble(data: SplitData, cfg: Config, slices: Slices, classifier: Cla
 
     epochs = tqdm(range(cfg.max_epochs), desc=f"epochs {progress_label}".strip(), leave=False, unit="ep")
     for epoch in epochs:
+        epoch_started = time.perf_counter()
         active = models.active
         lr = torch.tensor([histories[r].lr for r in active], device=device)
         order = epoch_order(n_train, batch, [generators[r] for r in active], shared, device)
@@ -2300,6 +2304,8 @@ def train_ensemble(data: SplitData, cfg: Config, slices: Slices, classifier: Cla
         with torch.no_grad():
             val_acc = (predictions(models.logits, data, "val") == data.y["val"]).float().mean(1).tolist()
         improved, keep = epoch_end(histories, active, val_acc, (loss_sum / steps).tolist(), epoch, cfg)  # one host sync
+        for r in active:
+            histories[r].seconds += (time.perf_counter() - epoch_started) / len(active)
         models.snapshot(improved)
         epochs.set_postfix(active=len(keep), best=f"{max(h.best_val_acc for h in histories):.3f}")
         if not keep:
@@ -2308,8 +2314,11 @@ def train_ensemble(data: SplitData, cfg: Config, slices: Slices, classifier: Cla
             models.keep(keep)
     epochs.close()
     compiling = compile_seconds(models.training_forward) - compiled_before
-    return EnsembleResult(classifier, slices, histories, models.best_params, models.best_buffers,
-                          time.perf_counter() - started - compiling, compiling)
+    seconds = time.perf_counter() - started - compiling
+    attributed = sum(h.seconds for h in histories) or 1.0
+    for h in histories:  # compiling left out, set-up shared, as the total is
+        h.seconds *= seconds / attributed
+    return EnsembleResult(classifier, slices, histories, models.best_params, models.best_buffers, seconds, compiling)
 
 
 def merge_results(parts: list[EnsembleResult]) -> EnsembleResult:
@@ -2371,12 +2380,15 @@ def best_of_grid(result: EnsembleResult) -> EnsembleResult:
     """Per reported unit, in unit order, the slice of the L2 grid with the best validation accuracy
     (ties go to the stronger penalty, the simpler model; a slice whose training failed only when all did)."""
     units = result.slices.units
-    chosen = []
+    chosen, seconds = [], []
     for unit in sorted(set(units)):
         candidates = [i for i, u in enumerate(units) if u == unit]
         usable = [i for i in candidates if result.histories[i].failed is None] or candidates
         chosen.append(max(usable, key=lambda i: (result.histories[i].best_val_acc, result.slices.l2[i])))
-    return result.part(chosen)
+        seconds.append(sum(result.histories[i].seconds for i in candidates))  # a run's time: its whole grid
+    best = result.part(chosen)
+    best.histories = [dataclasses.replace(h, seconds=t) for h, t in zip(best.histories, seconds)]
+    return best
 
 
 def train_runs(data: SplitData, cfg: Config, device: torch.device, label: str, classifier: str = "mlp",
@@ -2432,9 +2444,95 @@ def classification_metrics(confusion: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"acc": tp.sum(1) / c.sum((1, 2)), "precision": macro(precision), "recall": macro(recall), "f1": macro(f1)}
 
 
+# --- statistics over runs ----------------------------------------------------------------------
+# The runs of an entry are its replicates: they differ in seed only, on one fixed split, so every
+# spread and interval below is over seeds (the test split's own sampling is not in it).  Run k of
+# every entry shares its seed, so comparisons between entries are paired by run.  The t-based
+# intervals assume roughly normal run-to-run values; tests/test_statistics.py checks their
+# coverage by simulation.
+
+STD_DDOF = 1       # every reported spread is the sample std
+CONFIDENCE = 0.95  # of every interval
+ALPHA = 0.05       # "above chance" and "significant": at this level, after a family's correction
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std; NaN (null in results.json) where there are too few values for either."""
     arr = np.asarray(values, dtype=np.float64)
-    return (float(arr.mean()), float(arr.std())) if arr.size else (float("nan"), float("nan"))
+    mean = float(arr.mean()) if arr.size else float("nan")
+    return mean, float(arr.std(ddof=STD_DDOF)) if arr.size > STD_DDOF else float("nan")
+
+
+def t_quantile(n: int) -> float:
+    """The two-sided CONFIDENCE quantile of Student's t with n - 1 degrees of freedom."""
+    return float(scipy.stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1))
+
+
+def t_interval(values) -> list[float] | None:
+    """The Student-t interval of the mean; None with fewer than 2 values."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size < 2:
+        return None
+    half = t_quantile(x.size) * x.std(ddof=1) / math.sqrt(x.size)
+    return [float(x.mean() - half), float(x.mean() + half)]
+
+
+def paired_t_p(differences) -> float | None:
+    """Two-sided p-value of the paired t-test that the mean difference is 0; None with fewer than 2 pairs."""
+    d = np.asarray(differences, dtype=np.float64)
+    if d.size < 2:
+        return None
+    std = d.std(ddof=1)
+    if std == 0:
+        return 1.0 if d.mean() == 0 else 0.0
+    return float(2 * scipy.stats.t.sf(abs(d.mean()) / (std / math.sqrt(d.size)), d.size - 1))
+
+
+def fieller_interval(a, b) -> list[float] | None:
+    """Fieller's interval of mean(a) / mean(b) from paired values: every ratio r for which the paired
+    t-test cannot tell the mean of a - r * b from 0.  None with fewer than 2 pairs, or when mean(b)
+    itself cannot be told from 0 (the set of such r is then unbounded)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.size < 2:
+        return None
+    t2 = t_quantile(a.size) ** 2 / a.size
+    (saa, sab), (_, sbb) = np.cov(a, b, ddof=1)
+    quadratic = b.mean() ** 2 - t2 * sbb
+    linear = a.mean() * b.mean() - t2 * sab
+    constant = a.mean() ** 2 - t2 * saa
+    if quadratic <= 0:
+        return None
+    root = math.sqrt(max(linear ** 2 - quadratic * constant, 0.0))
+    return [(linear - root) / quadratic, (linear + root) / quadratic]
+
+
+def above_chance_p(correct: list[int], rows: int, chance: float) -> float | None:
+    """One-sided p-value that test accuracy exceeds chance.  Each run: the exact binomial test of its
+    correct test predictions against Binomial(rows, chance).  Runs share their test rows, so their
+    p-values are combined as (n / k) * the k-th smallest of n, k = ceil(n / 2) (about twice the
+    median), valid however the runs depend on each other (Rüschendorf 1982)."""
+    if not correct:
+        return None
+    p = np.sort(scipy.stats.binom.sf(np.asarray(correct) - 1, rows, chance))
+    k = math.ceil(len(p) / 2)
+    return float(min(1.0, len(p) / k * p[k - 1]))
+
+
+def holm(pvalues: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment over one family (None: not tested, left out of the family)."""
+    tested = [i for i, p in enumerate(pvalues) if p is not None]
+    order = sorted(tested, key=lambda i: pvalues[i])
+    adjusted, running = list(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def majority_share(labels) -> float:
+    """Chance: the accuracy of always answering the most frequent class."""
+    counts = np.bincount(np.asarray(labels))
+    return float(counts.max() / counts.sum())
 
 
 # A run "stalled" when the weights it keeps (its best epoch's) barely fit even the training split:
@@ -2446,7 +2544,7 @@ STALL_MARGIN, STALL_EARLY_MARGIN, STALL_EARLY_EPOCHS = 0.1, 0.5, 5
 
 def stalled_runs(train_acc: list[float], best_epochs: list[int], y_train: torch.Tensor) -> list[bool]:
     """Per run, whether it stalled (see STALL_MARGIN)."""
-    chance = torch.bincount(y_train).max().item() / y_train.numel()
+    chance = majority_share(y_train.cpu().numpy())
     stalled = []
     for acc, epoch in zip(train_acc, best_epochs):
         learned = (acc - chance) / max(1 - chance, EPS)
@@ -2474,15 +2572,15 @@ def entry_name(representation: str, group: str, classifier: str = "mlp") -> str:
 
 def runs_entry(result: EnsembleResult, metrics: dict, confusions: dict, data: SplitData, cfg: Config,
                entry_name: str, num_layers: int, feature_dim: int) -> dict:
-    """The entry of a result's runs from their metrics: means, spreads and medians over the successful
-    runs, every run's values, failed and stalled runs named, learning curves, confusion matrices."""
+    """The entry of a result's runs from their metrics: means, sample spreads, medians and the test
+    accuracy's interval and test against chance over the successful runs, every run's values (failed
+    runs named, stalled runs marked), learning curves, confusion matrices."""
     runs = len(result.histories)
     ok = [k for k, h in enumerate(result.histories) if h.failed is None]
     stalled = stalled_runs(metrics["train"]["acc"], [h.best_epoch for h in result.histories], data.y["train"])
-    per_run_time = result.seconds / runs  # runs train together: each is charged an equal share
     per_run = []
     for k, h in enumerate(result.histories):
-        row = {"run": k, "seed": h.seed, "training_time": per_run_time, "best_epoch": h.best_epoch,
+        row = {"run": k, "seed": h.seed, "training_time": h.seconds, "best_epoch": h.best_epoch,
                "feature_dim": feature_dim, "failed": h.failed, "stalled": k in ok and stalled[k]}
         if result.classifier.l2_grid:
             row["l2"] = h.l2  # the strength the validation split chose
@@ -2495,15 +2593,19 @@ def runs_entry(result: EnsembleResult, metrics: dict, confusions: dict, data: Sp
 
     entry = {"representation": entry_name, "classifier": result.classifier.name, "num_layers": num_layers,
              "feature_dim": feature_dim,
-             "num_successful_runs": len(ok), "failed_runs": [k for k in range(runs) if k not in ok],
-             "stalled_runs": [k for k in ok if stalled[k]]}
+             "num_successful_runs": len(ok), "failed_runs": [k for k in range(runs) if k not in ok]}
     for split in ("train", "val", "test"):
         entry[f"{split}_acc_mean"], entry[f"{split}_acc_std"] = mean_std([metrics[split]["acc"][k] for k in ok])
         entry[f"{split}_acc_median"] = float(np.median([metrics[split]["acc"][k] for k in ok])) if ok else float("nan")
+    entry["test_acc_ci95"] = t_interval([metrics["test"]["acc"][k] for k in ok])
+    correct = confusions["test"].diagonal(dim1=1, dim2=2).sum(1).tolist()
+    entry["above_chance_p"] = above_chance_p([correct[k] for k in ok], data.size("test"),
+                                             majority_share(data.y["test"].cpu().numpy()))
+    entry["above_chance"] = entry["above_chance_p"] is not None and entry["above_chance_p"] < ALPHA
     for split in ("val", "test"):
         for m in ("f1", "precision", "recall"):
             entry[f"{split}_{m}_mean"], entry[f"{split}_{m}_std"] = mean_std([metrics[split][m][k] for k in ok])
-    entry["training_time_mean"], entry["training_time_std"] = per_run_time, 0.0
+    entry["training_time_mean"], entry["training_time_std"] = mean_std([h.seconds for h in result.histories])
     entry["training_time_total"] = result.seconds
     entry["compile_time"] = result.compile_seconds  # torch.compile's, kept out of the training times
     entry["best_epoch_mean"], entry["best_epoch_std"] = mean_std([result.histories[k].best_epoch for k in ok])
@@ -2533,13 +2635,13 @@ MAP_ENTRY_OMITS = ("learning_curves", "val_confusion_matrices", "test_confusion_
 def layer_map_entries(result: EnsembleResult, data: SplitData, cfg: Config, device: torch.device,
                       modules: list[Module], widths: list[int], representation: str) -> list[dict]:
     """One entry per module from a layer map's ensemble (its slices module by module, run by run),
-    with the module's block and position; training time is charged to every slice equally."""
+    with the module's block and position; each module charged the training time of its slices."""
     metrics, confusions = split_metrics(result, data, amp_dtype(cfg, device))
-    share = result.seconds / len(result.histories)
     entries = []
     for i, (module, width) in enumerate(zip(modules, widths)):
         picks = list(range(i * cfg.runs, (i + 1) * cfg.runs))
-        part = dataclasses.replace(result.part(picks), seconds=share * len(picks),
+        part = result.part(picks)
+        part = dataclasses.replace(part, seconds=sum(h.seconds for h in part.histories),
                                    compile_seconds=result.compile_seconds * len(picks) / len(result.histories))
         part_metrics = {split: {k: [v[j] for j in picks] for k, v in m.items()} for split, m in metrics.items()}
         part_confusions = {split: c[picks] for split, c in confusions.items()}
@@ -2611,31 +2713,36 @@ def entry_accuracy(results: dict, group: str, representation: str, classifier: s
     return None if entry is None else (entry["test_acc_mean"], entry["test_acc_std"])
 
 
-def paired_bootstrap(entry: dict, base: dict, statistic, resamples: int = 2000) -> tuple[float, float, float] | None:
-    """statistic(entry's mean test accuracy, base's) with a 95% bootstrap interval over runs: run k of
-    both shares its seed, so runs are resampled in pairs; failed runs are left out."""
+def paired_accuracies(entry: dict, base: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(entry's, base's) test accuracies of the runs that succeeded in both, paired by run: run k of both
+    shares its seed."""
     failed = set(base["failed_runs"]) | set(entry["failed_runs"])
     pairs = [(a, b) for k, (a, b) in enumerate(zip(entry["test_acc_all_runs"], base["test_acc_all_runs"])) if k not in failed]
-    if not pairs:
-        return None
-    acc, base_acc = np.array(pairs).T
-    picks = np.random.default_rng(0).integers(len(pairs), size=(resamples, len(pairs)))
-    low, high = np.percentile(statistic(acc[picks].mean(1), base_acc[picks].mean(1)), [2.5, 97.5])
-    return float(statistic(acc.mean(), base_acc.mean())), float(low), float(high)
+    return tuple(np.array(pairs, dtype=np.float64).reshape(-1, 2).T)
 
 
 def retention_interval(results: dict, group: str, representation: str,
-                       classifier: str = "mlp") -> tuple[float, float, float] | None:
-    """A group's test accuracy as a fraction of all layers', with its 95% bootstrap interval over runs."""
+                       classifier: str = "mlp") -> tuple[float, list[float] | None] | None:
+    """A group's mean test accuracy as a fraction of all layers' over their paired runs, with its Fieller
+    interval (None: see fieller_interval); None where the two have no successful run in common."""
     base, entry = find_entry(results, "all", representation, classifier), find_entry(results, group, representation, classifier)
     if base is None or entry is None:
         return None
-    return paired_bootstrap(entry, base, lambda acc, base_acc: acc / np.maximum(base_acc, EPS))
+    acc, base_acc = paired_accuracies(entry, base)
+    if not acc.size:
+        return None
+    return float(acc.mean() / max(base_acc.mean(), EPS)), fieller_interval(acc, base_acc)
 
 
-def ablation_drop(entry: dict, base: dict) -> tuple[float, float, float] | None:
-    """All layers' test accuracy minus the accuracy without a block, with its 95% bootstrap interval over runs."""
-    return paired_bootstrap(entry, base, lambda acc, base_acc: base_acc - acc)
+def ablation_drop(entry: dict, base: dict | None) -> dict:
+    """All layers' test accuracy minus the accuracy without a block over their paired runs: its mean,
+    paired t-interval and two-sided paired t-test p-value (null where fewer than 2 pairs)."""
+    acc, base_acc = paired_accuracies(entry, base) if base is not None else (np.empty(0), np.empty(0))
+    drops = base_acc - acc
+    interval = t_interval(drops)
+    return {"drop_mean": float(drops.mean()) if drops.size else float("nan"), "drop_ci95": interval,
+            "drop_low": interval[0] if interval else float("nan"), "drop_high": interval[1] if interval else float("nan"),
+            "drop_p": paired_t_p(drops)}
 
 
 def successful_runs(entry: dict) -> list[int]:
@@ -2666,33 +2773,72 @@ def median_accuracy(entry: dict) -> float:
     return median
 
 
-def clearly_above_chance(entry: dict, num_classes: int) -> bool:
-    """Whether an entry's test accuracy is clearly above chance, so that a ratio to it (retention) means something.
-
-    With chance = 1 / num_classes and the n successful runs (failed runs left out, stalled runs kept):
-    the mean test accuracy is at least chance + 0.2 * (1 - chance), a fifth of the way from chance
-    to perfect, and mean - 2 * std / sqrt(n) > chance, about the lower end of a 95% interval of
-    the mean (std over runs with ddof=1; 0 for a single run).  0.18 with 10 classes is not: it needs 0.28.
-    """
-    accs = successful_accuracies(entry)
-    if not accs.size:
-        return False
-    chance = 1 / num_classes
-    mean = accs.mean()
-    std = accs.std(ddof=1) if accs.size > 1 else 0.0
-    return bool(mean >= chance + 0.2 * (1 - chance) and mean - 2 * std / math.sqrt(accs.size) > chance)
-
-
 def near_chance_baseline(results: dict, representation: str, classifier: str = "mlp") -> bool:
-    """Whether a representation's all-layers accuracy is measured but not clearly above chance:
-    the retentions of its groups then mean nothing."""
+    """Whether a representation's all-layers accuracy is measured but not above chance (its binomial
+    test, see above_chance_p): the retentions of its groups then mean nothing."""
     base = find_entry(results, "all", representation, classifier)
-    return measured(base) and not clearly_above_chance(base, results["num_classes"])
+    return measured(base) and not base["above_chance"]
 
 
 def all_entries(results: dict) -> list[dict]:
     """Every finished entry of the layer groups, group after group."""
     return [e for g in results["groups"] for e in results.get(group_result_key(g)[0], [])]
+
+
+def features_key(entry: dict) -> str:
+    """What an entry was trained on, whichever its classifier: its name less the classifier's suffix."""
+    name = entry["representation"]
+    return name if entry["classifier"] == "mlp" else name.removesuffix(f"_{entry['classifier']}")
+
+
+def stalled_run_indices(entry: dict) -> list[int]:
+    return [r["run"] for r in entry["per_run_results"] if r["stalled"]]
+
+
+def learned(entry: dict) -> bool:
+    """Whether any successful run of the entry fitted its training split (did not stall)."""
+    return len(stalled_run_indices(entry)) < len(successful_runs(entry))
+
+
+def training_outcome(entry: dict, same_features: list[dict]) -> dict:
+    """A stalled run failed to train when something learned from the same features (another run, or another
+    classifier): --min-epochs may rescue it.  When nothing did, the features carry no signal the
+    classifiers can use, and no rerun helps."""
+    no_signal = measured(entry) and not any(learned(e) for e in same_features)
+    return {"failed_to_train_runs": [] if no_signal else stalled_run_indices(entry), "no_signal": no_signal}
+
+
+def with_training_outcomes(entries: list[dict]) -> None:
+    by_features = defaultdict(list)
+    for e in entries:
+        by_features[features_key(e)].append(e)
+    for e in entries:
+        e.update(training_outcome(e, by_features[features_key(e)]))
+
+
+def holm_corrected(entries: list[dict], p_key: str, flag: str) -> None:
+    """One family's p-values adjusted by Holm's method (<p_key>_holm) and its flag set from them."""
+    for e, p in zip(entries, holm([e[p_key] for e in entries])):
+        e[f"{p_key}_holm"], e[flag] = p, p is not None and p < ALPHA
+
+
+def with_statistics(results: dict) -> None:
+    """What compares entries, recomputed from their runs at every save: each entry's training outcome
+    beside its other classifiers, each ablated block's drop, and the families' corrections: a layer map's
+    modules are one family, and so are the blocks of one representation and classifier."""
+    for g in results["groups"]:
+        with_training_outcomes(results.get(group_result_key(g)[0], []))
+    for layer_map in results.get("layer_map", []):
+        with_training_outcomes(layer_map["modules"])
+        holm_corrected(layer_map["modules"], "above_chance_p", "above_chance")
+    ablation = results.get("block_ablation", [])
+    with_training_outcomes(ablation)
+    families = defaultdict(list)
+    for entry in ablation:
+        entry.update(ablation_drop(entry, find_entry(results, "all", entry["features"], entry["classifier"])))
+        families[entry["features"], entry["classifier"]].append(entry)
+    for family in families.values():
+        holm_corrected(family, "drop_p", "drop_significant")
 
 
 def result_rows(results: dict) -> list[tuple[str, str]]:
@@ -2705,17 +2851,29 @@ def row_label(representation: str, classifier: str) -> str:
     return representation if classifier == "mlp" else f"{representation} ({classifier})"
 
 
-STALLED_MARK = "*"      # after a run whose training never learned
-NEAR_CHANCE_MARK = "~"  # after a retention whose all-layers accuracy is not clearly above chance
+STALLED_MARK = "*"      # after a run that failed to train (the features taught the entry's other runs or classifiers)
+NO_SIGNAL_MARK = "#"    # after an entry from whose features no run of any classifier learned
+NEAR_CHANCE_MARK = "~"  # after a retention whose all-layers accuracy is not above chance
+EDGE_MARK = "!"         # after a linear probe's L2 strength at an edge of its grid
+
+
+def number(value: float | None, spec: str = ".3f") -> str:
+    """A value for the reports; n/a where there is none (a spread or interval of fewer than 2 runs)."""
+    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def interval_text(interval: list[float] | None, spec: str = ".3f") -> str:
+    return "n/a" if interval is None else f"[{format(interval[0], spec)}, {format(interval[1], spec)}]"
 
 
 def format_acc(entry: dict | None) -> str:
-    """An entry's table cell: mean +- std (median) over its successful runs."""
+    """An entry's table cell: mean +- sample std (median) over its successful runs."""
     if entry is None:
         return "-"
     if not measured(entry):
         return "all runs failed"
-    return f"{entry['test_acc_mean']:.3f} +- {entry['test_acc_std']:.3f} ({median_accuracy(entry):.3f})"
+    mark = NO_SIGNAL_MARK if entry.get("no_signal") else ""
+    return f"{entry['test_acc_mean']:.3f} +- {number(entry['test_acc_std'])} ({median_accuracy(entry):.3f}){mark}"
 
 
 def drop_and_retention(results: dict, group: str, representation: str, classifier: str = "mlp") -> str:
@@ -2729,17 +2887,62 @@ def drop_and_retention(results: dict, group: str, representation: str, classifie
 
 
 def run_cells(entry: dict) -> list[str]:
-    """Each run's test accuracy as listed under the table: stalled runs marked, failed runs named."""
-    failed, stalled = set(entry["failed_runs"]), set(entry.get("stalled_runs", []))
-    return ["failed" if k in failed else f"{acc:.3f}{STALLED_MARK if k in stalled else ' '}"
+    """Each run's test accuracy as listed under the table: runs that failed to train marked, failed runs named."""
+    failed, failed_to_train = set(entry["failed_runs"]), set(entry.get("failed_to_train_runs", []))
+    return ["failed" if k in failed else f"{acc:.3f}{STALLED_MARK if k in failed_to_train else ' '}"
             for k, acc in enumerate(entry["test_acc_all_runs"])]
 
 
+def chance_verdict(entry: dict) -> str:
+    if entry["above_chance_p"] is None:
+        return ""
+    return f"p {entry['above_chance_p']:.2g}: {'above chance' if entry['above_chance'] else 'not above chance'}"
+
+
 def per_run_lines(results: dict) -> list[str]:
+    """Every entry's runs, its mean's interval and its test against chance."""
     entries = all_entries(results)
     width = max((len(e["representation"]) for e in entries), default=0)
-    return ["Test accuracy of each run (run 0 first)"] + [
-        f"{e['representation']:<{width}} " + " ".join(f"{cell:<6}" for cell in run_cells(e)) for e in entries]
+    runs = max((len(e["test_acc_all_runs"]) for e in entries), default=0)
+    return [f"Test accuracy of each run (run 0 first); the mean's 95% t-interval; the test against chance"] + [
+        f"{e['representation']:<{width}} " + " ".join(f"{cell:<6}" for cell in run_cells(e)) + " " * 7 * (runs - len(run_cells(e)))
+        + f" {interval_text(e['test_acc_ci95']):>16}  {chance_verdict(e)}" for e in entries]
+
+
+def interval_lines(results: dict) -> list[str]:
+    """Each group's drop and retention against all layers with their intervals, paired by run."""
+    lines = []
+    for g in (g for g in results["groups"] if g != "all"):
+        for row in result_rows(results):
+            base, entry = find_entry(results, "all", *row), find_entry(results, g, *row)
+            retention = retention_interval(results, g, *row)
+            if not (measured(base) and measured(entry)) or retention is None:
+                continue
+            drop = ablation_drop(entry, base)
+            lines.append(f"{row_label(*row):<24} {g:<12} {drop['drop_mean']:>+8.3f} {interval_text(drop['drop_ci95'], '+.3f'):>18} "
+                         f"{100 * retention[0]:>9.1f}% {interval_text(retention[1] and [100 * r for r in retention[1]], '.1f'):>16}")
+    header = ["Drop and retention against all layers over paired runs, with 95% intervals (drop: paired t; "
+              "retention: Fieller)", f"{'representation':<24} {'group':<12} {'drop':>8} {'interval':>18} "
+              f"{'retention':>10} {'interval (%)':>16}"]
+    return header + lines if lines else []
+
+
+def chosen_l2(entry: dict) -> list[tuple[float, bool]]:
+    """Per run of an entry whose classifier tries an L2 grid: (the strength chosen, whether at an edge of the grid)."""
+    grid = CLASSIFIERS[entry["classifier"]].l2_grid
+    return [(r["l2"], r["l2"] in (min(grid), max(grid))) for r in entry["per_run_results"]] if grid else []
+
+
+def l2_lines(results: dict) -> list[str]:
+    """Each linear-probe entry's chosen L2 strengths, run by run, those at an edge of the grid marked."""
+    probes = [e for e in all_entries(results) + results.get("block_ablation", []) if chosen_l2(e)]
+    width = max((len(e["representation"]) for e in probes), default=0)
+    lines = [f"{e['representation']:<{width}} " + " ".join(f"{l2:.0e}{EDGE_MARK if edge else ' '}" for l2, edge in chosen_l2(e))
+             for e in probes]
+    if not lines:
+        return []
+    return [f"L2 strength each linear-probe run chose on the validation split ({EDGE_MARK}: at an edge of the grid "
+            f"{', '.join(f'{v:.0e}' for v in LINEAR_L2_GRID)}: the best strength may lie beyond it)", *lines]
 
 
 def map_grid(layer_map: dict) -> tuple[list[str], list[str], dict[tuple[str, str], dict]]:
@@ -2768,28 +2971,28 @@ def block_means(layer_map: dict) -> list[tuple[str, float]]:
     return sorted(((b, float(np.mean(a))) for b, a in by_block.items()), key=lambda item: -item[1])
 
 
-def map_cell(entry: dict | None, num_classes: int) -> str:
-    """A layer-map cell: mean test accuracy, marked when not clearly above chance."""
+def map_cell(entry: dict | None) -> str:
+    """A layer-map cell: mean test accuracy, marked when not above chance (Holm-corrected over the map)."""
     if entry is None:
         return "-"
     if not measured(entry):
         return "failed"
-    return f"{entry['test_acc_mean']:.3f}{' ' if clearly_above_chance(entry, num_classes) else NEAR_CHANCE_MARK}"
+    return f"{entry['test_acc_mean']:.3f}{' ' if entry['above_chance'] else NEAR_CHANCE_MARK}"
 
 
-def layer_map_lines(layer_map: dict, num_classes: int, runs: int) -> list[str]:
+def layer_map_lines(layer_map: dict, chance: float, runs: int) -> list[str]:
     """A layer map as a table: blocks in network order down, positions across, then blocks ranked."""
     blocks, positions, cells = map_grid(layer_map)
     labels = position_labels(positions)
     block_width = max(len("block"), *(len(b) for b in blocks))
     width = max(7, *(len(label) for label in labels))
     lines = [f"Layer map of {layer_map['representation']}: test accuracy of a linear probe on each module alone, "
-             f"mean over {runs} runs ({NEAR_CHANCE_MARK}: not clearly above chance {1 / num_classes:.3f}; "
-             f"trained in {layer_map['training_time']:.1f}s)",
+             f"mean over {runs} runs ({NEAR_CHANCE_MARK}: not above chance {chance:.3f}, binomial test with Holm's "
+             f"correction over the map's {layer_map['num_modules']} modules; trained in {layer_map['training_time']:.1f}s)",
              f"{'block':<{block_width}} " + " ".join(f"{label:>{width}}" for label in labels)]
     for block in blocks:
         lines.append(f"{block:<{block_width}} "
-                     + " ".join(f"{map_cell(cells.get((block, p)), num_classes):>{width}}" for p in positions))
+                     + " ".join(f"{map_cell(cells.get((block, p))):>{width}}" for p in positions))
     ranked = block_means(layer_map)
     lines.append("blocks by mean accuracy: " + ", ".join(f"{b} {acc:.3f}" for b, acc in ranked))
     return lines
@@ -2799,42 +3002,61 @@ def block_ablation_lines(results: dict) -> list[str]:
     """Each block's entry: test accuracy without it, and the drop against all layers with its interval."""
     entries = results["block_ablation"]
     width = max(len("block"), *(len(e["block"]) for e in entries))
-    lines = ["Block ablation: test accuracy on all layers but one block, mean +- std (median), and the drop from "
-             "all layers' accuracy with its 95% bootstrap interval over runs",
-             f"{'representation':<24} {'block':<{width}} {'without the block':>22} {'drop':>8} {'95% interval':>18}"]
+    lines = ["Block ablation: test accuracy on all layers but one block, mean +- sample std (median), and the drop "
+             "from all layers' accuracy over paired runs with its 95% paired t-interval and paired t-test p-value, "
+             "Holm-corrected over each representation's blocks",
+             f"{'representation':<24} {'block':<{width}} {'without the block':>22} {'drop':>8} {'95% interval':>18} "
+             f"{'p (Holm)':>9}"]
     for e in entries:
-        interval = f"[{e['drop_low']:+.3f}, {e['drop_high']:+.3f}]" if math.isfinite(e["drop_low"]) else ""
+        verdict = "" if e["drop_p_holm"] is None else \
+            f"{e['drop_p_holm']:>9.2g} {'significant' if e['drop_significant'] else ''}"
         lines.append(f"{row_label(e['features'], e['classifier']):<24} {e['block']:<{width}} {format_acc(e):>22} "
-                     f"{e['drop_mean']:>+8.3f} {interval:>18}")
+                     f"{number(e['drop_mean'], '+.3f'):>8} {interval_text(e['drop_ci95'], '+.3f'):>18} {verdict}")
     return lines
 
 
 def table_notes(results: dict, groups: list[str]) -> list[str]:
-    """A footnote for each mark the table uses."""
-    entries = all_entries(results)
-    notes = []
-    if any(e.get("stalled_runs") for e in entries):
-        notes.append(f"{STALLED_MARK} stalled run: its training never learned; it is counted in the mean and median; "
+    """How the numbers were made, and a footnote for each mark the table uses."""
+    entries = all_entries(results) + results.get("block_ablation", [])
+    notes = ["std: the sample std (ddof 1) over the successful runs. Intervals: 95%, over runs (seeds) on the one "
+             "fixed split: Student t for a mean, paired t for a drop, Fieller for a retention; n/a with fewer than 2 "
+             "successful runs, or for a retention whose all-layers accuracy cannot be told from 0. Above chance: each "
+             f"run's correct test predictions against Binomial(test rows, chance), exact and one-sided; the runs' "
+             "p-values combined as (n/k) x their k-th smallest, k = ceil(n/2), valid however runs depend on each "
+             f"other; above chance when p < {ALPHA}"]
+    if any(e.get("failed_to_train_runs") for e in entries):
+        notes.append(f"{STALLED_MARK} failed to train: the run's kept weights barely fit the training split although "
+                     "other runs or classifiers learned from the same features; it is counted in the mean and median; "
                      "rerun with --min-epochs N")
+    if any(e.get("no_signal") for e in entries):
+        notes.append(f"{NO_SIGNAL_MARK} no signal: no run of any classifier fitted even the training split of these "
+                     "features; no rerun helps")
     if any(e["failed_runs"] for e in entries):
         notes.append("failed: the run's training loss became non-finite; it is left out of the mean, std and median")
     if groups and any(near_chance_baseline(results, *row) for row in result_rows(results)):
-        notes.append(f"{NEAR_CHANCE_MARK} all-layers accuracy near chance: retention not meaningful (its mean is below "
-                     "chance + 0.2 * (1 - chance), or mean - 2 * sample std / sqrt(runs) is not above chance)")
+        notes.append(f"{NEAR_CHANCE_MARK} all-layers accuracy not above chance: retention not meaningful")
     return notes
+
+
+def chance_text(results: dict) -> str:
+    """Chance as the reports state it: the test split's majority share, and 1/K beside it when they differ."""
+    text = f"chance {results['chance']:.3f} (the test split's majority class)"
+    if abs(results["chance"] - results["chance_uniform"]) > 5e-4:
+        text += f", 1/K {results['chance_uniform']:.3f}"
+    return text
 
 
 def comparison_table(results: dict) -> str:
     """Fixed-width table: test accuracy on all layers vs each other group, drop and retention; below it
-    every entry's accuracy run by run, and a footnote for each mark used."""
+    every entry's accuracy run by run, the intervals, the maps and ablation, and the notes."""
     groups = [g for g in results["groups"] if g != "all"]
     rows = result_rows(results)
     width = max(16, *(len(row_label(*row)) for row in rows))
     header = f"{'representation':<{width}} {'all layers':>22}"
     for g in groups:
         header += f" {g:>22} {'drop':>8} {'retention':>11}"
-    lines = [f"Test accuracy, mean +- std (median) over the successful runs ({results['dataset']}, "
-             f"{results['num_runs']} runs, {results['num_classes']} classes, chance {1 / results['num_classes']:.3f})",
+    lines = [f"Test accuracy, mean +- sample std (median) over the successful runs ({results['dataset']}, "
+             f"{results['num_runs']} runs, {results['num_classes']} classes, {chance_text(results)})",
              header, "-" * len(header)]
     for rep, clf in rows:
         line = f"{row_label(rep, clf):<{width}} {format_acc(find_entry(results, 'all', rep, clf)):>22}"
@@ -2842,13 +3064,13 @@ def comparison_table(results: dict) -> str:
             line += f" {format_acc(find_entry(results, g, rep, clf)):>22} {drop_and_retention(results, g, rep, clf)}"
         lines.append(line)
     lines += ["", *per_run_lines(results)]
+    for section in (interval_lines(results), l2_lines(results)):
+        lines += ["", *section] if section else []
     for layer_map in results.get("layer_map", []):
-        lines += ["", *layer_map_lines(layer_map, results["num_classes"], results["num_runs"])]
+        lines += ["", *layer_map_lines(layer_map, results["chance"], results["num_runs"])]
     if results.get("block_ablation"):
         lines += ["", *block_ablation_lines(results)]
-    notes = table_notes(results, groups)
-    if notes:
-        lines += ["", *notes]
+    lines += ["", *table_notes(results, groups)]
     if not results.get("complete"):
         lines.append("(partial: the run did not finish; continue it with --resume)")
     return "\n".join(line.rstrip() for line in lines)
@@ -2886,14 +3108,14 @@ MUTED_BAR = {"hatch": "//", "alpha": 0.35}  # a bar drawn but not to be read at 
 def grouped_bars(ax, rows: list[tuple[str, str]], groups: list[str], values,
                  muted=lambda g, r: False) -> dict[tuple[str, tuple[str, str]], float]:
     """Bars per (representation, classifier) row, one per group; values(group, row) -> (height,
-    (err_low, err_high)) or None.  Bars where muted(group, row) are hatched and faded.  Returns each
+    (err_low, err_high) or None: no error bar) or None: no bar.  Bars where muted(group, row) are hatched and faded.  Returns each
     bar's x position by (group, row)."""
     width = 0.8 / len(groups)
     positions = {}
     for i, g in enumerate(groups):
         points = [values(g, r) or (np.nan, (0.0, 0.0)) for r in rows]
         xs = np.arange(len(rows)) + (i - (len(groups) - 1) / 2) * width
-        errors = np.array([p[1] for p in points]).T
+        errors = np.array([p[1] or (0.0, 0.0) for p in points]).T
         bars = ax.bar(xs, [p[0] for p in points], width, yerr=errors, capsize=3, label=group_result_key(g)[1].replace("_", " "))
         for r, x, bar in zip(rows, xs, bars):
             positions[g, r] = float(x)
@@ -2918,12 +3140,12 @@ def failure_note(*entries: dict | None) -> str | None:
 
 
 def run_dots(ax, bars: list[tuple[float, dict | None]]) -> None:
-    """Each successful run's test accuracy as a circle over its bar (x, entry); stalled runs as red crosses."""
+    """Each successful run's test accuracy as a circle over its bar (x, entry); runs that failed to train as red crosses."""
     normal, stalled = ([], []), ([], [])
     for x, entry in bars:
         if entry is None:
             continue
-        stalled_runs = set(entry.get("stalled_runs", []))
+        stalled_runs = set(entry.get("failed_to_train_runs", []))
         for k in successful_runs(entry):
             xs, ys = stalled if k in stalled_runs else normal
             xs.append(x)
@@ -2931,7 +3153,7 @@ def run_dots(ax, bars: list[tuple[float, dict | None]]) -> None:
     if normal[0]:
         ax.scatter(*normal, s=16, facecolors="none", edgecolors="black", linewidths=0.8, zorder=3, label="single run")
     if stalled[0]:
-        ax.scatter(*stalled, s=28, marker="x", color="red", zorder=4, label="stalled run (never learned)")
+        ax.scatter(*stalled, s=28, marker="x", color="red", zorder=4, label="run that failed to train")
 
 
 def legend_beside(ax, handles=None) -> None:
@@ -2948,15 +3170,15 @@ def figure_summary(results: dict):
         if not measured(find_entry(results, g, *row)):
             return None
         mean, std = entry_accuracy(results, g, *row)
-        return mean, (std, std)
+        return mean, (std, std) if math.isfinite(std) else None
     positions = grouped_bars(ax, rows, groups, accuracy)
     run_dots(ax, [(x, find_entry(results, g, *row)) for (g, row), x in positions.items()])
     note_bars(ax, positions, lambda g, row: failure_note(find_entry(results, g, *row)))
-    ax.axhline(1 / results["num_classes"], color="gray", linestyle="--", linewidth=1, label="chance")
+    ax.axhline(results["chance"], color="gray", linestyle="--", linewidth=1, label="chance (majority class)")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
     set_figure_title(fig, f"Test accuracy per representation and layer group ({results['dataset']})\n"
-                          f"bars: mean ±1 std over {results['num_runs']} runs (failed runs left out); "
+                          f"bars: mean ±1 sample std over {results['num_runs']} runs (failed runs left out); "
                           "dots: single runs")
     legend_beside(ax)
     fig.tight_layout()
@@ -2967,12 +3189,10 @@ def plot_summary(results: dict, path: Path) -> None:
     save_figure(figure_summary(results), path)
 
 
-RELIABLE_BOOTSTRAP_RUNS = 5  # fewer runs give too few distinct resamples for a 95% interval
-
-
 def figure_retention(results: dict):
-    """Grouped bars: each group's accuracy as a fraction of all layers', with 95% intervals over runs;
-    representations whose all-layers accuracy is near chance are hatched."""
+    """Grouped bars: each group's accuracy as a fraction of all layers', with 95% Fieller intervals over
+    paired runs (none where it is undefined: see fieller_interval); representations whose all-layers
+    accuracy is not above chance are hatched."""
     from matplotlib.patches import Patch
     rows = result_rows(results)
     groups = [g for g in results["groups"] if g != "all"]
@@ -2980,19 +3200,21 @@ def figure_retention(results: dict):
 
     def retention(g, row):
         ratio = retention_interval(results, g, *row)
-        return ratio and (ratio[0], (ratio[0] - ratio[1], ratio[2] - ratio[0]))
+        if ratio is None:
+            return None
+        value, interval = ratio
+        return value, (value - interval[0], interval[1] - value) if interval else None
     positions = grouped_bars(ax, rows, groups, retention, muted=lambda g, row: near_chance_baseline(results, *row))
     note_bars(ax, positions, lambda g, row: failure_note(find_entry(results, "all", *row), find_entry(results, g, *row)))
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="all layers")
     handles = ax.get_legend_handles_labels()[0]
     if any(near_chance_baseline(results, *row) for row in rows):
         handles.append(Patch(facecolor="lightgray", **MUTED_BAR,
-                             label="all-layers accuracy near chance:\nretention not meaningful"))
+                             label="all-layers accuracy not above chance:\nretention not meaningful"))
     ax.set_ylabel("accuracy / all-layers accuracy")
-    title = f"Retention of each layer group, 95% bootstrap intervals over runs ({results['dataset']})"
-    if results["num_runs"] < RELIABLE_BOOTSTRAP_RUNS:
-        title += f"\nthe bootstrap interval is unreliable with {results['num_runs']} runs"
-    set_figure_title(fig, title)
+    set_figure_title(fig, f"Retention of each layer group ({results['dataset']})\n95% Fieller intervals over "
+                          f"{results['num_runs']} runs paired by seed; none where fewer than 2 runs succeeded\n"
+                          "or the all-layers accuracy cannot be told from 0")
     legend_beside(ax, handles)
     fig.tight_layout()
     return fig
@@ -3057,7 +3279,7 @@ def figure_layer_map(results: dict):
     """A heatmap per mapped representation: mean test accuracy of each module's linear probe, blocks in
     network order down, positions across, values in the cells; the colour scale is centred on chance."""
     from matplotlib.colors import TwoSlopeNorm
-    maps, chance = results["layer_map"], 1 / results["num_classes"]
+    maps, chance = results["layer_map"], results["chance"]
     grids = [map_grid(m) for m in maps]
     width = max(6, 1.0 * max(len(p) for _, p, _ in grids) + 4)
     heights = [0.4 * len(b) + 1.5 for b, _, _ in grids]
@@ -3070,7 +3292,7 @@ def figure_layer_map(results: dict):
             entry = cells.get((block, position))
             if measured(entry):
                 values[i, j] = entry["test_acc_mean"]
-                mark = "" if clearly_above_chance(entry, results["num_classes"]) else NEAR_CHANCE_MARK
+                mark = "" if entry["above_chance"] else NEAR_CHANCE_MARK
                 ax.text(j, i, f"{values[i, j]:.2f}{mark}", ha="center", va="center", fontsize=7)
         image = ax.imshow(values, cmap="RdBu_r", norm=norm, aspect="auto")
         ax.set_xticks(np.arange(len(positions)), position_labels(positions), rotation=30, ha="right", fontsize=8)
@@ -3081,7 +3303,8 @@ def figure_layer_map(results: dict):
         bar.set_ticks(sorted({0.0, chance, 0.5, 1.0}))
         bar.set_ticklabels([f"chance {t:.2f}" if t == chance else f"{t:.1f}" for t in sorted({0.0, chance, 0.5, 1.0})])
     set_figure_title(fig, f"Test accuracy of each module alone ({results['dataset']}), mean over {results['num_runs']} "
-                          f"runs\nwhite: chance; {NEAR_CHANCE_MARK}: not clearly above chance")
+                          f"runs\nwhite: chance (majority class); {NEAR_CHANCE_MARK}: not above chance (binomial test, "
+                          "Holm's correction over each map's modules)")
     fig.tight_layout()
     return fig
 
@@ -3244,7 +3467,7 @@ def results_header(cfg: Config, loaded: LoadedDataset, labels: Labels, modules: 
     header = {
         "dataset": loaded.name, "dataset_source": loaded.source, "dataset_fingerprint": loaded.fingerprint,
         "num_rows": loaded.dataset.num_rows, "num_runs": cfg.runs, "num_classes": len(labels.class_names),
-        "class_names": labels.class_names,
+        "std_ddof": STD_DDOF, "class_names": labels.class_names,
         "num_all_layers": count(all_modules),
         "num_visual_layers": count(layer_groups(modules, ("visual",))["visual"]),
         "num_text_layers": count(layer_groups(modules, ("text",))["text"]),
@@ -3510,21 +3733,28 @@ def save_results(path: Path, results: dict) -> None:
                               "features are kept") from None
 
 
-def stalled_warning(results: dict, cfg: Config) -> str | None:
-    """One line naming every entry with stalled runs, or None."""
-    stalled = [f"{e['representation']} (runs {', '.join(map(str, e['stalled_runs']))})"
-               for e in all_entries(results) + results.get("block_ablation", []) if e.get("stalled_runs")]
+def failed_to_train_warning(results: dict, cfg: Config) -> str | None:
+    """One line naming every entry with runs that failed to train, or None."""
+    failed = [f"{e['representation']} (runs {', '.join(map(str, e['failed_to_train_runs']))})"
+              for e in all_entries(results) + results.get("block_ablation", []) if e["failed_to_train_runs"]]
     for layer_map in results.get("layer_map", []):
-        modules = sum(1 for e in layer_map["modules"] if e["stalled_runs"])
+        modules = sum(1 for e in layer_map["modules"] if e["failed_to_train_runs"])
         if modules:
-            stalled.append(f"layer map {layer_map['representation']} ({modules} of {layer_map['num_modules']} modules)")
-    if not stalled:
+            failed.append(f"layer map {layer_map['representation']} ({modules} of {layer_map['num_modules']} modules)")
+    if not failed:
         return None
-    suggested = 2 * cfg.patience
-    remedy = (f"rerun with --min-epochs {suggested} to train past them" if cfg.min_epochs < suggested else
-              f"they stalled although --min-epochs {cfg.min_epochs}: the classifier does not learn from those features")
-    return (f"{len(stalled)} entries have stalled runs, which never learned (kept in the means, as the published "
-            f"protocol does; see the per-run values in results.txt): {'; '.join(stalled)}; {remedy}")
+    return (f"{len(failed)} entries have runs that failed to train although others learned from the same features "
+            f"(kept in the means, as the published protocol does; see the per-run values in results.txt): "
+            f"{'; '.join(failed)}; rerun with --min-epochs {max(2 * cfg.patience, 2 * cfg.min_epochs)} to train past them")
+
+
+def l2_edge_warning(results: dict) -> str | None:
+    """One line naming the linear-probe entries whose chosen L2 strength sits at an edge of the grid."""
+    named = [e["representation"] for e in all_entries(results) + results.get("block_ablation", [])
+             if any(edge for _, edge in chosen_l2(e))]
+    shown = ", ".join(named[:3]) + (f" and {len(named) - 3} more" if len(named) > 3 else "")
+    return (f"the validation split chose an L2 strength at an edge of the grid in {len(named)} linear-probe entries "
+            f"({shown}; marked {EDGE_MARK} in results.txt): the best strength may lie beyond it") if named else None
 
 
 def token_seen(path: Path, token: str) -> bool:
@@ -3610,14 +3840,6 @@ def prepared(cfg: Config, ranks: Ranks) -> tuple[torch.device, Experiment]:
     return device, exp
 
 
-def with_drops(results: dict) -> None:
-    """Every block-ablation entry's drop against its all-layers entry (NaN while that is unmeasured)."""
-    for entry in results.get("block_ablation", []):
-        base = find_entry(results, "all", entry["features"], entry["classifier"])
-        drop = ablation_drop(entry, base) if base is not None else None
-        entry["drop_mean"], entry["drop_low"], entry["drop_high"] = drop or (float("nan"),) * 3
-
-
 def planned_jobs(cfg: Config, exp: Experiment) -> list[Job]:
     """Every job of the experiment in report order: each representation on each group, the layer maps,
     then the block ablation."""
@@ -3679,10 +3901,11 @@ def trained_entries(store: FeatureStore, exp: Experiment, cfg: Config, device: t
         name = entry_name(representation, group, classifier)
         result = train_runs(data, cfg, device, name, classifier)
         entry = evaluate_entry(result, data, cfg, device, name, sum(len(m.columns) for m in modules))
+        stalled = stalled_run_indices(entry)
         tqdm.write(f"{name:<32} test acc {entry['test_acc_mean']:.3f} +- {entry['test_acc_std']:.3f}  "
                    f"({result.seconds:.1f}s, best epoch {entry['best_epoch_mean']:.0f})"
                    + (f"  {len(entry['failed_runs'])} runs failed" if entry["failed_runs"] else "")
-                   + (f"  {len(entry['stalled_runs'])} runs stalled" if entry["stalled_runs"] else ""))
+                   + (f"  {len(stalled)} runs barely fit the training split" if stalled else ""))
         yield entry
 
 
@@ -3732,6 +3955,8 @@ def starting_results(cfg: Config, exp: Experiment, device: torch.device, ranks: 
     results = results_header(cfg, exp.loaded, exp.labels, exp.modules, exp.groups, device)
     results["processes"], results["command"] = ranks.world, command
     results["split_sizes"] = {split: len(rows) for split, rows in exp.splits.items()}
+    results["chance"] = majority_share(exp.labels.codes[exp.splits["test"]])
+    results["chance_uniform"] = 1 / len(exp.labels.class_names)
     results["unlabeled_rows"] = exp.labels.unlabeled
     results["warnings"] = exp.warnings
     results_path = exp.out_dir / "results.json"
@@ -3768,7 +3993,7 @@ def run_entries(cfg: Config, exp: Experiment, device: torch.device, ranks: Ranks
     done = finished_entries(results)
     plan = planned_jobs(cfg, exp)
     jobs = pending_jobs(plan, done)
-    stalled, table = None, None
+    ending, table = [], None
     try:
         extraction_started = time.perf_counter()
         needed = tuple(dict.fromkeys(job.representation for job in jobs))
@@ -3786,7 +4011,7 @@ def run_entries(cfg: Config, exp: Experiment, device: torch.device, ranks: Ranks
             results[section].append(entry)
             results["feature_extraction"]["computed"] = computed + store.computed - own_computed  # with any recomputed on reading
             gather_ranks(results, exp.out_dir, ranks)
-            with_drops(results)
+            with_statistics(results)
             save_results(results_path, results)
 
         for job in tqdm(mine, desc="entries", unit="job"):
@@ -3795,15 +4020,15 @@ def run_entries(cfg: Config, exp: Experiment, device: torch.device, ranks: Ranks
         barrier(ranks)  # every rank's entries are in its file
         if ranks.rank == 0:
             gather_ranks(results, exp.out_dir, ranks)
-            stalled = stalled_warning(results, cfg)
-            if stalled:
-                results["warnings"].append(stalled)
+            with_statistics(results)
+            ending = [w for w in (failed_to_train_warning(results, cfg), l2_edge_warning(results)) if w]
+            results["warnings"] += ending
             results["complete"] = True
     finally:
         if ranks.rank == 0:
             gather_ranks(results, exp.out_dir, ranks)
             in_report_order(results, plan)
-            with_drops(results)
+            with_statistics(results)
             results["total_seconds"] = time.perf_counter() - started
             save_results(results_path, results)
             if results["complete"]:
@@ -3813,8 +4038,8 @@ def run_entries(cfg: Config, exp: Experiment, device: torch.device, ranks: Ranks
     if ranks.rank > 0:
         return
     print("\n" + table)
-    if stalled:
-        print(f"\nWARNING: {stalled}")
+    for warning in ending:
+        print(f"\nWARNING: {warning}")
     print(f"\nwrote {results_path}, results.txt and the plots in {results['total_seconds']:.0f}s")
 
 

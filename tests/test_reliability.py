@@ -344,7 +344,7 @@ def test_means_and_spreads_are_over_the_successful_runs_only(diverged_entry):
                    "val_recall", "test_recall", "best_epoch"):
         values = np.array([runs[k][metric] for k in ok], dtype=np.float64)
         assert diverged_entry[f"{metric}_mean"] == pytest.approx(values.mean()), metric
-        assert diverged_entry[f"{metric}_std"] == pytest.approx(values.std()), metric
+        assert diverged_entry[f"{metric}_std"] == pytest.approx(values.std(ddof=1)), metric
 
 
 def test_entry_with_a_failed_run_is_written_as_standard_json_without_nan(diverged_entry, tmp_path):

@@ -10,37 +10,65 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
+from scipy import stats  # noqa: E402
 
 from helpers import PNG_SIGNATURE  # noqa: E402
 
 
 
-def make_entry(name, accs, failed=(), stalled=None, num_classes=4, with_median=True):
-    """An entry as evaluate_entry writes it, from each run's test accuracy (failed runs' values are junk)."""
+TEST_ROWS = 100
+
+
+def independent_above_chance_p(accs, chance):
+    """The documented test, computed here from the accuracies: exact binomial per run, (n/k) x k-th smallest p."""
+    p = np.sort(stats.binom.sf(np.round(np.asarray(accs) * TEST_ROWS) - 1, TEST_ROWS, chance))
+    k = -(-len(p) // 2)
+    return min(1.0, len(p) / k * p[k - 1])
+
+
+def t_interval(values):
+    values = np.asarray(values, dtype=np.float64)
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return [values.mean() - half, values.mean() + half]
+
+
+def make_entry(name, accs, failed=(), stalled=(), num_classes=4, with_median=True, classifier="mlp"):
+    """An entry as evaluate_entry writes it, from each run's test accuracy (failed runs' values are junk),
+    its statistics computed here independently of the script."""
     ok = [k for k in range(len(accs)) if k not in failed]
     kept = np.array([accs[k] for k in ok])
     confusion = np.eye(num_classes, dtype=int) * 5 + 1
-    entry = {"representation": name, "test_acc_all_runs": list(accs), "failed_runs": list(failed),
+    p = independent_above_chance_p(kept, 1 / num_classes) if ok else None
+    entry = {"representation": name, "classifier": classifier, "test_acc_all_runs": list(accs), "failed_runs": list(failed),
              "num_successful_runs": len(ok),
-             "test_acc_mean": float(kept.mean()) if ok else None, "test_acc_std": float(kept.std()) if ok else None,
+             "test_acc_mean": float(kept.mean()) if ok else None,
+             "test_acc_std": float(kept.std(ddof=1)) if len(ok) > 1 else None,
+             "test_acc_ci95": t_interval(kept) if len(ok) > 1 else None,
+             "above_chance_p": p, "above_chance": p is not None and p < 0.05,
              "test_confusion_matrices": [confusion.tolist() for _ in accs],
-             "per_run_results": [{"run": k, "test_acc": a, "failed": "loss non-finite" if k in failed else None}
-                                 for k, a in enumerate(accs)]}
+             "per_run_results": [{"run": k, "test_acc": a, "failed": "loss non-finite" if k in failed else None,
+                                  "stalled": k in stalled} for k, a in enumerate(accs)]}
     if with_median and ok:
         entry["test_acc_median"] = float(np.median(kept))
-    if stalled is not None:
-        entry["stalled_runs"] = list(stalled)
     return entry
 
 
 def make_results(all_layers, visual, num_classes=4, class_names=None):
     """results.json with entries for all layers and the visual group, representations named by the entries."""
     reps = [e["representation"].removesuffix("_all_layers") for e in all_layers]
-    return {"dataset": "tiny", "num_runs": len(all_layers[0]["test_acc_all_runs"]),
-            "num_classes": num_classes, "groups": ["all", "visual"],
-            "class_names": class_names or [f"class{i}" for i in range(num_classes)],
-            "config": {"representations": reps}, "complete": True,
-            "all_layers_results": all_layers, "visual_only_results": visual}
+    results = {"dataset": "tiny", "num_runs": len(all_layers[0]["test_acc_all_runs"]),
+               "num_classes": num_classes, "groups": ["all", "visual"], "std_ddof": 1,
+               "chance": 1 / num_classes, "chance_uniform": 1 / num_classes,
+               "class_names": class_names or [f"class{i}" for i in range(num_classes)],
+               "config": {"representations": reps}, "complete": True,
+               "all_layers_results": all_layers, "visual_only_results": visual}
+    return statistics_of(results)
+
+
+def statistics_of(results):
+    import visual_ablation_experiment_optimized as vae
+    vae.with_statistics(results)
+    return results
 
 
 @pytest.fixture
@@ -88,9 +116,10 @@ def test_results_json_gets_the_permissions_of_a_normally_created_file(script, tm
 
 # --- results.txt ---------------------------------------------------------------------------------
 
-def test_table_shows_the_median_beside_mean_and_std(script, results):
+def test_table_shows_the_median_beside_mean_and_sample_std(script, results):
     row = next(line for line in script.comparison_table(results).splitlines() if line.startswith("spectral "))
-    assert "0.840 +- 0.086 (0.850)" in row
+    accs = [0.90, 0.80, 0.85, 0.70, 0.95]
+    assert f"{np.mean(accs):.3f} +- {np.std(accs, ddof=1):.3f} ({np.median(accs):.3f})" in row
 
 
 def test_table_computes_the_median_over_successful_runs_when_results_json_lacks_it(script):
@@ -98,85 +127,138 @@ def test_table_computes_the_median_over_successful_runs_when_results_json_lacks_
     assert script.median_accuracy(old) == pytest.approx(0.6)
 
 
-def test_table_lists_each_run_marking_stalled_runs_and_naming_failed_ones(script, results):
-    lines = script.comparison_table(results).splitlines()
-    spectral = next(line for line in lines if line.startswith("spectral_all_layers"))
-    stats_visual = next(line for line in lines if line.startswith("stats_visual_only"))
-    assert spectral.split()[1:] == ["0.900", "0.800", "0.850", "0.700*", "0.950"]
-    assert stats_visual.split()[1:] == ["0.290", "0.270", "0.300", "failed", "0.260"]
+def run_line(table, name):
+    return next(line for line in table.splitlines() if line.startswith(name + " "))
 
 
-def test_table_explains_stalled_runs_in_a_footnote(script, results):
+def test_table_lists_each_run_marking_runs_that_failed_to_train_and_naming_failed_ones(script, results):
     table = script.comparison_table(results)
-    assert "* stalled run:" in table and "--min-epochs N" in table
+    assert run_line(table, "spectral_all_layers").split()[1:6] == ["0.900", "0.800", "0.850", "0.700*", "0.950"]
+    assert run_line(table, "stats_visual_only").split()[1:6] == ["0.290", "0.270", "0.300", "failed", "0.260"]
 
 
-def test_table_has_no_stalled_footnote_without_stalled_runs(script, results):
-    results["all_layers_results"][0]["stalled_runs"] = []
-    assert "stalled run" not in script.comparison_table(results)
+def test_table_gives_each_entrys_t_interval_and_test_against_chance_as_results_json_holds_them(script, results):
+    table = script.comparison_table(results)
+    for entry in results["all_layers_results"] + results["visual_only_results"]:
+        low, high = entry["test_acc_ci95"]
+        verdict = "above chance" if entry["above_chance"] else "not above chance"
+        assert f"[{low:.3f}, {high:.3f}]  p {entry['above_chance_p']:.2g}: {verdict}" in run_line(table, entry["representation"])
 
 
-def test_table_marks_the_retention_of_a_representation_near_chance_on_all_layers(script, results):
+def test_table_explains_runs_that_failed_to_train_in_a_footnote(script, results):
+    table = script.comparison_table(results)
+    assert "* failed to train:" in table and "--min-epochs N" in table
+
+
+def test_table_has_no_failed_to_train_footnote_without_such_runs(script, results):
+    results["all_layers_results"][0]["per_run_results"][3]["stalled"] = False
+    assert "failed to train" not in script.comparison_table(statistics_of(results))
+
+
+def test_table_marks_an_entry_without_signal_and_gives_no_rerun_advice(script, results):
+    results["all_layers_results"][1] = make_entry("stats_all_layers", [0.25] * 5, stalled=range(5))
+    table = script.comparison_table(statistics_of(results))
+    assert results["all_layers_results"][1]["no_signal"] and not results["all_layers_results"][1]["failed_to_train_runs"]
+    assert "(0.250)#" in next(line for line in table.splitlines() if line.startswith("stats "))
+    assert "# no signal:" in table and "failed to train" in table  # spectral's run 3 still failed to train
+
+
+def test_table_marks_the_retention_of_a_representation_not_above_chance_on_all_layers(script, results):
     lines = script.comparison_table(results).splitlines()
     spectral = next(line for line in lines if line.startswith("spectral "))
-    stats = next(line for line in lines if line.startswith("stats "))
-    assert stats.rstrip().endswith("%~") and spectral.rstrip().endswith("%")
-    assert any(line.startswith("~ all-layers accuracy near chance: retention not meaningful") for line in lines)
+    stats_row = next(line for line in lines if line.startswith("stats "))
+    assert not results["all_layers_results"][1]["above_chance"] and results["all_layers_results"][0]["above_chance"]
+    assert stats_row.rstrip().endswith("%~") and spectral.rstrip().endswith("%")
+    assert "~ all-layers accuracy not above chance: retention not meaningful" in lines
+
+
+def test_table_gives_drop_and_retention_intervals_computed_from_the_paired_runs(script, results):
+    table = script.comparison_table(results)
+    base, group = np.array([0.90, 0.80, 0.85, 0.70, 0.95]), np.array([0.80, 0.70, 0.75, 0.60, 0.85])
+    drop = t_interval(base - group)
+    line = next(line for line in table.splitlines() if line.startswith("spectral ") and "visual" in line.split())
+    assert f"[{drop[0]:+.3f}, {drop[1]:+.3f}]" in line  # every run drops 0.10: a zero-width interval
+    assert f"{100 * group.mean() / base.mean():.1f}%" in line
 
 
 def test_table_says_all_runs_failed_instead_of_a_number(script, results):
     results["visual_only_results"][0] = make_entry("spectral_visual_only", [0.1] * 5, failed=range(5))
-    row = next(line for line in script.comparison_table(results).splitlines() if line.startswith("spectral "))
+    row = next(line for line in script.comparison_table(statistics_of(results)).splitlines() if line.startswith("spectral "))
     assert "all runs failed" in row and "nan" not in row
 
 
-@pytest.mark.parametrize("accs, failed, expected", [
-    ([0.18] * 5, (), False),                     # chance 0.10: needs 0.28
-    ([0.30, 0.31, 0.29], (), True),              # just past chance + 0.2 * (1 - chance), tightly
-    ([0.05, 0.55, 0.05, 0.55], (), False),       # mean 0.30 but the spread reaches chance
-    ([0.90], (), True),                          # one run: the mean alone decides
-    ([0.90, 0.01, 0.90], (1,), True),            # a failed run's value is not counted
-    ([0.90, 0.90], (0, 1), False),               # no successful run: nothing is above chance
-])
-def test_clearly_above_chance_needs_a_fifth_of_the_way_to_perfect_and_a_lower_bound_past_chance(
-        script, accs, failed, expected):
-    entry = make_entry("spectral_all_layers", accs, failed=failed, num_classes=10)
-    assert script.clearly_above_chance(entry, num_classes=10) is expected
+def test_table_states_the_majority_class_as_chance_and_one_over_k_beside_it_when_they_differ(script, results):
+    results["chance"] = 0.6
+    header = script.comparison_table(results).splitlines()[0]
+    assert "chance 0.600 (the test split's majority class), 1/K 0.250" in header
+
+
+def test_table_lists_the_linear_probes_l2_strengths_and_marks_those_at_the_grids_edge(script, results):
+    probe = make_entry("spectral_all_layers_linear", [0.9, 0.8, 0.85, 0.7, 0.95], classifier="linear")
+    for run, l2 in zip(probe["per_run_results"], [1e-5, 1e-3, 1e-3, 1e-2, 1e-1]):
+        run["l2"] = l2
+    results["all_layers_results"].append(probe)
+    results["config"]["classifiers"] = ["mlp", "linear"]
+    table = script.comparison_table(statistics_of(results))
+    section = table.split("L2 strength each linear-probe run chose")[1]
+    assert run_line(section, "spectral_all_layers_linear").split()[1:] == ["1e-05!", "1e-03", "1e-03", "1e-02", "1e-01!"]
+    assert "spectral_all_layers_linear" in script.l2_edge_warning(results)
 
 
 # --- plots ---------------------------------------------------------------------------------------
 
-def test_summary_says_error_bars_are_one_std_over_the_runs(script, results):
-    assert "±1 std over 5 runs" in script.figure_summary(results).get_suptitle().replace("\n", " ")
+def error_bars(ax) -> list[tuple[float, float, float]]:
+    """(x, low end, high end) of every vertical error bar drawn."""
+    found = []
+    for container in ax.containers:
+        if hasattr(container, "has_yerr") and container.has_yerr:
+            for segment in container.lines[2][0].get_segments():
+                found.append((segment[0][0], segment[0][1], segment[1][1]))
+    return found
 
 
-def test_summary_draws_a_dot_per_successful_run_and_stalled_runs_apart(script, results):
+def test_summary_bars_are_means_with_error_bars_of_one_sample_std(script, results):
     fig = script.figure_summary(results)
-    single, stalled = scatter_points(fig, "single run"), scatter_points(fig, "stalled run (never learned)")
-    assert len(single) == 5 * 4 - 1 - 1  # 4 entries of 5 runs, less one stalled and one failed
-    assert stalled[:, 1].tolist() == [0.70]
-    assert "stalled run (never learned)" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "±1 sample std over 5 runs" in fig.get_suptitle().replace("\n", " ")
+    bars = [p for p in fig.axes[0].patches if np.isfinite(p.get_height())]
+    spectral = [0.90, 0.80, 0.85, 0.70, 0.95]
+    first = bars[0]
+    assert first.get_height() == pytest.approx(np.mean(spectral))
+    x = first.get_x() + first.get_width() / 2
+    _, low, high = next(e for e in error_bars(fig.axes[0]) if e[0] == pytest.approx(x))
+    assert (high - low) / 2 == pytest.approx(np.std(spectral, ddof=1))
+
+
+def test_summary_draws_a_dot_per_successful_run_and_runs_that_failed_to_train_apart(script, results):
+    fig = script.figure_summary(results)
+    single, failed = scatter_points(fig, "single run"), scatter_points(fig, "run that failed to train")
+    assert len(single) == 5 * 4 - 1 - 1  # 4 entries of 5 runs, less one that failed to train and one failed
+    assert failed[:, 1].tolist() == [0.70]
+    assert "run that failed to train" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
 
 
 def test_summary_notes_an_entry_whose_runs_all_failed_at_its_bar(script, results):
     results["visual_only_results"][0] = make_entry("spectral_visual_only", [0.1] * 5, failed=range(5))
-    assert figure_texts(script.figure_summary(results)).count("all runs failed") == 1
+    assert figure_texts(script.figure_summary(statistics_of(results))).count("all runs failed") == 1
 
 
-def test_retention_warns_that_the_bootstrap_is_unreliable_with_few_runs(script, results):
-    results["num_runs"] = 3
-    assert "unreliable with 3 runs" in script.figure_retention(results).get_suptitle().replace("\n", " ")
+def test_retention_error_bars_are_fiellers_interval_whose_ends_the_paired_t_test_just_rejects(script, results):
+    results["visual_only_results"][0] = make_entry("spectral_visual_only", [0.80, 0.75, 0.70, 0.65, 0.90])
+    fig = script.figure_retention(statistics_of(results))
+    assert "Fieller" in fig.get_suptitle()
+    base, group = np.array([0.90, 0.80, 0.85, 0.70, 0.95]), np.array([0.80, 0.75, 0.70, 0.65, 0.90])
+    bar = next(p for p in fig.axes[0].patches if np.isfinite(p.get_height()))
+    assert bar.get_height() == pytest.approx(group.mean() / base.mean())
+    _, low, high = next(e for e in error_bars(fig.axes[0]) if e[0] == pytest.approx(bar.get_x() + bar.get_width() / 2))
+    for end in (low, high):  # at each end the paired t-test of group - r * base has p = 0.05
+        assert stats.ttest_1samp(group - end * base, 0).pvalue == pytest.approx(0.05, abs=1e-6)
 
 
-def test_retention_trusts_the_bootstrap_with_five_runs(script, results):
-    assert "unreliable" not in script.figure_retention(results).get_suptitle()
-
-
-def test_retention_hatches_representations_near_chance_on_all_layers_and_says_why(script, results):
+def test_retention_hatches_representations_not_above_chance_on_all_layers_and_says_why(script, results):
     fig = script.figure_retention(results)
     bars = [p for p in fig.axes[0].patches if p.get_height() == p.get_height()]  # drawn bars, not NaN slots
     assert [bool(bar.get_hatch()) for bar in bars] == [False, True]  # spectral, stats
-    assert "all-layers accuracy near chance: retention not meaningful" in [t.replace("\n", " ") for t in figure_texts(fig)]
+    assert "all-layers accuracy not above chance: retention not meaningful" in [t.replace("\n", " ") for t in figure_texts(fig)]
 
 
 def test_best_entry_skips_entries_with_a_failed_run(script, results):

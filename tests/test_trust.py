@@ -140,13 +140,43 @@ def test_stalled_run_is_one_whose_kept_weights_barely_fit_the_training_split():
     assert vae.stalled_runs(train_acc, best_epoch, y) == [True, False, False, True, False]
 
 
+def test_a_run_stopped_in_its_first_five_epochs_stalls_unless_it_fitted_half_the_way_from_chance():
+    y = torch.arange(100) % 10  # chance 0.1: half the way is 0.55
+    assert vae.stalled_runs([0.40, 0.40, 0.40, 0.54, 0.56], [1, 5, 6, 5, 5], y) == [True, True, False, True, False]
+
+
 def test_chance_of_the_stall_rule_is_the_majority_class_share():
     y = torch.tensor([0] * 80 + [1] * 20)  # predicting class 0 everywhere scores 0.8
     assert vae.stalled_runs([0.81, 0.95], [40, 40], y) == [True, False]
 
 
+def stalled_entry(name, stalled, classifier="mlp", runs=3):
+    return {"representation": name, "classifier": classifier, "failed_runs": [], "test_acc_all_runs": [0.5] * runs,
+            "per_run_results": [{"run": k, "stalled": k in stalled} for k in range(runs)]}
+
+
+def test_stalled_runs_failed_to_train_when_another_run_learned_from_the_same_features():
+    entry = stalled_entry("spectral_all_layers", stalled=[0, 2])
+    assert vae.training_outcome(entry, [entry]) == {"failed_to_train_runs": [0, 2], "no_signal": False}
+
+
+def test_stalled_runs_failed_to_train_when_another_classifier_learned_from_the_same_features():
+    mlp = stalled_entry("spectral_all_layers", stalled=[0, 1, 2])
+    linear = stalled_entry("spectral_all_layers_linear", stalled=[1], classifier="linear")
+    vae.with_training_outcomes([mlp, linear])
+    assert mlp["failed_to_train_runs"] == [0, 1, 2] and not mlp["no_signal"]
+
+
+def test_features_no_run_of_any_classifier_learned_from_carry_no_signal():
+    mlp = stalled_entry("spectral_all_layers", stalled=[0, 1, 2])
+    linear = stalled_entry("spectral_all_layers_linear", stalled=[0, 1, 2], classifier="linear")
+    other = stalled_entry("stats_all_layers", stalled=[])  # other features learned: no help to these
+    vae.with_training_outcomes([mlp, linear, other])
+    assert mlp["no_signal"] and linear["no_signal"] and mlp["failed_to_train_runs"] == []
+
+
 def frozen_args(tmp_path, dataset, *extra):
-    """Training with a learning rate of 0: no run can learn, every run stalls."""
+    """Training the MLP with a learning rate of 0: none of its runs can learn, every one stalls."""
     return cli_args(tmp_path, dataset, "--lr", "0", "--layer-groups", "all", *extra)
 
 
@@ -157,11 +187,13 @@ def frozen_run(tmp_path, capsys):
     return out + err, results_of(tmp_path, "frozen")
 
 
-def test_stalled_runs_are_listed_per_entry_and_per_run(frozen_run):
-    _, results = frozen_run
+def test_an_mlp_that_learns_nothing_alone_is_reported_as_no_signal_without_rerun_advice(frozen_run, tmp_path):
+    printed, results = frozen_run
     [entry] = results["all_layers_results"]
-    assert entry["stalled_runs"] == [0, 1]
     assert [r["stalled"] for r in entry["per_run_results"]] == [True, True]
+    assert entry["no_signal"] and entry["failed_to_train_runs"] == []
+    assert "--min-epochs" not in printed and "failed to train" not in printed
+    assert "# no signal" in (tmp_path / "out" / "visual_ablation_frozen" / "results.txt").read_text()
 
 
 def test_stalled_runs_stay_in_the_mean_as_the_published_protocol_and_the_median_is_reported(frozen_run):
@@ -171,24 +203,33 @@ def test_stalled_runs_stay_in_the_mean_as_the_published_protocol_and_the_median_
     assert entry["test_acc_median"] == pytest.approx(np.median(entry["test_acc_all_runs"]))
 
 
-def test_stalled_runs_are_warned_at_the_end_suggesting_min_epochs(frozen_run):
-    printed, results = frozen_run
-    assert "WARNING" in printed and "stalled runs" in printed and "--min-epochs" in printed
+def test_mlp_runs_failed_to_train_where_the_linear_probe_learned_and_are_warned_with_min_epochs(tmp_path, capsys):
+    columns = lora_weights(ROWS)
+    labels = balanced_labels(ROWS, 2)
+    columns[VISUAL_DOWN] += 3 * labels[:, None, None]  # a signal the probe, with its own learning rate, finds
+    dataset = save_dataset(tmp_path / "frozen", {**columns, "category_label": labels})
+    out, err = run_ok(capsys, frozen_args(tmp_path, dataset, "--classifiers", "mlp,linear"))
+    results = results_of(tmp_path, "frozen")
+    mlp, linear = results["all_layers_results"]
+    assert not any(r["stalled"] for r in linear["per_run_results"])
+    assert mlp["failed_to_train_runs"] == [0, 1] and not mlp["no_signal"]
+    assert "WARNING" in out + err and "--min-epochs 6" in out + err  # twice the patience of 3
     assert any("simple_stats_all_layers (runs 0, 1)" in w for w in results["warnings"])
 
 
-def test_stalled_warning_does_not_suggest_min_epochs_the_run_already_had():
-    results = {"groups": ["all"], "all_layers_results": [{"representation": "flat_vec_all_layers", "stalled_runs": [1]}]}
-    assert "rerun with --min-epochs 30" in vae.stalled_warning(results, vae.Config(patience=15))
-    warning = vae.stalled_warning(results, vae.Config(patience=15, min_epochs=30))
-    assert "rerun" not in warning and "although --min-epochs 30" in warning
+def test_failed_to_train_warning_suggests_more_epochs_than_the_run_already_had():
+    entry = {"representation": "flat_vec_all_layers", "failed_to_train_runs": [1]}
+    results = {"groups": ["all"], "all_layers_results": [entry]}
+    assert "rerun with --min-epochs 30" in vae.failed_to_train_warning(results, vae.Config(patience=15))
+    assert "rerun with --min-epochs 60" in vae.failed_to_train_warning(results, vae.Config(patience=15, min_epochs=30))
 
 
 def test_sequential_runs_flag_the_same_stalled_runs(frozen_run, tmp_path, capsys):
     _, ensemble = frozen_run
     run_ok(capsys, frozen_args(tmp_path, tmp_path / "frozen", "--sequential-runs", "--output-dir", str(tmp_path / "seq")))
     sequential = json.loads((tmp_path / "seq" / "visual_ablation_frozen" / "results.json").read_text())
-    assert sequential["all_layers_results"][0]["stalled_runs"] == ensemble["all_layers_results"][0]["stalled_runs"]
+    stalled = lambda results: [r["stalled"] for r in results["all_layers_results"][0]["per_run_results"]]
+    assert stalled(sequential) == stalled(ensemble)
 
 
 @pytest.mark.parametrize("sequential", [False, True])
