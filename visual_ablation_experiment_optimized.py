@@ -24,7 +24,7 @@ It writes <output-dir>/visual_ablation_<dataset>/ with
     results.json        every run's metrics, learning curves, confusion matrices and the configuration
     results.txt         the comparison table: accuracy on all layers vs each group, drop, retention
     summary.png         test accuracy per representation and layer group, with error bars
-    retention.png       each group's accuracy as a fraction of all layers', 95% intervals over runs
+    retention.png       each group's accuracy as a fraction of all layers', 95% Fieller intervals over runs
     layer_map.png       with --layer-map: each module's accuracy, blocks in network order by positions
     confusion_<best>.png  the best entry's test confusion matrix
     script.py, command.txt  the code that ran and its command line
@@ -353,11 +353,6 @@ def compile_available(device: torch.device) -> str | None:
 def run_seed(cfg: Config, run: int) -> int:
     """The one place that turns a run index into a seed."""
     return cfg.seed + run
-
-
-def row_block_seed(cfg: Config) -> int:
-    """The seed of the row blocks streamed training shares between runs: below every run's seed."""
-    return cfg.seed - 1
 
 
 # =============================================================================================
@@ -1527,12 +1522,11 @@ def layer_map_matrix(store: FeatureStore, modules: list[Module], representation:
 
 
 # =============================================================================================
-# On-device data: standardised features, resident on the device or streamed in row blocks
+# On-device data: standardised features, resident on the device or streamed from disk
 # =============================================================================================
 
 EVAL_CHUNK_ROWS = 8192
-ROW_CHUNK_BYTES = 2 ** 28  # bounds a temporary chunk of feature rows: the statistics' float64, a streamed evaluation's
-STREAM_BLOCK_BATCHES = 4     # a streamed row block holds this many mini-batches of every run
+ROW_CHUNK_BYTES = 2 ** 28  # bounds a temporary chunk of feature rows: the statistics' float64, a streamed block's
 
 
 def standardisation(chunks) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1571,26 +1565,16 @@ def slice_rows(x: torch.Tensor, idx: torch.Tensor, blocks: torch.Tensor | None, 
     return x.view(x.shape[0], -1, width)[idx, blocks[:, None]]
 
 
-def epoch_order(n_train: int, batch: int, generators: list[torch.Generator], shared: torch.Generator | None,
-                device: torch.device) -> torch.Tensor:
-    """(slices, n_train): the order each slice visits the training rows this epoch.  Without `shared`, an
-    independent permutation per slice.  With it (streamed features), one shared permutation cuts the rows
-    into row blocks of STREAM_BLOCK_BATCHES batches, block after block for every slice, and each slice
-    shuffles within each block with its own generator: a block is read from disk once for all slices."""
-    if shared is None:
-        return torch.stack([torch.randperm(n_train, generator=g, device=device) for g in generators])
-    rows = torch.randperm(n_train, generator=shared, device=device)
-    block_of = torch.arange(n_train, device=device, dtype=torch.float64) // (batch * STREAM_BLOCK_BATCHES)
-    keys = torch.stack([torch.rand(n_train, generator=g, device=device, dtype=torch.float64) for g in generators])
-    return rows[torch.argsort(keys + 2 * block_of, dim=1)]  # keys in [0, 1): sorting never crosses a block
+def epoch_order(n_train: int, generators: list[torch.Generator], device: torch.device) -> torch.Tensor:
+    """(slices, n_train): the order each slice visits the training rows this epoch, a permutation drawn
+    from its own generator, wherever the features live: where they live never changes a number."""
+    return torch.stack([torch.randperm(n_train, generator=g, device=device) for g in generators])
 
 
 class ResidentFeatures:
     """Every split's standardised features held on the training device; mini-batches are gathers."""
 
-    def __init__(self, features: np.ndarray, splits: dict[str, np.ndarray], device: torch.device,
-                 row_blocks: bool = False):
-        self.row_blocks = row_blocks  # only to reproduce streamed training, which draws batches from row blocks
+    def __init__(self, features: np.ndarray, splits: dict[str, np.ndarray], device: torch.device):
         self.x = {s: torch.from_numpy(np.ascontiguousarray(features[idx])).to(device) for s, idx in splits.items()}
         mean, std = standardisation(self.x["train"].split(rows_in_chunk(features.shape[1], 8)))
         for v in self.x.values():  # in place: the raw rows are never held beside their standardised copy
@@ -1620,7 +1604,7 @@ class MemmapRows(torch.utils.data.Dataset):
 
 
 class BlockRows(torch.utils.data.Sampler):
-    """Yields the row numbers of each row block, in the order training reads them; set `blocks` before each epoch."""
+    """Yields the row numbers of each block read, in the order training reads them; set `blocks` before each epoch."""
 
     def __init__(self):
         self.blocks: list[np.ndarray] = []
@@ -1647,17 +1631,17 @@ def stream_workers(workers: int, block_bytes: int) -> int:
 
 
 class StreamedFeatures:
-    """Features too large for the device: rows are read one row block at a time (STREAM_BLOCK_BATCHES
-    mini-batches of every slice, see epoch_order) from a memory-mapped matrix by a DataLoader (worker
-    processes, pinned memory, prefetching), standardised on the device and shared by every slice."""
-
-    row_blocks = True
+    """Features too large for the device: each slice visits the training rows in its own order, as with
+    resident features, and the rows of a few consecutive steps of every slice (a block of about
+    ROW_CHUNK_BYTES, at least one step) are read at once from a memory-mapped matrix by a DataLoader
+    (worker processes, pinned memory, prefetching), standardised on the device and shared by the slices."""
 
     def __init__(self, features: np.ndarray, splits: dict[str, np.ndarray], device: torch.device, workers: int,
                  batch: int):
         self.features, self.splits, self.device = features, splits, device
         self.sampler = BlockRows()
-        block_bytes = min(batch * STREAM_BLOCK_BATCHES, len(splits["train"])) * features.shape[1] * features.itemsize
+        self.block_rows = rows_in_chunk(features.shape[1], features.itemsize)
+        block_bytes = min(max(self.block_rows, batch), len(splits["train"])) * features.shape[1] * features.itemsize
         workers = stream_workers(workers, block_bytes)
         self.loader = torch.utils.data.DataLoader(
             MemmapRows(features), sampler=self.sampler, batch_size=None, num_workers=workers,
@@ -1671,13 +1655,14 @@ class StreamedFeatures:
         return torch.from_numpy(np.ascontiguousarray(self.features[np.sort(rows)])).to(self.device)
 
     def epoch_batches(self, order: torch.Tensor, batch: int, steps: int, blocks: torch.Tensor | None, width: int | None):
-        block_size = batch * STREAM_BLOCK_BATCHES
-        shared = self.splits["train"][order[0].cpu().numpy()]  # every slice's blocks hold the same rows
-        self.sampler.blocks = [np.sort(shared[i:i + block_size]) for i in range(0, steps * batch, block_size)]
-        for first, rows in zip(range(0, steps, STREAM_BLOCK_BATCHES), self.loader):
-            read = torch.from_numpy(self.sampler.blocks[first // STREAM_BLOCK_BATCHES]).to(self.device, non_blocking=True)
+        per_block = max(1, self.block_rows // (order.shape[0] * batch))  # steps whose rows are read together
+        spans = [(first, min(first + per_block, steps)) for first in range(0, steps, per_block)]
+        visits = self.splits["train"][order.cpu().numpy()]  # one copy per epoch, not per step
+        self.sampler.blocks = [np.unique(visits[:, a * batch:b * batch]) for a, b in spans]
+        for (first, last), read_rows, rows in zip(spans, self.sampler.blocks, self.loader):
+            read = torch.from_numpy(read_rows).to(self.device, non_blocking=True)
             x = (rows.to(self.device, non_blocking=True) - self.mean) / self.std
-            for step in range(first, min(first + STREAM_BLOCK_BATCHES, steps)):
+            for step in range(first, last):
                 idx = order[:, step * batch:(step + 1) * batch]
                 yield idx, slice_rows(x, torch.searchsorted(read, self.train_rows[idx]), blocks, width)
 
@@ -1719,12 +1704,11 @@ def feature_budget_bytes(device: torch.device, limit_gb: float) -> int:
     return free_memory_bytes(device) // 2
 
 
-def resident_features(features: np.ndarray, splits: dict[str, np.ndarray], device: torch.device,
-                      row_blocks: bool) -> ResidentFeatures | None:
+def resident_features(features: np.ndarray, splits: dict[str, np.ndarray], device: torch.device) -> ResidentFeatures | None:
     """ResidentFeatures, or None when the device runs out of memory holding them (a shared GPU whose
     free memory shrank since the budget was measured)."""
     try:
-        return ResidentFeatures(features, splits, device, row_blocks)
+        return ResidentFeatures(features, splits, device)
     except torch.OutOfMemoryError:
         pass  # released below, outside the handler, whose traceback holds the partial copies
     release_device_memory(device)
@@ -1733,14 +1717,15 @@ def resident_features(features: np.ndarray, splits: dict[str, np.ndarray], devic
 
 def standardise(features: np.ndarray, labels: np.ndarray, splits: dict[str, np.ndarray], num_classes: int,
                 device: torch.device, budget_bytes: int | None = None, workers: int = 0,
-                block_width: int | None = None, batch: int = Config.batch_size, row_blocks: bool = False) -> SplitData:
+                block_width: int | None = None, batch: int = Config.batch_size) -> SplitData:
     """The training data: features kept on the device when they fit the budget (and the device, found
-    out by trying), else streamed.  row_blocks: resident features draw batches as streamed ones do."""
+    out by trying), else streamed; the batches, and so the numbers, are the same either way."""
     budget = feature_budget_bytes(device, 0) if budget_bytes is None else budget_bytes
-    source = resident_features(features, splits, device, row_blocks) if features.nbytes <= budget else None
+    fits = features.nbytes <= budget
+    source = resident_features(features, splits, device) if fits else None
     if source is None:
-        tqdm.write(f"notice: {features.nbytes / 2 ** 30:.1f} GB of features do not fit the "
-                   f"{budget / 2 ** 30:.1f} GB device budget; streaming row blocks from disk")
+        why = "ran out of device memory" if fits else f"do not fit the {budget / 2 ** 30:.1f} GB device budget"
+        tqdm.write(f"notice: {features.nbytes / 2 ** 30:.1f} GB of features {why}; streaming their rows from disk")
         source = StreamedFeatures(features, splits, device, workers, batch)
     y = {s: torch.from_numpy(labels[idx]).to(device) for s, idx in splits.items()}
     return SplitData(source, y, num_classes, features.shape[1], block_width)
@@ -2277,8 +2262,6 @@ def train_ensemble(data: SplitData, cfg: Config, slices: Slices, classifier: Cla
     compiled_before = compile_seconds(models.training_forward)
     histories = [RunHistory(seed=s, lr=classifier.lr or cfg.lr, l2=l2) for s, l2 in zip(slices.seeds, slices.l2)]
     generators = [torch.Generator(device=device).manual_seed(s) for s in slices.seeds]
-    # row blocks: one shared sequence for the entry, the same whichever slices train together
-    shared = torch.Generator(device=device).manual_seed(row_block_seed(cfg)) if data.features.row_blocks else None
     y_train, n_train = data.y["train"], data.size("train")
     batch = min(cfg.batch_size, n_train)
     # BatchNorm cannot normalise a batch of one row: a trailing batch of one is dropped
@@ -2289,7 +2272,7 @@ def train_ensemble(data: SplitData, cfg: Config, slices: Slices, classifier: Cla
         epoch_started = time.perf_counter()
         active = models.active
         lr = torch.tensor([histories[r].lr for r in active], device=device)
-        order = epoch_order(n_train, batch, [generators[r] for r in active], shared, device)
+        order = epoch_order(n_train, [generators[r] for r in active], device)
         loss_sum = torch.zeros(len(active), device=device)
         for idx, x in data.features.epoch_batches(order, batch, steps, models.per_slice.get("blocks"), data.block_width):
             dropout_scales = None
@@ -2366,7 +2349,8 @@ def predicted_peak_bytes(data: SplitData, cfg: Config, classifier: Classifier, s
         features = rows * row_bytes
     else:  # a block as read and standardised, or an evaluation chunk as read, put in order and standardised
         eval_rows = min(eval_rows, rows_in_chunk(data.feature_dim, 4))
-        features = max(2 * min(batch * STREAM_BLOCK_BATCHES, n_train), 3 * eval_rows) * row_bytes
+        block = min(max(rows_in_chunk(data.feature_dim, f32), slices * batch), n_train)
+        features = max(2 * block, 3 * eval_rows) * row_bytes
     order = slices * n_train * 8
     held = features + rows * 8 + order + slices * (5 * sizes.params + 2 * sizes.buffers) * f32
     cast = 2 if amp is not None else 0  # autocast's half-precision copies of the first layer's input and weights
@@ -2399,7 +2383,7 @@ def train_runs(data: SplitData, cfg: Config, device: torch.device, label: str, c
     slices = run_slices(cfg, model, num_blocks)
     together = len(slices) // cfg.runs if cfg.sequential_runs else len(slices)
     peak = predicted_peak_bytes(data, cfg, model, together, amp_dtype(cfg, device))
-    where = "resident" if isinstance(data.features, ResidentFeatures) else "streamed in row blocks"
+    where = "resident" if isinstance(data.features, ResidentFeatures) else "streamed from disk"
     tqdm.write(f"{label}: {together} models at a time, features {where}, predicted peak device memory "
                f"{peak / 2 ** 30:.2f} GB")
     if not cfg.sequential_runs:
@@ -2617,8 +2601,7 @@ def runs_entry(result: EnsembleResult, metrics: dict, confusions: dict, data: Sp
     for split in ("train", "val", "test"):
         entry[f"{split}_acc_all_runs"] = metrics[split]["acc"]
     entry["training_mode"] = "sequential" if cfg.sequential_runs else "ensemble"
-    # streamed features: every run's batches come from the same row blocks, each run shuffling within them
-    entry["batch_order"] = "row_blocks" if data.features.row_blocks else "per_run"
+    entry["batch_order"] = "per_run"  # each run shuffles all training rows, resident or streamed
     return entry
 
 
@@ -3141,19 +3124,19 @@ def failure_note(*entries: dict | None) -> str | None:
 
 def run_dots(ax, bars: list[tuple[float, dict | None]]) -> None:
     """Each successful run's test accuracy as a circle over its bar (x, entry); runs that failed to train as red crosses."""
-    normal, stalled = ([], []), ([], [])
+    normal, failed_to_train = ([], []), ([], [])
     for x, entry in bars:
         if entry is None:
             continue
-        stalled_runs = set(entry.get("failed_to_train_runs", []))
+        marked = set(entry.get("failed_to_train_runs", []))
         for k in successful_runs(entry):
-            xs, ys = stalled if k in stalled_runs else normal
+            xs, ys = failed_to_train if k in marked else normal
             xs.append(x)
             ys.append(entry["test_acc_all_runs"][k])
     if normal[0]:
         ax.scatter(*normal, s=16, facecolors="none", edgecolors="black", linewidths=0.8, zorder=3, label="single run")
-    if stalled[0]:
-        ax.scatter(*stalled, s=28, marker="x", color="red", zorder=4, label="run that failed to train")
+    if failed_to_train[0]:
+        ax.scatter(*failed_to_train, s=28, marker="x", color="red", zorder=4, label="run that failed to train")
 
 
 def legend_beside(ax, handles=None) -> None:
@@ -3415,7 +3398,7 @@ def add_training_arguments(add: Callable, defaults: Config) -> None:
     add("--max-epochs", type=_positive_int, default=defaults.max_epochs, help="maximum training epochs")
     add("--patience", type=_positive_int, default=defaults.patience, help="early-stopping patience in epochs")
     add("--min-epochs", type=_non_negative_int, default=defaults.min_epochs,
-        help="no early stopping before this epoch (0: the published protocol); reruns stalled runs")
+        help="no early stopping before this epoch (0: the published protocol); reruns runs that failed to train")
     add("--sequential-runs", action="store_true",
         help="train runs one at a time instead of as one batched ensemble (for comparison)")
 
@@ -3905,7 +3888,7 @@ def trained_entries(store: FeatureStore, exp: Experiment, cfg: Config, device: t
         tqdm.write(f"{name:<32} test acc {entry['test_acc_mean']:.3f} +- {entry['test_acc_std']:.3f}  "
                    f"({result.seconds:.1f}s, best epoch {entry['best_epoch_mean']:.0f})"
                    + (f"  {len(entry['failed_runs'])} runs failed" if entry["failed_runs"] else "")
-                   + (f"  {len(stalled)} runs barely fit the training split" if stalled else ""))
+                   + (f"  {len(stalled)} of {cfg.runs} runs barely fit the training split" if stalled else ""))
         yield entry
 
 
