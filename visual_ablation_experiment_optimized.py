@@ -451,8 +451,10 @@ def dataset_short_name(spec: str) -> str:
     return Path(name).stem if name.endswith(".parquet") else name
 
 
-def load_experiment_dataset(cfg: Config) -> LoadedDataset:
-    """Resolve --dataset to a Dataset: sanity-check, preset, local path, then hub id."""
+def load_experiment_dataset(cfg: Config, ranks: Ranks = Ranks()) -> LoadedDataset:
+    """Resolve --dataset to a Dataset: sanity-check, preset, local path, then hub id.  A table built here
+    (generated, or from a folder of adapters) is built once however many processes ask (see building);
+    rank 0 alone exports it."""
     spec, warnings = cfg.dataset, []
     if spec == SANITY_CHECK:
         path = write_sanity_check_dataset(Path(cfg.data_dir), rows=cfg.sanity_rows)
@@ -463,7 +465,7 @@ def load_experiment_dataset(cfg: Config) -> LoadedDataset:
         table, label_source = build_adapter_table(Path(spec), Path(cfg.cache_dir), cfg.labels and Path(cfg.labels),
                                                   cfg.num_workers, cfg.skip_mismatched)
         print(f"adapters in {spec}: labels from {label_source}")
-        if cfg.export_dataset:
+        if cfg.export_dataset and ranks.rank == 0:
             print(f"exported the table to {export_dataset(table, Path(cfg.export_dataset))}")
         ds, source = load_local_dataset(table), f"folder of adapters (labels: {label_source})"
         warnings = skipped_adapter_warnings(table)
@@ -2452,13 +2454,14 @@ def t_quantile(n: int) -> float:
     return float(scipy.stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1))
 
 
-def t_interval(values) -> list[float] | None:
-    """The Student-t interval of the mean; None with fewer than 2 values."""
+def t_interval(values, bounds: tuple[float, float] = (-math.inf, math.inf)) -> list[float] | None:
+    """The Student-t interval of the mean, cut to the bounds the mean cannot leave (which keeps its
+    coverage); None with fewer than 2 values."""
     x = np.asarray(values, dtype=np.float64)
     if x.size < 2:
         return None
     half = t_quantile(x.size) * x.std(ddof=1) / math.sqrt(x.size)
-    return [float(x.mean() - half), float(x.mean() + half)]
+    return [float(max(x.mean() - half, bounds[0])), float(min(x.mean() + half, bounds[1]))]
 
 
 def paired_t_p(differences) -> float | None:
@@ -2474,8 +2477,8 @@ def paired_t_p(differences) -> float | None:
 
 def fieller_interval(a, b) -> list[float] | None:
     """Fieller's interval of mean(a) / mean(b) from paired values: every ratio r for which the paired
-    t-test cannot tell the mean of a - r * b from 0.  None with fewer than 2 pairs, or when mean(b)
-    itself cannot be told from 0 (the set of such r is then unbounded)."""
+    t-test cannot tell the mean of a - r * b from 0, from 0 up when no value is negative.  None with
+    fewer than 2 pairs, or when mean(b) itself cannot be told from 0 (the set of such r is then unbounded)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.size < 2:
         return None
@@ -2487,7 +2490,8 @@ def fieller_interval(a, b) -> list[float] | None:
     if quadratic <= 0:
         return None
     root = math.sqrt(max(linear ** 2 - quadratic * constant, 0.0))
-    return [(linear - root) / quadratic, (linear + root) / quadratic]
+    low = (linear - root) / quadratic
+    return [max(low, 0.0) if (a >= 0).all() and (b > 0).all() else low, (linear + root) / quadratic]
 
 
 def above_chance_p(correct: list[int], rows: int, chance: float) -> float | None:
@@ -2581,7 +2585,7 @@ def runs_entry(result: EnsembleResult, metrics: dict, confusions: dict, data: Sp
     for split in ("train", "val", "test"):
         entry[f"{split}_acc_mean"], entry[f"{split}_acc_std"] = mean_std([metrics[split]["acc"][k] for k in ok])
         entry[f"{split}_acc_median"] = float(np.median([metrics[split]["acc"][k] for k in ok])) if ok else float("nan")
-    entry["test_acc_ci95"] = t_interval([metrics["test"]["acc"][k] for k in ok])
+    entry["test_acc_ci95"] = t_interval([metrics["test"]["acc"][k] for k in ok], bounds=(0.0, 1.0))
     correct = confusions["test"].diagonal(dim1=1, dim2=2).sum(1).tolist()
     entry["above_chance_p"] = above_chance_p([correct[k] for k in ok], data.size("test"),
                                              majority_share(data.y["test"].cpu().numpy()))
@@ -2722,7 +2726,7 @@ def ablation_drop(entry: dict, base: dict | None) -> dict:
     paired t-interval and two-sided paired t-test p-value (null where fewer than 2 pairs)."""
     acc, base_acc = paired_accuracies(entry, base) if base is not None else (np.empty(0), np.empty(0))
     drops = base_acc - acc
-    interval = t_interval(drops)
+    interval = t_interval(drops, bounds=(-1.0, 1.0))
     return {"drop_mean": float(drops.mean()) if drops.size else float("nan"), "drop_ci95": interval,
             "drop_low": interval[0] if interval else float("nan"), "drop_high": interval[1] if interval else float("nan"),
             "drop_p": paired_t_p(drops)}
@@ -3690,10 +3694,10 @@ def checked_ablation_blocks(cfg: Config, groups: dict[str, list[Module]]) -> dic
     return blocks
 
 
-def prepare_experiment(cfg: Config, out_dir: Path) -> Experiment:
+def prepare_experiment(cfg: Config, out_dir: Path, ranks: Ranks = Ranks()) -> Experiment:
     """Resolve and check everything that can be checked before computing: one clear error each."""
     check_writable(Path(cfg.cache_dir), "--cache-dir")
-    loaded = load_experiment_dataset(cfg)
+    loaded = load_experiment_dataset(cfg, ranks)
     warnings = list(loaded.warnings)
     labels = encode_labels(loaded.dataset, cfg.label_column, cfg.drop_unlabeled)
     splits = checked_splits(cfg, labels, warnings)
@@ -3818,7 +3822,7 @@ def prepared(cfg: Config, ranks: Ranks) -> tuple[torch.device, Experiment]:
     device = resolve_device(cfg, ranks)
     check_writable(Path(cfg.output_dir), "--output-dir")
     out_dir = output_directory(cfg)
-    exp = prepare_experiment(cfg, out_dir)
+    exp = prepare_experiment(cfg, out_dir, ranks)
     out_dir.mkdir(parents=True, exist_ok=True)
     return device, exp
 
@@ -4101,6 +4105,16 @@ def write_arrow_stream(tables, schema: pa.Schema, arrow_file: str) -> None:
             writer.write_table(table)
 
 
+@contextmanager
+def building(path: Path):
+    """Held while path is looked for and, if absent, built: processes that share it (torchrun's ranks, two
+    runs on one data directory) build it once, and the others wait, then find it built."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def save_batches(tables, schema: pa.Schema, path: Path, extra_files: dict[str, str] | None = None) -> None:
     """Arrow tables (consecutive row batches) saved as one dataset with save_to_disk at path,
     complete or absent: streamed to an Arrow file (memory holds one batch), copied into
@@ -4247,10 +4261,10 @@ def synthetic_tables(spec: SyntheticSpec, schema: pa.Schema):
 
 def write_synthetic_dataset(spec: SyntheticSpec, path: Path) -> Path:
     """Write the dataset with save_to_disk in batches, so memory stays bounded; reuse it if present."""
-    if (path / "state.json").exists():
-        return path
-    schema = synthetic_features(spec).arrow_schema
-    save_batches(synthetic_tables(spec, schema), schema, path)
+    with building(path):
+        if not (path / "state.json").exists():
+            schema = synthetic_features(spec).arrow_schema
+            save_batches(synthetic_tables(spec, schema), schema, path)
     return path
 
 
@@ -4879,11 +4893,22 @@ def build_adapter_table(folder: Path, cache_dir: Path, labels_csv: Path | None, 
     fingerprint = files_fingerprint(folder, adapters, labels_csv, options)
     stem = f"{folder.resolve().name}-{hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:8]}"
     table = Path(cache_dir) / "adapter_tables" / f"{stem}-{fingerprint}"
-    if (table / TABLE_INFO_FILE).exists():
-        info = json.loads((table / TABLE_INFO_FILE).read_text())
-        warn_skipped(info["skipped"])
-        return table, info["label_source"]
+    with building(table):
+        if (table / TABLE_INFO_FILE).exists():
+            info = json.loads((table / TABLE_INFO_FILE).read_text())
+            warn_skipped(info["skipped"])
+            return table, info["label_source"]
+        label_source = write_folder_table(adapters, folder, labels_csv, num_workers, skip_mismatched, array2d,
+                                          table, fingerprint)
+    for stale in table.parent.glob(f"{stem}-*"):
+        if stale != table and not stale.name.endswith(".partial"):  # another's table being built is no older one
+            shutil.rmtree(stale, ignore_errors=True)
+    return table, label_source
 
+
+def write_folder_table(adapters: list[AdapterFile], folder: Path, labels_csv: Path | None, num_workers: int,
+                       skip_mismatched: bool, array2d: bool, table: Path, fingerprint: str) -> str:
+    """Scan, check and label the adapters and write their table; returns where the labels came from."""
     with ThreadPoolExecutor(max(1, num_workers)) as pool:
         scanned = list(tqdm(pool.map(scan_adapter, adapters), total=len(adapters), desc="scanning adapters",
                             unit="adapter", leave=False))
@@ -4895,10 +4920,7 @@ def build_adapter_table(folder: Path, cache_dir: Path, labels_csv: Path | None, 
     info = {"fingerprint": fingerprint, "folder": str(folder.resolve()), "adapters": len(kept),
             "label_source": label_source, "skipped": skipped}
     write_adapter_table(kept, labels, features, table, num_workers, info)
-    for stale in table.parent.glob(f"{stem}-*"):
-        if stale != table:
-            shutil.rmtree(stale, ignore_errors=True)
-    return table, label_source
+    return label_source
 
 
 def export_dataset(table_path: Path, out_dir: Path) -> Path:
@@ -4908,10 +4930,11 @@ def export_dataset(table_path: Path, out_dir: Path) -> Path:
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "state.json").exists():
         raise ExperimentError(f"--export-dataset {out_dir} exists and holds something else; choose a new or empty folder")
     partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    datasets.load_from_disk(str(table_path)).save_to_disk(str(partial))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(partial, out_dir)
+    with building(out_dir):
+        shutil.rmtree(partial, ignore_errors=True)
+        datasets.load_from_disk(str(table_path)).save_to_disk(str(partial))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(partial, out_dir)
     return out_dir
 
 

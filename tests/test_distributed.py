@@ -69,6 +69,33 @@ def test_both_processes_train_a_share_of_the_jobs():
     assert [[j.representation for j in share] for share in shares] == [["a", "b"], ["c", "d"]]
 
 
+def fresh_run(tmp_path, *args):
+    """Two processes on a machine where nothing the run needs was built yet."""
+    return run([*TORCHRUN, str(SCRIPT), "--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
+                *TINY_TRAINING, "--representations", "simple_stats", "--layer-groups", "all", *args])
+
+
+def visible(folder):
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def test_two_processes_on_a_fresh_machine_generate_the_sanity_check_data_once(tmp_path):
+    done = fresh_run(tmp_path, "--dataset", "sanity-check", "--sanity-rows", "200", "--data-dir", str(tmp_path / "data"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert visible(tmp_path / "data") == ["sanity-check-200"]  # no partial copy left behind
+    assert json.loads((tmp_path / "out" / "visual_ablation_sanity-check" / "results.json").read_text())["complete"]
+
+
+def test_two_processes_build_a_fresh_adapter_folders_table_once_and_export_it_once(tmp_path):
+    from test_adapter_folders import labelled_folder
+    folder = labelled_folder(tmp_path / "adapters", "diffusers", labels=("cat", "dog") * 20)
+    done = fresh_run(tmp_path, "--dataset", str(folder), "--export-dataset", str(tmp_path / "export"),
+                     "--allow-missing-classes")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(visible(tmp_path / "cache" / "adapter_tables")) == 1
+    assert (tmp_path / "export" / "state.json").exists() and done.stdout.count("exported the table") == 1
+
+
 def test_an_error_every_process_meets_is_printed_once(tmp_path, tiny_dataset_path):
     done = run([*TORCHRUN, str(SCRIPT), *job_args(tmp_path, tiny_dataset_path, "bad"), "--label-column", "nope"])
     assert done.returncode != 0

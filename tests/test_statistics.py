@@ -61,6 +61,11 @@ def test_fiellers_interval_ends_where_the_paired_t_test_of_a_minus_r_b_just_reje
         assert stats.ttest_1samp(group - end * base, 0).pvalue == pytest.approx(0.05, abs=1e-9)
 
 
+def test_intervals_stop_where_the_quantity_cannot_go():
+    assert vae.t_interval([0.99, 0.90, 1.0], bounds=(0.0, 1.0))[1] == 1.0
+    assert vae.fieller_interval([0.01, 0.30, 0.02], [0.80, 0.70, 0.90])[0] == 0.0  # a ratio of accuracies
+
+
 def test_no_interval_from_fewer_than_two_runs_nor_a_ratio_to_a_mean_indistinguishable_from_zero():
     assert vae.t_interval([0.8]) is None and vae.fieller_interval([0.8], [0.9]) is None
     assert vae.fieller_interval([0.5, 0.6, 0.4], [0.01, -0.02, 0.015]) is None
@@ -171,7 +176,8 @@ def test_results_json_states_its_spread_and_chance_and_each_entry_its_interval_a
     [entry] = results["all_layers_results"]
     accs = entry["test_acc_all_runs"]
     assert entry["test_acc_std"] == pytest.approx(np.std(accs, ddof=1))
-    assert entry["test_acc_ci95"] == pytest.approx(list(stats.t.interval(0.95, len(accs) - 1, np.mean(accs), stats.sem(accs))))
+    interval = stats.t.interval(0.95, len(accs) - 1, np.mean(accs), stats.sem(accs))
+    assert entry["test_acc_ci95"] == pytest.approx(list(np.clip(interval, 0, 1)))  # an accuracy stays in [0, 1]
     correct = [np.trace(m) for m in entry["test_confusion_matrices"]]
     per_run = np.sort(stats.binom.sf(np.array(correct) - 1, sum(test_labels), results["chance"]))
     assert entry["above_chance_p"] == pytest.approx(min(1.0, 2 * per_run[0]))  # two runs: k = 1
