@@ -15,10 +15,10 @@ Run it:
     python visual_ablation_experiment_optimized.py --dataset sanity-check --quick
 
 The second needs no network: it generates 400 adapters of Stable Diffusion v1.5 shapes in ten classes
-and trains 3 runs per entry, in about 3 minutes on 2 CPU cores (5 GB peak memory).  Expect every
-representation well above chance (0.100) on all layers except delta_spectral (about 0.14), lower
-accuracy on the visual layers alone, and a warning naming the entries with stalled runs (runs that
-never learned; --min-epochs 30 trains past most of them).
+and trains 3 runs per entry, in about 6 minutes on 2 CPU cores (5 GB peak memory).  Expect every
+representation well above chance (0.111) on all layers except delta_spectral (about 0.18), lower
+accuracy on the visual layers alone, and a warning naming the entries with runs that failed to train
+(--min-epochs 30 trains past most of them).
 
 It writes <output-dir>/visual_ablation_<dataset>/ with
     results.json        every run's metrics, learning curves, confusion matrices and the configuration
@@ -1240,10 +1240,15 @@ class FeatureStore:
 
     def get(self, unit: str, representation: str, part: str = "features") -> np.ndarray:
         """The features (or their NaN/Inf count), read and checked; a file found unusable (reported and
-        removed by the cache) is recomputed from the weights at once."""
+        removed by the cache) is recomputed from the weights at once, and its NaN/Inf refused or
+        recorded as extraction's are."""
         array = self.cache.load(self.key(unit, representation, part))
         if array is None and self.recompute is not None:
             self.recompute(unit, representation)
+            if representation == NONFINITE:
+                self.count_nonfinite([unit])
+            else:
+                self.count_nonfinite_features([(unit, representation)])
             array = self.cache.load(self.key(unit, representation, part))
         if array is None:
             raise ExperimentError(f"features of {unit} ({representation}) cannot be read back from "
@@ -1436,13 +1441,19 @@ def feature_units(modules: list[Module], representation: str) -> list[str]:
     return [unit for unit, _ in unit_columns(modules, representation)]
 
 
+def extraction_share(modules: list[Module], ranks: Ranks) -> set[str]:
+    """The modules whose missing features this rank computes: every world-th of the selected modules, a
+    list every rank holds alike (never what each rank happened to find cached), so each is one rank's."""
+    return {module.name for module in modules[ranks.rank::ranks.world]}
+
+
 def extract_features(loaded: LoadedDataset, modules: list[Module], cfg: Config, device: torch.device,
                      ranks: Ranks = Ranks()) -> FeatureStore:
     """Compute every requested representation of every selected module that the store lacks: one
     pass over the weights, each column read once, all representations from that read.  On CUDA
     out-of-memory the row chunk is halved and the pass goes on from the first unfinished module.
-    Under torchrun each rank computes every world-th pending module into the shared cache, then
-    waits for the others."""
+    Under torchrun each rank computes the pending features of every world-th selected module (the same
+    list on every rank, whatever each finds cached) into the shared cache, then waits for the others."""
     reader = WeightReader(loaded.dataset)
     store = FeatureStore(loaded.fingerprint, Path(cfg.cache_dir), cfg.cache_features, reader,
                          zero_nonfinite=cfg.allow_nonfinite)
@@ -1457,7 +1468,7 @@ def extract_features(loaded: LoadedDataset, modules: list[Module], cfg: Config, 
     requested = sum(len(feature_units(modules, r)) for r in cfg.representations if r != "flat_vec")
     requested += sum(len(m.columns) for m in modules)  # the NaN/Inf counts
     store.loaded = requested - sum(len(todo) for _, todo in work)
-    share = {module.name for module, _ in work[ranks.rank::ranks.world]}
+    share = extraction_share(modules, ranks)
     work = [(module, todo) for module, todo in work if module.name in share]
     while work:
         try:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import visual_ablation_experiment_optimized as vae
@@ -94,6 +95,20 @@ def test_two_processes_build_a_fresh_adapter_folders_table_once_and_export_it_on
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(visible(tmp_path / "cache" / "adapter_tables")) == 1
     assert (tmp_path / "export" / "state.json").exists() and done.stdout.count("exported the table") == 1
+
+
+def test_two_processes_refuse_features_that_overflow_in_one_line(tmp_path):
+    from helpers import adapters, lora_weights
+    dataset = adapters(tmp_path / "huge", **{k: v * np.float32(1e30) for k, v in lora_weights(60).items()})
+    done = fresh_run(tmp_path, "--dataset", str(dataset))
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode != 0 and len(errors) == 1 and "features overflow" in errors[0], done.stderr[-3000:]
+
+
+def test_every_module_is_extracted_by_exactly_one_rank_whatever_each_found_cached():
+    modules = vae.lora_modules([f"m{i}.lora.{side}.weight" for i in range(7) for side in ("down", "up")])
+    shares = [vae.extraction_share(modules, vae.Ranks(rank, 3)) for rank in range(3)]
+    assert sorted(name for share in shares for name in share) == sorted(m.name for m in modules)
 
 
 def test_an_error_every_process_meets_is_printed_once(tmp_path, tiny_dataset_path):

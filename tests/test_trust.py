@@ -16,7 +16,7 @@ import torch
 from datasets import Dataset
 
 import visual_ablation_experiment_optimized as vae
-from helpers import (SCRIPT, TEXT_MODULE, VISUAL_MODULE, adapters, balanced_labels, cli_args, edited_script,
+from helpers import (CPU, SCRIPT, TEXT_MODULE, VISUAL_MODULE, adapters, balanced_labels, cli_args, edited_script,
                      error_line, lora_weights, results_of, save_dataset, user_error)
 
 ROWS = 60
@@ -112,6 +112,20 @@ def test_overflowing_features_are_zeroed_and_recorded_with_allow_nonfinite(tmp_p
     assert counts[f"simple_stats of {VISUAL_DOWN}"] > 0
     assert any("zeroed NaN/Inf features" in w for w in results["warnings"])
     assert all(e["num_successful_runs"] == 2 for e in results["all_layers_results"])
+
+
+def test_overflowing_features_recomputed_after_extraction_are_refused_too(tmp_path):
+    """A feature file lost after extraction is recomputed when a group reads it: its NaN/Inf are counted and
+    refused as extraction's are, not zeroed silently."""
+    loaded = vae.load_experiment_dataset(vae.Config(dataset=str(huge_weights(tmp_path / "huge", 1e30, np.float32))))
+    modules = vae.lora_modules(loaded.dataset.column_names)
+    cfg = vae.Config(representations=("simple_stats",), cache_dir=str(tmp_path / "cache"), allow_nonfinite=True,
+                     num_workers=0)
+    store = vae.extract_features(loaded, modules, cfg, CPU)
+    store.zero_nonfinite, store.nonfinite_features = False, {}
+    store.cache.path(store.key(VISUAL_DOWN, "simple_stats")).unlink()
+    with pytest.raises(vae.ExperimentError, match=f"features overflow.*simple_stats of {VISUAL_DOWN}"):
+        vae.group_feature_matrix(store, modules, "simple_stats")
 
 
 def test_float64_weights_beyond_float32_are_refused_in_one_line_not_a_linear_algebra_traceback(tmp_path, capsys):
