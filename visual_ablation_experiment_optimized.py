@@ -185,6 +185,8 @@ class Config:
     """rows of the generated sanity-check dataset"""
     resume: bool = False
     """continue an interrupted run in the same output directory, skipping finished entries"""
+    accept_mixed_provenance: bool = False
+    """with --resume: keep finished entries made by another script, precision or torch version (marked)"""
     allow_nonfinite: bool = False
     """zero NaN/Inf weights (recorded in results.json) instead of refusing the dataset"""
     allow_missing_classes: bool = False
@@ -1046,6 +1048,24 @@ def code_fingerprint(function) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+def write_atomic(path: Path, write: Callable, durable: bool = True) -> None:
+    """write(binary file) into a temporary file beside path, then rename it into place: readers see the
+    old file or the whole new one, never half.  Opened with mode 0o666 for the kernel to apply the
+    umask, so the file gets the permissions of any other (mkstemp's 0600 would hide it from the group)."""
+    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 class CacheError(Exception):
     """A cache file that cannot be trusted (unreadable, truncated, tampered)."""
 
@@ -1113,17 +1133,7 @@ class FeatureCache:
         payload = {"key": key, "dtype": array.dtype.str, "shape": array.shape,
                    "sha256": hashlib.sha256(data).hexdigest(), "data": data}
         self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
-                if self.durable:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, self.path(key))  # atomic: readers see the old file or the whole new one
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(self.path(key), lambda f: pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL), self.durable)
 
 
 NONFINITE = "nonfinite_count"  # per row, the NaN/Inf values of a column: stored like a representation
@@ -2013,26 +2023,31 @@ LOSS_SCALE_INIT, LOSS_SCALE_GROWTH_INTERVAL = 2.0 ** 16, 2000
 
 
 class LossScaler:
-    """Dynamic loss scaling for float16 training as torch.amp.GradScaler does it, without a host sync: a
-    step whose gradients are not finite is skipped (inside `adam_step`) and the scale halves; after
-    LOSS_SCALE_GROWTH_INTERVAL finite steps in a row it doubles."""
+    """Dynamic loss scaling for float16 training as torch.amp.GradScaler does it for each slice (each run
+    its own GradScaler), without a host sync: a slice whose gradients are not finite skips its step
+    (inside `adam_step`) and halves its scale; after LOSS_SCALE_GROWTH_INTERVAL finite steps in a row
+    its scale doubles.  One run's overflow never skips another's step."""
 
-    def __init__(self, device: torch.device, enabled: bool):
+    def __init__(self, slices: int, device: torch.device, enabled: bool):
         self.enabled = enabled
-        self.scale = torch.tensor(LOSS_SCALE_INIT if enabled else 1.0, device=device)
-        self.good_steps = torch.zeros((), device=device)
+        self.scale = torch.full((slices,), LOSS_SCALE_INIT if enabled else 1.0, device=device)
+        self.good_steps = torch.zeros(slices, device=device)
 
     def unscale(self, grads: list[torch.Tensor]) -> torch.Tensor | None:
-        """Divide gradients by the scale; return a 0-d 'gradients are finite' flag, or None when disabled."""
+        """Divide each slice's gradients (slices, ...) by its scale; return a (slices,) 'gradients are
+        finite' flag, or None when disabled."""
         if not self.enabled:
             return None
-        torch._foreach_mul_(grads, 1.0 / self.scale)
-        finite = torch.stack([g.isfinite().all() for g in grads]).all()
+        torch._foreach_mul_(grads, [(1.0 / self.scale).view(-1, *[1] * (g.dim() - 1)) for g in grads])
+        finite = torch.stack([g.isfinite().flatten(1).all(1) for g in grads]).all(0)
         self.good_steps = torch.where(finite, self.good_steps + 1, torch.zeros_like(self.good_steps))
         grow = self.good_steps >= LOSS_SCALE_GROWTH_INTERVAL
         self.scale = torch.where(finite, torch.where(grow, self.scale * 2, self.scale), self.scale * 0.5)
         self.good_steps = torch.where(grow, torch.zeros_like(self.good_steps), self.good_steps)
         return finite
+
+    def keep(self, index: torch.Tensor) -> None:
+        self.scale, self.good_steps = self.scale[index], self.good_steps[index]
 
 
 def adam_step(params: dict[str, torch.Tensor], state: dict[str, dict[str, torch.Tensor]], lr: torch.Tensor,
@@ -2040,28 +2055,28 @@ def adam_step(params: dict[str, torch.Tensor], state: dict[str, dict[str, torch.
     """torch.optim.Adam's update with a learning rate per slice (lr: (slices,)) and an L2 penalty per
     slice (decay[name]: (slices, 1, 1), for the parameters penalised), in place on stacked
     (slices, a, b) parameters: a few foreach kernels for all of them, not a loop of small ones.
-    step counts the steps taken, this one included.  With a loss scaler (finite given), a step whose
-    gradients were not finite changes nothing, as GradScaler skipping optimizer.step(): the caller
-    does not count it either."""
+    step counts each slice's steps taken (a number, or (slices,)), this one included.  With a loss
+    scaler (finite: (slices,) given), a slice whose gradients were not finite changes nothing, as its
+    GradScaler skipping optimizer.step(): the caller does not count it either."""
     beta1, beta2 = ADAM_BETAS
     names = list(params)
     p, m, v = [params[k] for k in names], [state[k]["m"] for k in names], [state[k]["v"] for k in names]
     with torch.no_grad():
         g = [params[k].grad for k in names]
-        take = 1.0
-        if finite is not None:  # weights of 0 skip the step; non-finite values would turn them into NaN
-            take = finite.float()
-            g = [torch.where(finite, x, 0.0) for x in g]
+        take = torch.ones((), device=lr.device)
+        if finite is not None:  # weights of 0 skip a slice's step; non-finite values would turn them into NaN
+            take = finite.float().view(-1, 1, 1)
+            g = [torch.where(finite.view(-1, 1, 1), x, 0.0) for x in g]
         penalised = [i for i, k in enumerate(names) if k in decay]
         if penalised:
             torch._foreach_addcmul_([g[i] for i in penalised], [p[i] for i in penalised],
                                     [decay[names[i]] for i in penalised])
-        torch._foreach_lerp_(m, g, (1 - beta1) * take)
-        torch._foreach_lerp_(v, torch._foreach_mul(g, g), (1 - beta2) * take)
-        steps = torch.as_tensor(step, dtype=torch.float64, device=lr.device).clamp_min(1)  # 0 only when skipped
-        step_size = (lr * take / (1 - beta1 ** steps)).float().view(-1, 1, 1)
+        torch._foreach_lerp_(m, g, [(1 - beta1) * take] * len(m))
+        torch._foreach_lerp_(v, torch._foreach_mul(g, g), [(1 - beta2) * take] * len(v))
+        steps = torch.as_tensor(step, dtype=torch.float64, device=lr.device).clamp_min(1).view(-1, 1, 1)  # 0: skipped
+        step_size = (lr.view(-1, 1, 1) * take / (1 - beta1 ** steps)).float()
         denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, (1 - beta2 ** steps).sqrt().float())
+        torch._foreach_div_(denom, [(1 - beta2 ** steps).sqrt().float()] * len(denom))
         torch._foreach_add_(denom, ADAM_EPS)
         torch._foreach_div_(denom, [step_size] * len(denom))  # a step of 0 (skipped): an infinite denominator
         torch._foreach_addcdiv_(p, m, denom, -1.0)
@@ -2198,8 +2213,8 @@ class StackedModels:
         self.best_params = {k: p.detach().clone() for k, p in self.params.items()}
         self.best_buffers = {k: b.clone() for k, b in self.buffers.items()}
         self.active = list(range(len(slices)))  # the original slice index of each slice still in the stack
-        self.scaler = LossScaler(device, enabled=self.amp == torch.float16)
-        self.steps = torch.zeros((), device=device)  # Adam's step count (skipped float16 steps not counted)
+        self.scaler = LossScaler(len(slices), device, enabled=self.amp == torch.float16)
+        self.steps = torch.zeros(len(slices), device=device)  # Adam's step count per slice (skipped float16 steps not counted)
         self.training_forward = training_forward(cfg, classifier, device)
         self.device = device
 
@@ -2213,7 +2228,7 @@ class StackedModels:
 
     def step(self, losses: torch.Tensor, lr: torch.Tensor) -> None:
         """Adam on every slice's mean loss, each with its learning rate and L2 penalty."""
-        (losses.sum() * self.scaler.scale).backward()
+        (losses * self.scaler.scale).sum().backward()
         finite = self.scaler.unscale([p.grad for p in self.params.values()])
         self.steps = self.steps + (1 if finite is None else finite.float())
         decay = {k: self.per_slice["l2"] for k in self.params if self.classifier.penalised(k)}
@@ -2239,6 +2254,8 @@ class StackedModels:
         for tensors in (self.buffers, self.per_slice, *self.moments.values()):
             for k in tensors:
                 tensors[k] = tensors[k][keep]
+        self.steps = self.steps[keep]
+        self.scaler.keep(keep)
         self.active = [self.active[s] for s in slots]
 
 
@@ -2663,36 +2680,39 @@ def json_safe(value):
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write to a temporary file beside the target, then rename: readers never see half a file.
-
-    The temporary file is opened with mode 0o666 for the kernel to apply the umask, so results.json
-    gets the permissions of the other outputs (mkstemp would make it 0600: unreadable to the group).
-    """
-    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(json_safe(obj), f, indent=2, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda f: f.write(json.dumps(json_safe(obj), indent=2, allow_nan=False).encode()))
 
 
 SCRIPT_SOURCE = Path(__file__).read_bytes()  # read at start: the code that runs, even if the file is edited meanwhile
-SCRIPT_COPY, COMMAND_FILE = "script.py", "command.txt"  # beside results.json: the code and command behind it
+COMMAND_FILE = "command.txt"  # beside results.json, with script-<hash>.py: the command and code behind it
 
 
 def script_sha256() -> str:
     return hashlib.sha256(SCRIPT_SOURCE).hexdigest()
 
 
+def script_copy_name(sha256: str) -> str:
+    """The copy of a script beside the results it produced: one per script that contributed entries."""
+    return f"script-{sha256[:16]}.py"
+
+
 def save_code(out_dir: Path, command: str) -> None:
-    """A copy of the script that is running and its command line, beside the results they produce."""
-    (out_dir / SCRIPT_COPY).write_bytes(SCRIPT_SOURCE)
-    (out_dir / COMMAND_FILE).write_text(command + "\n")
+    """A copy of the script that is running (kept beside those of earlier runs resumed here) and its
+    command line, beside the results they produce."""
+    try:
+        write_atomic(out_dir / script_copy_name(script_sha256()), lambda f: f.write(SCRIPT_SOURCE))
+        write_atomic(out_dir / COMMAND_FILE, lambda f: f.write(f"{command}\n".encode()))
+    except OSError as err:
+        raise ExperimentError(f"cannot write the script copy into {out_dir} ({err.strerror or err}); "
+                              "free space there or choose another --output-dir") from None
+
+
+def provenance(cfg: Config, device: torch.device, processes: int) -> dict:
+    """What made an entry, beyond its configuration: the code, where and in what precision it trained."""
+    amp = amp_dtype(cfg, device)
+    return {"script_sha256": script_sha256(), "device": device.type,
+            "precision": str(amp).removeprefix("torch.") if amp else "float32", "torch": torch.__version__,
+            "processes": processes}
 
 
 def library_versions() -> dict[str, str]:
@@ -3036,6 +3056,30 @@ def table_notes(results: dict, groups: list[str]) -> list[str]:
     return notes
 
 
+def finished_records(results: dict) -> list[dict]:
+    """Every finished entry, block-ablation entry and layer map: what records its own provenance."""
+    return all_entries(results) + results.get("block_ablation", []) + results.get("layer_map", [])
+
+
+PROVENANCE_CHECKED = ("script_sha256", "precision", "torch")  # what --resume refuses to mix unless accepted
+
+
+def provenance_differences(record: dict, current: dict) -> list[str]:
+    """How a finished record's provenance differs from this run's, as 'field: theirs -> ours'."""
+    theirs = record["provenance"]
+    return [f"{k}: {theirs.get(k)} -> {current[k]}" for k in PROVENANCE_CHECKED if theirs.get(k) != current[k]]
+
+
+def mixed_provenance_lines(results: dict) -> list[str]:
+    """The finished records made by another script, precision or torch version than this run's (kept with
+    --accept-mixed-provenance), each with what differs."""
+    current = results.get("provenance")
+    mixed = [(r, provenance_differences(r, current)) for r in finished_records(results) if current and "provenance" in r]
+    lines = [f"{r['representation']:<32} {'; '.join(d)}" for r, d in mixed if d]
+    return ["", "Entries made with another script, precision or torch version than this run's "
+                "(kept with --accept-mixed-provenance; their code is in script-<hash>.py)", *lines] if lines else []
+
+
 def chance_text(results: dict) -> str:
     """Chance as the reports state it: the test split's majority share, and 1/K beside it when they differ."""
     text = f"chance {results['chance']:.3f} (the test split's majority class)"
@@ -3068,6 +3112,7 @@ def comparison_table(results: dict) -> str:
         lines += ["", *layer_map_lines(layer_map, results["chance"], results["num_runs"])]
     if results.get("block_ablation"):
         lines += ["", *block_ablation_lines(results)]
+    lines += mixed_provenance_lines(results)
     lines += ["", *table_notes(results, groups)]
     if not results.get("complete"):
         lines.append("(partial: the run did not finish; continue it with --resume)")
@@ -3422,6 +3467,9 @@ def add_running_arguments(add: Callable, defaults: Config) -> None:
     add("--output-dir", default=defaults.output_dir, help="directory for results")
     add("--resume", action="store_true",
         help="continue an interrupted run in the same output directory, skipping finished entries")
+    add("--accept-mixed-provenance", action="store_true",
+        help="with --resume: keep finished entries made by another script, precision or torch version "
+             "(marked in results.txt) instead of refusing")
     add("--cache-features", action="store_true", help="cache computed features on disk and reuse them")
     add("--cache-dir", default=defaults.cache_dir, help="feature cache directory")
     add("--device", type=_device, default=defaults.device, help="auto, cpu, cuda or cuda:N")
@@ -3500,7 +3548,7 @@ def check_writable(directory: Path, flag: str) -> None:
 
 
 # settings that may change between an interrupted run and its --resume without changing results
-RESUME_MAY_DIFFER = {"resume", "num_workers", "cache_features", "cache_dir", "data_dir", "output_dir", "device"}
+RESUME_MAY_DIFFER = {"resume", "accept_mixed_provenance", "num_workers", "cache_features", "cache_dir", "data_dir", "output_dir", "device"}
 
 
 def results_shape_problem(results) -> str | None:
@@ -3524,6 +3572,15 @@ def finished_entries(results: dict) -> set[str]:
     """The names of every finished entry, layer map ("layer_map <representation>") and block-ablation entry."""
     return ({e["representation"] for e in all_entries(results) + results.get("block_ablation", [])}
             | {f"layer_map {m['representation']}" for m in results.get("layer_map", [])})
+
+
+def with_own_provenance(previous: dict) -> None:
+    """Records written before each recorded its own provenance get their file's header values."""
+    amp = previous.get("optimizations", {}).get("mixed_precision")
+    header = {"script_sha256": previous.get("script_sha256"), "torch": previous.get("versions", {}).get("torch"),
+              "precision": str(amp).removeprefix("torch.") if amp else "float32"}
+    for record in finished_records(previous):
+        record.setdefault("provenance", header)
 
 
 def config_changes(old: dict, new: dict) -> list[str]:
@@ -3584,6 +3641,12 @@ def previous_results(path: Path, header: dict, cfg: Config, ranks: Ranks = Ranks
     if changed:
         raise ExperimentError(f"--resume: {path} was made with another configuration ({'; '.join(changed)}); "
                               "rerun with its flags or choose another --output-dir")
+    with_own_provenance(previous)
+    mixed = list(dict.fromkeys(d for r in finished_records(previous) for d in provenance_differences(r, header["provenance"])))
+    if mixed and not cfg.accept_mixed_provenance:
+        raise ExperimentError(f"--resume: the finished entries in {path} were made with another {'; '.join(mixed)}; "
+                              "resume with that script, device and torch, or pass --accept-mixed-provenance to keep "
+                              "them (marked in results.txt)")
     return previous
 
 
@@ -3952,6 +4015,7 @@ def starting_results(cfg: Config, exp: Experiment, device: torch.device, ranks: 
     ranks) finished when resuming; rank 0 saves it at once and says what the run is."""
     results = results_header(cfg, exp.loaded, exp.labels, exp.modules, exp.groups, device)
     results["processes"], results["command"] = ranks.world, command
+    results["provenance"] = provenance(cfg, device, ranks.world)
     results["split_sizes"] = {split: len(rows) for split, rows in exp.splits.items()}
     results["chance"] = majority_share(exp.labels.codes[exp.splits["test"]])
     results["chance_uniform"] = 1 / len(exp.labels.class_names)
@@ -4002,6 +4066,7 @@ def run_entries(cfg: Config, exp: Experiment, device: torch.device, ranks: Ranks
         own: dict[str, list] = defaultdict(list)  # what this rank finished, for rank 0 to gather
 
         def finished(section: str, entry: dict) -> None:
+            entry["provenance"] = results["provenance"]
             if ranks.rank > 0:
                 own[section].append(entry)
                 write_json_atomic(exp.out_dir / RANK_FILE.format(ranks.rank), {"config": results["config"], **own})

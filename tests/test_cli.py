@@ -187,8 +187,9 @@ def test_results_json_records_the_configuration(results):
 
 def test_a_copy_of_the_script_and_its_command_line_lie_beside_the_results(cli_runs, results):
     out_dir = cli_runs["out_dir"]
-    copy = (out_dir / vae.SCRIPT_COPY).read_bytes()
+    copy = (out_dir / vae.script_copy_name(results["script_sha256"])).read_bytes()
     assert hashlib.sha256(copy).hexdigest() == results["script_sha256"] == hashlib.sha256(SCRIPT.read_bytes()).hexdigest()
+    assert all(e["provenance"]["script_sha256"] == results["script_sha256"] for e in results["all_layers_results"])
     command = (out_dir / vae.COMMAND_FILE).read_text().strip()
     assert command == results["command"]
     words = shlex.split(command)

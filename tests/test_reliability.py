@@ -3,6 +3,7 @@ code 2; numbers that are wrong say so; an interrupted run loses nothing and can 
 feature cache cannot be read half-written or poisoned; running out of GPU memory slows a run
 down instead of ending it."""
 
+import errno
 import json
 import os
 import pickle
@@ -364,11 +365,10 @@ def test_results_json_interrupted_mid_write_keeps_the_previous_file_and_leaves_n
     vae.write_json_atomic(path, {"complete": False, "all_layers_results": [{"representation": "spectral"}]})
     before = path.read_bytes()
 
-    def write_half_then_fail(obj, f, **kwargs):
-        f.write('{"complete": tr')
+    def fail_once_written(fd):  # the new content is in the temporary file, not yet on disk
         raise failure
 
-    monkeypatch.setattr(vae.json, "dump", write_half_then_fail)
+    monkeypatch.setattr(vae.os, "fsync", fail_once_written)
     with pytest.raises(type(failure)):
         vae.write_json_atomic(path, {"complete": True})
 
@@ -475,6 +475,50 @@ def test_resume_with_another_configuration_is_refused_naming_the_changed_setting
     message = user_error(capsys, [*args, "--resume", "--num-runs", "3"])
     assert "--resume" in message
     assert "num_runs" in message or "--num-runs" in message
+
+
+def with_finished_entries_made_by(results_path, **provenance):
+    results = json.loads(results_path.read_text())
+    for entry in finished_entries(results_path):
+        name = entry["representation"]
+        target = next(e for key in GROUP_KEYS for e in results.get(key, []) if e["representation"] == name)
+        target["provenance"] = {**target["provenance"], **provenance}
+    results_path.write_text(json.dumps(results))
+
+
+@pytest.mark.usefixtures("no_computing")
+@pytest.mark.parametrize("field, value", [("precision", "bfloat16"), ("script_sha256", "0" * 64), ("torch", "1.0.0")])
+def test_resume_refuses_entries_made_with_another_script_precision_or_torch_naming_it(interrupted, tmp_path, capsys,
+                                                                                     field, value):
+    args, results_path = copy_of(interrupted, tmp_path)
+    with_finished_entries_made_by(results_path, **{field: value})
+    message = user_error(capsys, [*args, "--resume"])
+    assert f"{field}: {value} ->" in message and "--accept-mixed-provenance" in message
+
+
+def test_resume_accepting_mixed_provenance_marks_the_entries_and_keeps_each_script(interrupted, tmp_path):
+    args, results_path = copy_of(interrupted, tmp_path)
+    with_finished_entries_made_by(results_path, precision="bfloat16", script_sha256="f" * 64)
+    (results_path.parent / vae.script_copy_name("f" * 64)).write_text("# the earlier script\n")
+    assert vae.main([*args, "--resume", "--accept-mixed-provenance"]) == 0
+    results = json.loads(results_path.read_text())
+    kept = [e["representation"] for e in finished_entries(interrupted["results_path"])]
+    table = (results_path.parent / "results.txt").read_text()
+    section = table.split("Entries made with another script")[1]
+    for name in kept:
+        assert f"precision: bfloat16 -> float32" in next(line for line in section.splitlines() if line.startswith(name))
+    assert {e["provenance"]["precision"] for e in finished_entries(results_path)} == {"bfloat16", "float32"}
+    copies = sorted(p.name for p in results_path.parent.glob("script-*.py"))
+    assert copies == sorted([vae.script_copy_name("f" * 64), vae.script_copy_name(results["script_sha256"])])
+
+
+def test_a_full_disk_for_the_script_copy_is_one_error_line(tiny_dataset_path, tmp_path, capsys, monkeypatch):
+    def disk_full(path, write, durable=True):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(vae, "write_atomic", disk_full)
+    message = user_error(capsys, cli_args(tmp_path, tiny_dataset_path))
+    assert "cannot write the script copy" in message and "No space left on device" in message
 
 
 @pytest.fixture(scope="module")

@@ -104,35 +104,41 @@ def test_adam_step_with_non_finite_gradients_under_loss_scaling_changes_nothing(
     assert torch.equal(state["w0"]["v"], torch.full((1, 2, 2), 0.2))
 
 
-def test_float16_loss_scaling_and_skipped_steps_follow_grad_scaler_and_adam():
-    """Our scaler and step against torch.amp.GradScaler driving torch.optim.Adam: the same scale after
-    every step (halved on overflow, doubled after 2000 finite steps) and the same weights (an overflowing
-    step changes nothing and does not count as an Adam step)."""
+def test_float16_loss_scaling_and_skipped_steps_follow_one_grad_scaler_and_adam_per_run():
+    """Our scaler and step against torch.amp.GradScaler driving torch.optim.Adam, one of each per run:
+    the same scale after every step (halved on overflow, doubled after 2000 finite steps) and the same
+    weights; an overflowing step of one run changes nothing of that run, is not counted as its Adam
+    step, and leaves the other run's step alone."""
     torch.manual_seed(0)
-    start = torch.randn(1, 3, 2)
+    runs, overflow_at = 2, [{3, 4, 10}, {7}]  # steps at which each run's gradients overflow
+    start = torch.randn(runs, 3, 2)
     params = {"w0": start.clone().requires_grad_(True)}
-    state = {"w0": {"m": torch.zeros(1, 3, 2), "v": torch.zeros(1, 3, 2)}}
-    ours, steps = vae.LossScaler(CPU, enabled=True), torch.zeros(())
-    weight = torch.nn.Parameter(start[0].clone())
-    optimiser = torch.optim.Adam([weight], lr=1e-3)
-    theirs = torch.amp.GradScaler("cpu", init_scale=vae.LOSS_SCALE_INIT, growth_interval=vae.LOSS_SCALE_GROWTH_INTERVAL)
-    overflow_at = {3, 4, 10}
+    state = {"w0": {"m": torch.zeros(runs, 3, 2), "v": torch.zeros(runs, 3, 2)}}
+    ours, steps = vae.LossScaler(runs, CPU, enabled=True), torch.zeros(runs)
+    weights = [torch.nn.Parameter(start[r].clone()) for r in range(runs)]
+    optimisers = [torch.optim.Adam([w], lr=1e-3) for w in weights]
+    theirs = [torch.amp.GradScaler("cpu", init_scale=vae.LOSS_SCALE_INIT, growth_interval=vae.LOSS_SCALE_GROWTH_INTERVAL)
+              for _ in range(runs)]
     for step in range(vae.LOSS_SCALE_GROWTH_INTERVAL + 20):
-        target = torch.randn(3, 2)
-        if step in overflow_at:
-            target[0, 0] = float("inf")
-        ((params["w0"][0] * target).sum() * ours.scale).backward()
+        targets = torch.randn(runs, 3, 2)
+        for r in range(runs):
+            if step in overflow_at[r]:
+                targets[r, 0, 0] = float("inf")
+        losses = (params["w0"] * targets).sum((1, 2))
+        (losses * ours.scale).sum().backward()
         finite = ours.unscale([params["w0"].grad])
         steps = steps + finite.float()
-        vae.adam_step(params, state, torch.tensor([1e-3]), steps, {}, finite)
-        theirs.scale((weight * target).sum()).backward()
-        theirs.step(optimiser)
-        theirs.update()
-        optimiser.zero_grad()
-        assert ours.scale.item() == theirs.get_scale(), step
-    assert ours.scale.item() == 2 * vae.LOSS_SCALE_INIT / 2 ** len(overflow_at)  # halved 3 times, doubled once
-    torch.testing.assert_close(params["w0"][0].detach(), weight.detach(), rtol=0, atol=1e-6)
-    assert optimiser.state[weight]["step"].item() == steps.item() == vae.LOSS_SCALE_GROWTH_INTERVAL + 20 - 3
+        vae.adam_step(params, state, torch.full((runs,), 1e-3), steps, {}, finite)
+        for r in range(runs):
+            theirs[r].scale((weights[r] * targets[r]).sum()).backward()
+            theirs[r].step(optimisers[r])
+            theirs[r].update()
+            optimisers[r].zero_grad()
+        assert ours.scale.tolist() == [t.get_scale() for t in theirs], step
+    for r in range(runs):
+        torch.testing.assert_close(params["w0"][r].detach(), weights[r].detach(), rtol=0, atol=1e-6)
+        assert optimisers[r].state[weights[r]]["step"].item() == steps[r].item()
+    assert steps.tolist() == [vae.LOSS_SCALE_GROWTH_INTERVAL + 20 - 3, vae.LOSS_SCALE_GROWTH_INTERVAL + 20 - 1]
 
 
 def test_learning_rate_schedule_follows_reduce_lr_on_plateau_in_max_mode():
