@@ -533,6 +533,8 @@ def label_values(ds, column: str) -> tuple[np.ndarray, np.ndarray]:
                               "pass --label-column naming a column of integers or strings")
     values = chunked.to_numpy(zero_copy_only=False)  # a null becomes None, or NaN in a numeric column
     labeled = ~chunked.is_null(nan_is_null=True).to_numpy(zero_copy_only=False)
+    if pa.types.is_string(chunked.type) or pa.types.is_large_string(chunked.type):  # "" or " " names no class
+        labeled &= ~pc.equal(pc.utf8_trim_whitespace(chunked), "").fill_null(False).to_numpy(zero_copy_only=False)
     return values, labeled
 
 
@@ -544,7 +546,7 @@ def encode_labels(ds, column: str, drop_unlabeled: bool = False) -> Labels:
     values, labeled = label_values(ds, column)
     missing = int((~labeled).sum())
     if missing and not drop_unlabeled:
-        raise ExperimentError(f"{missing} of {len(values)} rows have no label in {column!r} (None or NaN); "
+        raise ExperimentError(f"{missing} of {len(values)} rows have no label in {column!r} (None, NaN or blank); "
                               "label them, or pass --drop-unlabeled to leave them out")
     present = values[labeled]
     if present.dtype.kind == "f" and np.array_equal(present, np.round(present)):
@@ -3053,6 +3055,7 @@ def table_notes(results: dict, groups: list[str]) -> list[str]:
         notes.append("failed: the run's training loss became non-finite; it is left out of the mean, std and median")
     if groups and any(near_chance_baseline(results, *row) for row in result_rows(results)):
         notes.append(f"{NEAR_CHANCE_MARK} all-layers accuracy not above chance: retention not meaningful")
+    notes += [f"- not computed: {line}" for line in results.get("not_applicable", [])]
     return notes
 
 
@@ -3732,19 +3735,24 @@ def checked_splits(cfg: Config, labels: Labels, warnings: list[str]) -> dict[str
 
 
 def checked_groups(cfg: Config, modules: list[Module]) -> dict[str, list[Module]]:
-    """The layer groups that select something, each able to feed every requested representation."""
+    """The layer groups that select something; at least one of them able to feed a requested representation."""
     groups = {g: ms for g, ms in layer_groups(modules, cfg.group_names, cfg.custom_groups).items() if ms}
     if not groups:
         raise ExperimentError(f"the layer groups {', '.join(cfg.group_names)} select no LoRA layers in this dataset")
     for g in cfg.group_names:
         if g not in groups:
             tqdm.write(f"notice: layer group {g!r} selects no layers in this dataset; skipped")
-    for rep in cfg.representations:
-        unpaired = [g for g, ms in groups.items() if not feature_units(ms, rep)]
-        if unpaired:
-            raise ExperimentError(f"{rep} needs down/up pairs of a module, and group {unpaired[0]} has none; "
-                                  f"leave {rep} out of --representations")
+    if not any(feature_units(ms, rep) for ms in groups.values() for rep in cfg.representations):
+        raise ExperimentError(f"{', '.join(cfg.representations)} need down/up pairs of a module, and no group has "
+                              "any; add a representation of single tensors to --representations")
     return groups
+
+
+def not_applicable(cfg: Config, groups: dict[str, list[Module]]) -> list[str]:
+    """The (representation, group) entries that cannot be computed, each said in a line: a pair
+    representation on a group where no module holds both factors.  They are skipped, not refused."""
+    return [f"{rep} on {g}: no module of the group holds both factors, which {rep} describes together"
+            for rep in cfg.representations for g, ms in groups.items() if not feature_units(ms, rep)]
 
 
 def checked_layer_map(cfg: Config, modules: list[Module]) -> None:
@@ -3901,13 +3909,22 @@ def prepared(cfg: Config, ranks: Ranks) -> tuple[torch.device, Experiment]:
     return device, exp
 
 
+def job_modules(job: Job, exp: Experiment) -> list[Module]:
+    if job.kind == "group":
+        return exp.groups[job.name]
+    if job.kind == "map":
+        return mapped_modules(exp.modules, job.representation)
+    return [m for m in exp.groups["all"] if m not in exp.blocks[job.name]]
+
+
 def planned_jobs(cfg: Config, exp: Experiment) -> list[Job]:
     """Every job of the experiment in report order: each representation on each group, the layer maps,
     then the block ablation."""
     jobs = [Job("group", rep, g, cfg.classifiers) for rep in cfg.representations for g in exp.groups]
     jobs += [Job("map", rep) for rep in cfg.layer_map]
     blocks = exp.blocks if cfg.block_ablation else {}
-    return jobs + [Job("ablation", rep, block, cfg.classifiers) for rep in cfg.representations for block in blocks]
+    jobs += [Job("ablation", rep, block, cfg.classifiers) for rep in cfg.representations for block in blocks]
+    return [job for job in jobs if feature_units(job_modules(job, exp), job.representation)]  # see not_applicable
 
 
 def pending_jobs(jobs: list[Job], done: set[str]) -> list[Job]:
@@ -3920,14 +3937,6 @@ def pending_jobs(jobs: list[Job], done: set[str]) -> list[Job]:
         left = tuple(c for c, name in zip(job.classifiers, job.entry_names()) if name not in done)
         pending += [dataclasses.replace(job, classifiers=left)] if left else []
     return pending
-
-
-def job_modules(job: Job, exp: Experiment) -> list[Module]:
-    if job.kind == "group":
-        return exp.groups[job.name]
-    if job.kind == "map":
-        return mapped_modules(exp.modules, job.representation)
-    return [m for m in exp.groups["all"] if m not in exp.blocks[job.name]]
 
 
 # A step's fixed costs (launches, the Python loop, each epoch's evaluation) in multiply-adds per row and
@@ -4017,6 +4026,7 @@ def starting_results(cfg: Config, exp: Experiment, device: torch.device, ranks: 
     results["processes"], results["command"] = ranks.world, command
     results["provenance"] = provenance(cfg, device, ranks.world)
     results["split_sizes"] = {split: len(rows) for split, rows in exp.splits.items()}
+    results["not_applicable"] = not_applicable(cfg, exp.groups)
     results["chance"] = majority_share(exp.labels.codes[exp.splits["test"]])
     results["chance_uniform"] = 1 / len(exp.labels.class_names)
     results["unlabeled_rows"] = exp.labels.unlabeled

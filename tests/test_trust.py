@@ -45,6 +45,31 @@ def test_rows_without_a_label_are_refused_counting_them_and_suggesting_drop_unla
     assert f"2 of {ROWS} rows have no label" in message and "--drop-unlabeled" in message
 
 
+@pytest.mark.parametrize("blank", ["", " ", "\t"])
+def test_blank_string_labels_count_as_missing_not_as_a_class(blank):
+    ds = Dataset.from_dict({"category_label": ["cat", blank, "dog", "dog"]})
+    with pytest.raises(vae.ExperimentError, match="1 of 4 rows have no label"):
+        vae.encode_labels(ds, "category_label")
+    labels = vae.encode_labels(ds, "category_label", drop_unlabeled=True)
+    assert labels.class_names == ["cat", "dog"] and labels.codes.tolist() == [0, -1, 1, 1]
+
+
+def test_a_table_of_up_factors_only_runs_what_applies_and_says_what_it_skipped(tmp_path, capsys):
+    columns = {k: v for k, v in lora_weights(ROWS).items() if ".lora.up." in k}
+    dataset = save_dataset(tmp_path / "uponly", {**columns, "category_label": balanced_labels(ROWS, 2)})
+    run_ok(capsys, cli_args(tmp_path, dataset, "--representations", "simple_stats,delta_spectral", "--layer-groups", "all"))
+    results = results_of(tmp_path, "uponly")
+    assert [e["representation"] for e in results["all_layers_results"]] == ["simple_stats_all_layers"]
+    table = (tmp_path / "out" / "visual_ablation_uponly" / "results.txt").read_text()
+    assert "not computed: delta_spectral on all: no module of the group holds both factors" in table
+
+
+def test_only_pair_representations_on_a_table_of_one_factor_is_refused(tmp_path, capsys):
+    columns = {k: v for k, v in lora_weights(ROWS).items() if ".lora.up." in k}
+    dataset = save_dataset(tmp_path / "uponly", {**columns, "category_label": balanced_labels(ROWS, 2)})
+    assert "no group has any" in user_error(capsys, cli_args(tmp_path, dataset, "--representations", "delta_spectral"))
+
+
 def test_nan_labels_of_a_float_column_count_as_missing():
     ds = Dataset.from_dict({"category_label": [0.0, float("nan"), 1.0, 1.0]})
     with pytest.raises(vae.ExperimentError, match="1 of 4 rows have no label"):
