@@ -148,16 +148,6 @@ def test_layer_groups_selecting_nothing_at_all_are_an_error(visual_only_dataset,
     assert "text" in message and "no LoRA layers" in message
 
 
-@pytest.mark.usefixtures("no_computing")
-def test_representation_needing_down_up_pairs_on_layers_without_pairs_is_an_error(tmp_path, capsys):
-    columns = {c: w for c, w in lora_weights(60).items() if c.endswith(".lora.down.weight")}
-    columns["category_label"] = balanced_labels(60, 2)
-    path = save_dataset(tmp_path / "down-only", columns)
-
-    message = user_error(capsys, cli_args(tmp_path, path, "--representations", "simple_stats,delta_spectral"))
-    assert "delta_spectral" in message
-
-
 @pytest.fixture
 def class_only_in_training_split(tmp_path):
     """Two classes in every split, and a third only in two training rows."""
