@@ -378,12 +378,77 @@ class LoadedDataset:
     warnings: list[str] = field(default_factory=list)  # what loading left out, for results.json
 
 
-def dataset_fingerprint(ds) -> str:
-    """Identify the data behind a dataset: its Arrow files (name, size, mtime) or datasets' own fingerprint."""
+def write_atomic(path: Path, write: Callable, durable: bool = True) -> None:
+    """write(binary file) into a temporary file beside path, then rename it into place: readers see the
+    old file or the whole new one, never half.  Opened with mode 0o666 for the kernel to apply the
+    umask, so the file gets the permissions of any other (mkstemp's 0600 would hide it from the group)."""
+    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def building(path: Path):
+    """Held while path is looked for and, if absent, built: processes that share it (torchrun's ranks, two
+    runs on one data directory) build it once, and the others wait, then find it built."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+HASH_CHUNK_BYTES = 8 << 20
+FILE_HASHES = "file_hashes.json"  # in --cache-dir: each data file's SHA-256 by its path, size and mtime
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_hashes(files: list[str], memo_dir: Path | None) -> list[str]:
+    """Each file's SHA-256, hashed in parallel threads; with memo_dir, remembered by the file's real path,
+    size and mtime, so a file is read again only when it changed (or was copied: a copy hashes alike)."""
+    stats = [os.stat(f) for f in files]
+    keys = [f"{os.path.realpath(f)}:{st.st_size}:{st.st_mtime_ns}" for f, st in zip(files, stats)]
+    if memo_dir is None:
+        with ThreadPoolExecutor(min(8, len(files))) as pool:
+            return list(pool.map(file_sha256, files))
+    memo_path = memo_dir / FILE_HASHES
+    with building(memo_path):  # processes sharing the cache hash a new file once
+        try:
+            memo = json.loads(memo_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            memo = {}
+        missing = [(f, k) for f, k in zip(files, keys) if k not in memo]
+        if missing:
+            with ThreadPoolExecutor(min(8, len(missing))) as pool:
+                hashes = list(pool.map(file_sha256, [f for f, _ in missing]))
+            memo.update({k: h for (_, k), h in zip(missing, hashes)})
+            write_atomic(memo_path, lambda f: f.write(json.dumps(memo).encode()))
+    return [memo[k] for k in keys]
+
+
+def dataset_fingerprint(ds, memo_dir: Path | None = None) -> str:
+    """Identify the data behind a dataset by its content, wherever its files sit (copies on two nodes
+    agree; a file rewritten in place does not): its Arrow files' names, sizes and SHA-256, or, for a
+    table held in memory, datasets' own fingerprint."""
     files = sorted(f["filename"] for f in ds.cache_files)
     if files:
-        parts = [(Path(f).name, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
-        identity = json.dumps([files, parts, ds.num_rows, ds.column_names])
+        parts = [(Path(f).name, os.stat(f).st_size, h) for f, h in zip(files, content_hashes(files, memo_dir))]
+        identity = json.dumps([parts, ds.num_rows, ds.column_names])
     else:
         identity = json.dumps([ds._fingerprint, ds.num_rows, ds.column_names])
     return hashlib.sha256(identity.encode()).hexdigest()[:24]
@@ -486,7 +551,7 @@ def load_experiment_dataset(cfg: Config, ranks: Ranks = Ranks()) -> LoadedDatase
                               f"{spec} already is a dataset")
     if ds._indices is not None:  # the Arrow table ignores an indices mapping: materialise it
         ds = ds.flatten_indices()
-    return LoadedDataset(ds, dataset_short_name(spec), source, dataset_fingerprint(ds), warnings)
+    return LoadedDataset(ds, dataset_short_name(spec), source, dataset_fingerprint(ds, Path(cfg.cache_dir)), warnings)
 
 
 # --- the split -------------------------------------------------------------------------------
@@ -1048,24 +1113,6 @@ def code_fingerprint(function) -> str:
             elif isinstance(value, (int, float, str, tuple)):
                 parts.append(f"{name} = {value!r}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
-
-def write_atomic(path: Path, write: Callable, durable: bool = True) -> None:
-    """write(binary file) into a temporary file beside path, then rename it into place: readers see the
-    old file or the whole new one, never half.  Opened with mode 0o666 for the kernel to apply the
-    umask, so the file gets the permissions of any other (mkstemp's 0600 would hide it from the group)."""
-    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class CacheError(Exception):
@@ -3857,6 +3904,19 @@ def unshared_directory(directories: dict[str, Path], ranks: Ranks) -> Experiment
                            "does not see a file rank 0 wrote there; put it on storage every node mounts")
 
 
+def differing_data(fingerprint: str, ranks: Ranks) -> ExperimentError | None:
+    """Ranks whose copies of the dataset differ in content (fingerprints are the same wherever a copy sits)."""
+    if ranks.world == 1:
+        return None
+    prints = [None] * ranks.world
+    torch.distributed.all_gather_object(prints, (platform.node(), fingerprint))
+    if len({p for _, p in prints}) == 1:
+        return None
+    node, theirs = next((n, p) for n, p in prints if p != prints[0][1])
+    return ExperimentError(f"the processes read different data: rank 0's copy of the dataset has fingerprint "
+                           f"{prints[0][1]}, the copy on {node} {theirs}; give every node the same dataset")
+
+
 @dataclass(frozen=True)
 class Job:
     """What one rank trains at a time: a representation on a layer group or without a block (kind
@@ -4120,6 +4180,7 @@ def run_experiment(cfg: Config, ranks: Ranks, command: str = "") -> Path:
     device, exp = agreed(lambda: prepared(cfg, ranks), ranks)
     out_dir = exp.out_dir
     raise_agreed(unshared_directory({"--cache-dir": Path(cfg.cache_dir), "--output-dir": out_dir}, ranks), ranks)
+    raise_agreed(differing_data(exp.loaded.fingerprint, ranks), ranks)
     with exclusive_output_dir(out_dir) if ranks.rank == 0 else nullcontext():
         if ranks.rank == 0:
             save_code(out_dir, command)
@@ -4189,16 +4250,6 @@ def write_arrow_stream(tables, schema: pa.Schema, arrow_file: str) -> None:
     with pa.OSFile(arrow_file, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for table in tables:
             writer.write_table(table)
-
-
-@contextmanager
-def building(path: Path):
-    """Held while path is looked for and, if absent, built: processes that share it (torchrun's ranks, two
-    runs on one data directory) build it once, and the others wait, then find it built."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def save_batches(tables, schema: pa.Schema, path: Path, extra_files: dict[str, str] | None = None) -> None:

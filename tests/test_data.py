@@ -2,6 +2,7 @@
 reading weight matrices from Arrow tables, and the generated dataset."""
 
 import math
+import shutil
 
 import datasets
 import numpy as np
@@ -447,3 +448,34 @@ def test_delta_canonical_of_a_group_is_as_wide_as_its_weights(canonical_store):
     store, modules = canonical_store
     width = sum(math.prod(store.shapes[c]) for m in modules for c in m.columns)
     assert vae.group_feature_matrix(store, modules, "delta_canonical").shape[1] == width
+
+
+# --- the dataset's fingerprint: its content, wherever it sits -----------------------------------------
+
+def copy_without_times(source, target):
+    shutil.copytree(source, target, copy_function=shutil.copy)  # new mtimes, as a plain cp to another node gives
+
+
+def fingerprint_of(path, memo_dir=None):
+    return vae.dataset_fingerprint(datasets.load_from_disk(str(path)), memo_dir)
+
+
+def test_copies_of_a_dataset_anywhere_have_its_fingerprint(tiny_dataset_path, tmp_path):
+    copy_without_times(tiny_dataset_path, tmp_path / "elsewhere" / "copy")
+    assert fingerprint_of(tmp_path / "elsewhere" / "copy") == fingerprint_of(tiny_dataset_path)
+
+
+def test_a_file_rewritten_in_place_changes_the_fingerprint_though_its_size_stays(tiny_dataset_path, tmp_path):
+    copy_without_times(tiny_dataset_path, tmp_path / "data")
+    before = fingerprint_of(tmp_path / "data", tmp_path / "cache")
+    arrow = next((tmp_path / "data").glob("*.arrow"))
+    content = bytearray(arrow.read_bytes())
+    content[len(content) // 2] ^= 0xFF  # one byte of the weights
+    arrow.write_bytes(bytes(content))
+    assert fingerprint_of(tmp_path / "data", tmp_path / "cache") != before
+
+
+def test_an_unchanged_file_is_hashed_once_and_remembered(tiny_dataset_path, tmp_path, monkeypatch):
+    first = fingerprint_of(tiny_dataset_path, tmp_path / "cache")
+    monkeypatch.setattr(vae, "file_sha256", lambda path: pytest.fail(f"{path} hashed again"))
+    assert fingerprint_of(tiny_dataset_path, tmp_path / "cache") == first

@@ -3,6 +3,7 @@ outputs, shared storage checked, one error line for a failure every rank meets, 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -135,6 +136,31 @@ def test_a_cache_directory_that_is_not_shared_storage_is_refused(tmp_path, tiny_
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, done.stderr[-3000:]
     assert errors[0].startswith("error: rank 1: --cache-dir") and "is not shared between the processes" in errors[0]
+
+
+DIFFERENT_DATA = """
+import sys
+import visual_ablation_experiment_optimized as vae
+args, other_copy = sys.argv[1:-1], sys.argv[-1]
+if vae.launcher_ranks().rank == 1:  # as if rank 1's node held another copy of the data at that path
+    args[args.index("--dataset") + 1] = other_copy
+sys.exit(vae.main(args))
+"""
+
+
+def test_processes_reading_different_copies_of_the_data_stop_with_one_error(tmp_path, tiny_dataset_path):
+    other = tmp_path / "node2" / tiny_dataset_path.name
+    shutil.copytree(tiny_dataset_path, other)
+    arrow = next(other.glob("*.arrow"))
+    content = bytearray(arrow.read_bytes())
+    content[len(content) // 2] ^= 0xFF  # a byte of the weights
+    arrow.write_bytes(bytes(content))
+    script = tmp_path / "different.py"
+    script.write_text(DIFFERENT_DATA)
+    done = run([*TORCHRUN, str(script), *job_args(tmp_path, tiny_dataset_path, "different"), str(other)])
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode != 0 and len(errors) == 1, done.stderr[-3000:]
+    assert "the processes read different data" in errors[0]
 
 
 # --- interrupted runs: rank files and restarts ---------------------------------------------------

@@ -502,11 +502,32 @@ def test_resume_accepting_mixed_provenance_marks_the_entries_and_keeps_each_scri
     assert copies == sorted([vae.script_copy_name("f" * 64), vae.script_copy_name(results["script_sha256"])])
 
 
-def test_a_full_disk_for_the_script_copy_is_one_error_line(tiny_dataset_path, tmp_path, capsys, monkeypatch):
-    def disk_full(path, write, durable=True):
-        raise OSError(errno.ENOSPC, "No space left on device")
+def test_resume_refuses_a_dataset_rewritten_in_place_since_the_interrupted_run(tiny_dataset_path, tmp_path, capsys):
+    dataset = tmp_path / "tiny"
+    shutil.copytree(tiny_dataset_path, dataset)
+    args = cli_args(tmp_path, dataset, "--layer-groups", "all")
+    assert vae.main(args) == 0
+    results_path = tmp_path / "out" / "visual_ablation_tiny" / "results.json"
+    results = json.loads(results_path.read_text())
+    results["complete"] = False
+    results_path.write_text(json.dumps(results))
+    arrow = next(dataset.glob("*.arrow"))
+    content = bytearray(arrow.read_bytes())
+    content[len(content) // 2] ^= 0xFF  # same size, other weights
+    arrow.write_bytes(bytes(content))
+    message = user_error(capsys, [*args, "--resume"])
+    assert "the dataset's data" in message
 
-    monkeypatch.setattr(vae, "write_atomic", disk_full)
+
+def test_a_full_disk_for_the_script_copy_is_one_error_line(tiny_dataset_path, tmp_path, capsys, monkeypatch):
+    real_write = vae.write_atomic
+
+    def disk_full_for_the_script_copy(path, write, durable=True):
+        if path.name.startswith("script-"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, write, durable)
+
+    monkeypatch.setattr(vae, "write_atomic", disk_full_for_the_script_copy)
     message = user_error(capsys, cli_args(tmp_path, tiny_dataset_path))
     assert "cannot write the script copy" in message and "No space left on device" in message
 
