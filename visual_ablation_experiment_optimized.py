@@ -220,7 +220,13 @@ class Config:
 # it on its own GPU (cuda:LOCAL_RANK) or the CPU, and hands its entries to rank 0, which alone writes
 # the outputs.  Seeds and splits never depend on the number of processes.
 
-COLLECTIVE_TIMEOUT = timedelta(days=7)  # the final barrier waits while other ranks train for hours
+# Ranks meet in collectives only where all of them arrive within moments (checks, sums); where one may
+# wait hours for the others (after extraction, at the end) it polls files in the output directory
+# instead: each rank touches its own as it makes progress, and a rank silent for RANK_SILENCE_LIMIT
+# ends the job with one error.  So no wait is longer than that, however a rank was lost.
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+RANK_SILENCE_LIMIT = 30 * 60  # seconds without progress (an epoch, an extraction chunk) before a rank counts as lost
+POLL_SECONDS, BEAT_SECONDS = 5.0, 10.0
 
 
 @dataclass(frozen=True)
@@ -238,8 +244,12 @@ def launcher_ranks() -> Ranks:
     env = os.environ
     if "RANK" not in env or "WORLD_SIZE" not in env:
         return Ranks()
-    return Ranks(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")),
-                 int(env.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0)
+    ranks = Ranks(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")),
+                  int(env.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0)
+    if ranks.world > 1 and not ("MASTER_ADDR" in env and "MASTER_PORT" in env):
+        raise ExperimentError("RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT are not: start the "
+                              "processes with torchrun (README: several GPUs or nodes), or unset RANK and WORLD_SIZE")
+    return ranks
 
 
 @contextmanager
@@ -296,6 +306,62 @@ def agreed(check: Callable, ranks: Ranks):
     return result
 
 
+class Progress:
+    """Under torchrun, this rank's sign of life: a file in the output directory it touches at most every
+    BEAT_SECONDS as it makes progress (training epochs, extraction chunks, waiting), which the others read."""
+
+    def __init__(self):
+        self.path: Path | None = None
+        self.out_dir: Path | None = None
+        self.token = ""
+        self.last = 0.0
+
+    def beat(self) -> None:
+        if self.path is not None and time.monotonic() - self.last > BEAT_SECONDS:
+            self.path.touch()
+            self.last = time.monotonic()
+
+
+PROGRESS = Progress()  # set up by wait_setup; progress anywhere in the run beats through it
+
+
+def wait_setup(out_dir: Path, ranks: Ranks) -> None:
+    """Name this run's progress and arrival files (a token every rank shares: files of an earlier attempt
+    never count) and beat once."""
+    if ranks.world == 1:
+        return
+    token = [os.urandom(6).hex()]
+    torch.distributed.broadcast_object_list(token, src=0)
+    PROGRESS.token, PROGRESS.out_dir = token[0], out_dir
+    PROGRESS.path, PROGRESS.last = out_dir / f".alive-{token[0]}-{ranks.rank}", 0.0
+    PROGRESS.beat()
+
+
+def wait_for_ranks(ranks: Ranks, stage: str) -> None:
+    """Wait until every rank has reached this stage, however long that takes while they make progress;
+    one error naming a rank that made none for RANK_SILENCE_LIMIT (stuck storage, a lost worker)."""
+    if ranks.world == 1:
+        return
+    arrived = lambda r: PROGRESS.out_dir / f".{stage}-{PROGRESS.token}-{r}"
+    arrived(ranks.rank).touch()
+    waiting_since = time.time()
+    while missing := [r for r in range(ranks.world) if not arrived(r).exists()]:
+        PROGRESS.beat()
+        for r in missing:
+            beat = PROGRESS.out_dir / f".alive-{PROGRESS.token}-{r}"
+            silent = time.time() - (beat.stat().st_mtime if beat.exists() else waiting_since)
+            if silent > RANK_SILENCE_LIMIT:
+                raise ExperimentError(f"rank {r} has made no progress for {RANK_SILENCE_LIMIT // 60} minutes (a lost "
+                                      "worker or stuck storage); the job stops: run it again with --resume")
+        time.sleep(POLL_SECONDS)
+    barrier(ranks)  # every rank is here: returns at once
+
+
+def remove_wait_files(out_dir: Path) -> None:
+    for path in [*out_dir.glob(".alive-*"), *out_dir.glob(".extracted-*"), *out_dir.glob(".finished-*")]:
+        path.unlink(missing_ok=True)
+
+
 # --- the device, precision and seeds ---------------------------------------------------------
 
 def resolve_device(cfg: Config, ranks: Ranks = Ranks()) -> torch.device:
@@ -341,6 +407,22 @@ def release_device_memory(device: torch.device) -> None:
     reads true.  (No gc.collect(): a Ctrl-C arriving while it runs a finaliser would be swallowed.)"""
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def halving_on_oom(attempt: Callable[[int], object], size: int, smallest: int, device: torch.device, doing: str,
+                   size_text: Callable[[int], str], remedy: str = "free the GPU or use --device cpu"):
+    """attempt(size), halving size for as long as the device runs out of memory, with a notice each time;
+    an ExperimentError once smallest fails too.  The retry runs outside the except clause: its traceback
+    holds the failed attempt's tensors, which are released first."""
+    while True:
+        try:
+            return attempt(size)
+        except torch.OutOfMemoryError:
+            if size <= smallest:
+                raise ExperimentError(f"out of GPU memory {doing} with {size_text(size)}; {remedy}") from None
+        size = max(size // 2, smallest)
+        release_device_memory(device)
+        tqdm.write(f"notice: out of GPU memory {doing}; continuing with {size_text(size)}")
 
 
 def compile_available(device: torch.device) -> str | None:
@@ -1486,6 +1568,7 @@ def compute_pending(store: FeatureStore, work: list, cfg: Config, device: torch.
                 for key in task.todo:
                     store.put(*key, torch.cat(parts.pop(key)).cpu().numpy())
                 progress.update()
+            PROGRESS.beat()
 
 
 def unit_columns(modules: list[Module], representation: str) -> list[tuple[str, tuple[str, ...]]]:
@@ -1528,19 +1611,14 @@ def extract_features(loaded: LoadedDataset, modules: list[Module], cfg: Config, 
     requested += sum(len(m.columns) for m in modules)  # the NaN/Inf counts
     store.loaded = requested - sum(len(todo) for _, todo in work)
     share = extraction_share(modules, ranks)
-    work = [(module, todo) for module, todo in work if module.name in share]
-    while work:
-        try:
-            compute_pending(store, work, cfg, device, chunk_bytes)
-            break
-        except torch.OutOfMemoryError:
-            if chunk_bytes <= MIN_CHUNK_BYTES:
-                raise ExperimentError("out of GPU memory even with 1 MB chunks; free the GPU or use --device cpu") from None
-        chunk_bytes //= 2  # outside the handler, whose traceback holds the failed chunk's tensors
-        release_device_memory(device)
-        tqdm.write(f"notice: out of GPU memory during feature extraction; continuing with {chunk_bytes >> 20} MB chunks")
-        work = [(module, todo) for module, todo in pending_work(store, modules, cfg.representations) if module.name in share]
-    barrier(ranks)  # every rank's share is in the cache
+
+    def compute_share(chunk: int) -> None:  # what is still pending: an attempt cut short kept what it finished
+        pending = [(module, todo) for module, todo in pending_work(store, modules, cfg.representations)
+                   if module.name in share]
+        compute_pending(store, pending, cfg, device, chunk)
+    halving_on_oom(compute_share, chunk_bytes, MIN_CHUNK_BYTES, device, "during feature extraction",
+                   lambda chunk: f"{chunk >> 20} MB chunks")
+    wait_for_ranks(ranks, "extracted")  # every rank's share is in the cache
     agreed(lambda: store.count_nonfinite([c for m in modules for c in m.columns]), ranks)
     agreed(lambda: store.count_nonfinite_features([(unit, r) for r in cfg.representations if r != "flat_vec"
                                                    for unit in feature_units(modules, r)]), ranks)
@@ -2232,16 +2310,8 @@ def predictions(logits, data: SplitData, split: str, rows: int = EVAL_CHUNK_ROWS
 
 def predictions_fitting(logits, data: SplitData, split: str) -> torch.Tensor:
     """predictions, halving the row chunk for as long as the device runs out of memory."""
-    rows = EVAL_CHUNK_ROWS
-    while True:
-        try:
-            return predictions(logits, data, split, rows)
-        except torch.OutOfMemoryError:
-            if rows == 1:
-                raise ExperimentError("out of GPU memory evaluating one row; free the GPU or use --device cpu") from None
-        rows //= 2  # outside the handler, whose traceback holds the failed chunk's activations
-        release_device_memory(data.y["val"].device)
-        tqdm.write(f"notice: out of GPU memory during evaluation; continuing with {rows}-row chunks")
+    return halving_on_oom(lambda rows: predictions(logits, data, split, rows), EVAL_CHUNK_ROWS, 1, data.y["val"].device,
+                          "during evaluation", lambda rows: f"{rows}-row chunks")
 
 
 class StackedModels:
@@ -2370,6 +2440,7 @@ def train_ensemble(data: SplitData, cfg: Config, slices: Slices, classifier: Cla
             histories[r].seconds += (time.perf_counter() - epoch_started) / len(active)
         models.snapshot(improved)
         epochs.set_postfix(active=len(keep), best=f"{max(h.best_val_acc for h in histories):.3f}")
+        PROGRESS.beat()
         if not keep:
             break
         if len(keep) < len(active):
@@ -2396,20 +2467,12 @@ def merge_results(parts: list[EnsembleResult]) -> EnsembleResult:
 
 def train_fitting(data: SplitData, cfg: Config, slices: Slices, classifier: Classifier, device: torch.device,
                   label: str) -> EnsembleResult:
-    """train_ensemble, splitting the ensemble in halves for as long as it runs out of GPU memory."""
-    try:
-        return train_ensemble(data, cfg, slices, classifier, device, label)
-    except torch.OutOfMemoryError:
-        pass  # retried below, outside the handler: its traceback holds the failed attempt's tensors
-    if len(slices) == 1:
-        raise ExperimentError(f"out of GPU memory training one run of {label}; "
-                              "lower --batch-size or --hidden-dim, or free the GPU")
-    release_device_memory(device)
-    half = len(slices) // 2
-    tqdm.write(f"notice: out of GPU memory training {len(slices)} models of {label} together; "
-               f"training {half} and {len(slices) - half} at a time")
-    return merge_results([train_fitting(data, cfg, slices.part(list(range(half))), classifier, device, label),
-                          train_fitting(data, cfg, slices.part(list(range(half, len(slices)))), classifier, device, label)])
+    """train_ensemble, in parts of half as many models for as long as the device runs out of memory."""
+    def in_parts(size: int) -> EnsembleResult:
+        parts = [list(range(i, min(i + size, len(slices)))) for i in range(0, len(slices), size)]
+        return merge_results([train_ensemble(data, cfg, slices.part(p), classifier, device, label) for p in parts])
+    return halving_on_oom(in_parts, len(slices), 1, device, f"training {label}", lambda size: f"{size} models at a time",
+                          "lower --batch-size or --hidden-dim, or free the GPU")
 
 
 def predicted_peak_bytes(data: SplitData, cfg: Config, classifier: Classifier, slices: int,
@@ -4150,7 +4213,7 @@ def run_entries(cfg: Config, exp: Experiment, device: torch.device, ranks: Ranks
         for job in tqdm(mine, desc="entries", unit="job"):
             for section, entry in trained_job(job, store, exp, cfg, device):
                 finished(section, entry)
-        barrier(ranks)  # every rank's entries are in its file
+        wait_for_ranks(ranks, "finished")  # every rank's entries are in its file
         if ranks.rank == 0:
             gather_ranks(results, exp.out_dir, ranks)
             with_statistics(results)
@@ -4166,6 +4229,7 @@ def run_entries(cfg: Config, exp: Experiment, device: torch.device, ranks: Ranks
             save_results(results_path, results)
             if results["complete"]:
                 remove_rank_files(exp.out_dir)
+                remove_wait_files(exp.out_dir)
             if finished_entries(results):
                 table = write_reports(exp.out_dir, results)
     if ranks.rank > 0:
@@ -4185,6 +4249,7 @@ def run_experiment(cfg: Config, ranks: Ranks, command: str = "") -> Path:
         if ranks.rank == 0:
             save_code(out_dir, command)
         barrier(ranks)  # the others start once rank 0 holds the directory
+        wait_setup(out_dir, ranks)
         run_entries(cfg, exp, device, ranks, command)
     return out_dir
 
@@ -4195,7 +4260,12 @@ def _interrupt(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    cfg, ranks = parse_config(argv), launcher_ranks()
+    cfg = parse_config(argv)
+    try:
+        ranks = launcher_ranks()
+    except ExperimentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     command = shlex.join([Path(__file__).name, *argv])
     if ranks.world > 1:  # the cache is how ranks share features
         cfg = dataclasses.replace(cfg, cache_features=True)

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -161,6 +162,37 @@ def test_processes_reading_different_copies_of_the_data_stop_with_one_error(tmp_
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode != 0 and len(errors) == 1, done.stderr[-3000:]
     assert "the processes read different data" in errors[0]
+
+
+STALLS = """
+import sys, time
+import visual_ablation_experiment_optimized as vae
+vae.RANK_SILENCE_LIMIT, vae.POLL_SECONDS, vae.BEAT_SECONDS = 6, 0.2, 0.5
+if vae.launcher_ranks().rank == 1:  # as if rank 1 hung on stuck storage as it started training
+    vae.train_ensemble = lambda *args, **kwargs: time.sleep(3600)
+sys.exit(vae.main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_that_stops_making_progress_ends_the_job_with_one_error_in_bounded_time(tmp_path, tiny_dataset_path):
+    script = tmp_path / "stalls.py"
+    script.write_text(STALLS)
+    started = time.monotonic()
+    done = run([*TORCHRUN, str(script), *job_args(tmp_path, tiny_dataset_path, "stalls")])
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode != 0 and len(errors) == 1, done.stderr[-3000:]
+    assert "rank 1 has made no progress" in errors[0]
+    assert time.monotonic() - started < 120  # the limit (6 s here), not the hour rank 1 would sleep
+
+
+def test_rank_and_world_size_without_torchrun_are_refused_in_one_line(tmp_path, tiny_dataset_path, capsys, monkeypatch):
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert vae.main(job_args(tmp_path, tiny_dataset_path, "srun")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:") and "torchrun" in err
 
 
 # --- interrupted runs: rank files and restarts ---------------------------------------------------
