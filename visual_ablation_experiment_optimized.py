@@ -2401,6 +2401,13 @@ def epoch_end(histories: list[RunHistory], active: list[int], val_acc: list[floa
     return improved, keep
 
 
+def dropout_scales(generators: list[torch.Generator], rows: int, cfg: Config, device: torch.device) -> torch.Tensor:
+    """(slices, rows, NUM_HIDDEN, hidden): each unit dropped with probability --dropout (0), kept scaled by
+    1 / (1 - p) so its expected value is unchanged, drawn from each slice's own generator."""
+    draws = torch.stack([torch.rand(rows, NUM_HIDDEN, cfg.hidden_dim, generator=g, device=device) for g in generators])
+    return (draws >= cfg.dropout).float().mul_(1.0 / (1.0 - cfg.dropout))
+
+
 def train_ensemble(data: SplitData, cfg: Config, slices: Slices, classifier: Classifier, device: torch.device,
                    progress_label: str = "") -> EnsembleResult:
     """Train one model per slice, all at once as stacked weights, each with its own initialisation,
@@ -2424,12 +2431,8 @@ def train_ensemble(data: SplitData, cfg: Config, slices: Slices, classifier: Cla
         order = epoch_order(n_train, [generators[r] for r in active], device)
         loss_sum = torch.zeros(len(active), device=device)
         for idx, x in data.features.epoch_batches(order, batch, steps, models.per_slice.get("blocks"), data.block_width):
-            dropout_scales = None
-            if classifier.dropout:
-                draws = torch.stack([torch.rand(idx.shape[1], NUM_HIDDEN, cfg.hidden_dim, generator=generators[r],
-                                                device=device) for r in active])
-                dropout_scales = (draws >= cfg.dropout).float().mul_(1.0 / (1.0 - cfg.dropout))
-            logits = models.forward(x, dropout_scales)
+            scales = dropout_scales([generators[r] for r in active], idx.shape[1], cfg, device) if classifier.dropout else None
+            logits = models.forward(x, scales)
             losses = F.cross_entropy(logits.flatten(0, 1), y_train[idx].flatten(), reduction="none").view(len(active), -1).mean(1)
             models.step(losses, lr)
             loss_sum += losses.detach()

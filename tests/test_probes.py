@@ -236,3 +236,14 @@ def test_block_ablation_without_all_layers_is_refused(one_block_carries_the_clas
     line = user_error(capsys, cli_args(tmp_path, one_block_carries_the_class, "--layer-groups", "visual",
                                        "--block-ablation"))
     assert "--block-ablation" in line and "all" in line
+
+
+def test_l2_ties_on_validation_go_to_the_stronger_penalty():
+    linear = vae.CLASSIFIERS["linear"]
+    cfg = vae.Config(num_runs=1)
+    slices = vae.run_slices(cfg, linear)
+    histories = [vae.RunHistory(seed=42, l2=l2, best_val_acc=acc) for l2, acc in zip(slices.l2, [0.7, 0.8, 0.8, 0.6, 0.5])]
+    params = {"w0": torch.arange(len(histories), dtype=torch.float32).view(-1, 1, 1)}
+    result = vae.EnsembleResult(linear, slices, histories, params, {}, seconds=1.0)
+    chosen = vae.best_of_grid(result)
+    assert chosen.histories[0].l2 == vae.LINEAR_L2_GRID[2] and chosen.best_params["w0"].item() == 2.0

@@ -327,3 +327,25 @@ def test_class_names_the_font_cannot_draw_show_their_index(script):
 def test_drawable_tells_names_the_font_has_glyphs_for(script):
     assert script.drawable("Van Gogh ±")
     assert not script.drawable("\u732b")
+
+
+def test_the_tables_drop_and_retention_are_all_layers_minus_group_and_group_over_all_layers(script, results):
+    row = next(line for line in script.comparison_table(results).splitlines() if line.startswith("spectral "))
+    base, group = np.mean([0.90, 0.80, 0.85, 0.70, 0.95]), np.mean([0.80, 0.70, 0.75, 0.60, 0.85])
+    assert f"{base - group:+.3f}" in row.split() and f"{100 * group / base:.1f}%" in row.split()
+
+
+def test_macro_metrics_and_confusion_matrices_agree_with_scikit_learn(script):
+    from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score
+    import torch
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, size=(3, 200))
+    pred = np.where(rng.random((3, 200)) < 0.6, y, rng.integers(0, 5, size=(3, 200)))  # class 4 only predicted
+    pred[0][pred[0] == 2] = 3  # run 0 never predicts class 2
+    for run in range(3):
+        confusion = script.confusion_matrices(torch.from_numpy(pred[run:run + 1]), torch.from_numpy(y[run]), 5)
+        metrics = {k: v.item() for k, v in script.classification_metrics(confusion).items()}
+        assert confusion[0].numpy().tolist() == confusion_matrix(y[run], pred[run], labels=range(5)).tolist()
+        for name, reference in (("precision", precision_score), ("recall", recall_score), ("f1", f1_score)):
+            assert metrics[name] == pytest.approx(reference(y[run], pred[run], average="macro", zero_division=0)), name
+        assert metrics["acc"] == pytest.approx((y[run] == pred[run]).mean())

@@ -262,3 +262,59 @@ def test_compile_time_is_reported_apart_from_training_time(small_problem, monkey
     assert result.compile_seconds >= 0.5
     assert result.seconds + result.compile_seconds <= elapsed
     assert result.seconds < elapsed - 0.5
+
+
+# --- what the published protocol fixes: dropout, initialisation, mixed precision -------------------------
+
+def test_dropout_drops_each_unit_with_the_configured_rate_and_rescales_the_rest():
+    cfg = vae.Config(dropout=0.5, hidden_dim=512)
+    scales = vae.dropout_scales([torch.Generator().manual_seed(s) for s in (1, 2)], 200, cfg, CPU)
+    assert scales.shape == (2, 200, vae.NUM_HIDDEN, 512)
+    assert set(scales.unique().tolist()) == {0.0, 2.0}
+    assert (scales == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+    low = vae.dropout_scales([torch.Generator().manual_seed(1)], 200, dataclasses.replace(cfg, dropout=0.2), CPU)
+    assert (low == 0).float().mean().item() == pytest.approx(0.2, abs=0.01) and low.max().item() == pytest.approx(1.25)
+
+
+def test_layers_start_as_nn_linear_does_uniform_within_one_over_the_root_of_fan_in():
+    fan_in = 400
+    params = vae.init_mlp_params([0, 1], fan_in, 64, 3, CPU)
+    reference = torch.nn.Linear(fan_in, 64)
+    bound = 1 / fan_in ** 0.5
+    for name in ("w0", "b0"):
+        values = params[name]
+        assert values.abs().max().item() <= bound and values.abs().max().item() > 0.99 * bound
+    assert params["w0"].std().item() == pytest.approx(reference.weight.std().item(), rel=0.02)  # bound / sqrt(3)
+    assert not torch.equal(params["w0"][0], params["w0"][1])  # each run from its own seed
+
+
+def test_mixed_precision_on_cuda_is_bfloat16_where_supported_else_float16(monkeypatch):
+    cuda, cfg = torch.device("cuda"), vae.Config()
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert vae.amp_dtype(cfg, cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert vae.amp_dtype(cfg, cuda) == torch.float16
+
+
+def test_training_runs_the_forward_in_the_mixed_precision_chosen_for_the_device(small_problem, monkeypatch):
+    data, cfg = small_problem
+    monkeypatch.setattr(vae, "amp_dtype", lambda cfg, device: torch.bfloat16)  # as on a CUDA device
+    seen = []
+    real = vae.ensemble_forward
+
+    def recording(params, buffers, x, scales, amp, blocks=None):
+        seen.append(amp)
+        return real(params, buffers, x, scales, amp, blocks)
+
+    monkeypatch.setitem(vae.CLASSIFIERS, "mlp", dataclasses.replace(vae.CLASSIFIERS["mlp"], forward=recording))
+    vae.train_runs(data, dataclasses.replace(cfg, max_epochs=1), CPU, "amp")
+    assert seen and set(seen) == {torch.bfloat16}
+
+
+def test_the_forward_in_bfloat16_computes_in_bfloat16():
+    params, buffers = vae.init_mlp([0], 12, 3, vae.Config(hidden_dim=16), CPU)
+    x = torch.randn(1, 32, 12)
+    full = vae.ensemble_forward(params, buffers, x, None, None)
+    half = vae.ensemble_forward(params, buffers, x, None, torch.bfloat16)
+    assert half.dtype == torch.float32 and not torch.allclose(full, half, atol=1e-5)
+    assert torch.allclose(full, half, atol=0.1)
