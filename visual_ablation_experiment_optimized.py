@@ -1775,8 +1775,8 @@ def stream_workers(workers: int, block_bytes: int) -> int:
     needed, free = 2 * workers * block_bytes, shutil.disk_usage(shm).free
     if free >= needed:
         return workers
-    tqdm.write(f"notice: /dev/shm has {free / 2 ** 30:.2f} GB free, {workers} streaming workers need "
-               f"{needed / 2 ** 30:.2f} GB; reading feature rows in this process instead")
+    tqdm.write(f"notice: /dev/shm has {free / 2 ** 30:.2f} GiB free, {workers} streaming workers need "
+               f"{needed / 2 ** 30:.2f} GiB; reading feature rows in this process instead")
     return 0
 
 
@@ -1874,8 +1874,8 @@ def standardise(features: np.ndarray, labels: np.ndarray, splits: dict[str, np.n
     fits = features.nbytes <= budget
     source = resident_features(features, splits, device) if fits else None
     if source is None:
-        why = "ran out of device memory" if fits else f"do not fit the {budget / 2 ** 30:.1f} GB device budget"
-        tqdm.write(f"notice: {features.nbytes / 2 ** 30:.1f} GB of features {why}; streaming their rows from disk")
+        why = "ran out of device memory" if fits else f"do not fit the {budget / 2 ** 30:.1f} GiB device budget"
+        tqdm.write(f"notice: {features.nbytes / 2 ** 30:.1f} GiB of features {why}; streaming their rows from disk")
         source = StreamedFeatures(features, splits, device, workers, batch)
     y = {s: torch.from_numpy(labels[idx]).to(device) for s, idx in splits.items()}
     return SplitData(source, y, num_classes, features.shape[1], block_width)
@@ -2530,7 +2530,7 @@ def train_runs(data: SplitData, cfg: Config, device: torch.device, label: str, c
     peak = predicted_peak_bytes(data, cfg, model, together, amp_dtype(cfg, device))
     where = "resident" if isinstance(data.features, ResidentFeatures) else "streamed from disk"
     tqdm.write(f"{label}: {together} models at a time, features {where}, predicted peak device memory "
-               f"{peak / 2 ** 30:.2f} GB")
+               f"{peak / 2 ** 30:.2f} GiB")
     if not cfg.sequential_runs:
         return best_of_grid(train_fitting(data, cfg, slices, model, device, label))
     runs = [[i for i, unit in enumerate(slices.units) if unit % cfg.runs == k] for k in range(cfg.runs)]

@@ -333,7 +333,7 @@ def ref_spectral(m: torch.Tensor) -> torch.Tensor:
     normalised = top / (top.sum() + EPS)
     gaps = (top[:-1] - top[1:]) / (top[:-1] + EPS)
     entropy = -(normalised * torch.log(normalised + EPS)).sum()
-    condition = s[0] / (s[-1] + EPS)  # over the true values, as REFERENCE.md's correction asks
+    condition = s[0] / (s[-1] + EPS)  # over the true values: README's deliberate change from the original
     return torch.cat([top, normalised, gaps, entropy[None], condition[None], s.sum()[None]])
 
 

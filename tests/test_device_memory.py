@@ -95,7 +95,7 @@ def test_streaming_reads_in_process_with_a_notice_when_shared_memory_is_too_smal
     data = vae.standardise(features, labels, splits, 4, CPU, budget_bytes=0, workers=4, batch=CFG.batch_size)
 
     assert data.features.loader.num_workers == 0
-    assert "/dev/shm has 0.00 GB free" in capsys.readouterr().out
+    assert "/dev/shm has 0.00 GiB free" in capsys.readouterr().out
 
 
 # --- out of memory and release between entries -----------------------------------------------------

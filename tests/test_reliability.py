@@ -445,9 +445,11 @@ def test_ctrl_c_leaves_a_valid_incomplete_results_json_with_the_finished_entries
     assert names[0] == "simple_stats_all_layers"
 
 
-def test_ctrl_c_leaves_results_txt_of_the_finished_entries(interrupted):
-    table = (interrupted["results_path"].parent / "results.txt").read_text()
-    assert "simple_stats" in table
+def test_ctrl_c_leaves_results_txt_and_the_plots_of_the_finished_entries(interrupted):
+    out_dir = interrupted["results_path"].parent
+    assert "simple_stats_all_layers " in (out_dir / "results.txt").read_text()  # a finished entry's runs
+    for plot in ("summary.png", "retention.png"):
+        assert (out_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.usefixtures("no_computing")
@@ -565,6 +567,9 @@ def test_sigterm_ends_the_run_like_ctrl_c_keeping_finished_entries(tiny_dataset_
     assert "Traceback" not in run["stderr"]
     assert run["results"]["complete"] is False
     assert finished_entries(run["results_path"])
+    out_dir = run["results_path"].parent
+    assert "simple_stats_all_layers " in (out_dir / "results.txt").read_text()
+    assert all((out_dir / plot).exists() for plot in ("summary.png", "retention.png"))
 
 
 # --- the cache: never half-written, never poisoned ---------------------------------------------

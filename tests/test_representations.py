@@ -1,7 +1,7 @@
 """Representations: every feature checked against a plain per-matrix numpy reference.
 
-The references below are written from the definitions in REFERENCE.md ("The ten
-representations", "Conventions of the original"), one matrix at a time, in float64, with
+The references below are written from the definitions in README.md ("Representations": the table
+and its conventions), one matrix at a time, in float64, with
 numpy's own SVD, quantiles, histogram and FFT; they share no code with the script.  The
 inputs are random float32 matrices of the shapes real Stable Diffusion v1.5 LoRA tensors
 have (rank-1 and rank-4 factors of 320-, 640-, 768- and 1280-wide projections).

@@ -161,6 +161,15 @@ def test_float64_weights_beyond_float32_are_refused_in_one_line_not_a_linear_alg
 
 
 @pytest.mark.usefixtures("no_computing")
+def test_a_missing_lora_scale_is_refused_before_computing(tmp_path, capsys):
+    scales = [1.0] * ROWS
+    scales[7] = None
+    dataset = adapters(tmp_path / "scaled", lora_scale=scales)
+    message = user_error(capsys, cli_args(tmp_path, dataset, "--representations", "delta_spectral"))
+    assert "lora_scale" in message and "missing" in message and "row 7" in message
+
+
+@pytest.mark.usefixtures("no_computing")
 @pytest.mark.parametrize("scale", [float("nan"), -1.0, 0.0, 1e30])
 def test_implausible_lora_scale_is_refused_before_computing(scale, tmp_path, capsys):
     scales = np.ones(ROWS, dtype=np.float32)
@@ -403,6 +412,13 @@ def test_symlink_loop_in_an_adapter_folder_is_named_a_symlink_loop(tmp_path, cap
 def test_dataset_path_that_is_a_symlink_loop_is_named_as_such(tmp_path, capsys):
     os.symlink(tmp_path / "loop", tmp_path / "loop")
     assert "symlink loop" in user_error(capsys, cli_args(tmp_path, tmp_path / "loop"))
+
+
+@pytest.mark.usefixtures("no_computing")
+def test_dataset_path_that_is_a_dangling_symlink_is_named_as_such(tmp_path, capsys):
+    os.symlink(tmp_path / "moved-away", tmp_path / "dangling")
+    message = user_error(capsys, cli_args(tmp_path, tmp_path / "dangling"))
+    assert "dangling" in message and "fix the link" in message
 
 
 # --- a full disk ---------------------------------------------------------------------------------
