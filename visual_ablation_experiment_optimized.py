@@ -81,7 +81,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import scipy.stats
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -2592,9 +2591,16 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, float(arr.std(ddof=STD_DDOF)) if arr.size > STD_DDOF else float("nan")
 
 
+def distributions():
+    """scipy.stats, imported when the reports need it: importing it costs about 60 MB that extraction,
+    which runs first and may be memory-bound, should not carry."""
+    import scipy.stats
+    return scipy.stats
+
+
 def t_quantile(n: int) -> float:
     """The two-sided CONFIDENCE quantile of Student's t with n - 1 degrees of freedom."""
-    return float(scipy.stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1))
+    return float(distributions().t.ppf(0.5 + CONFIDENCE / 2, n - 1))
 
 
 def t_interval(values, bounds: tuple[float, float] = (-math.inf, math.inf)) -> list[float] | None:
@@ -2615,7 +2621,7 @@ def paired_t_p(differences) -> float | None:
     std = d.std(ddof=1)
     if std == 0:
         return 1.0 if d.mean() == 0 else 0.0
-    return float(2 * scipy.stats.t.sf(abs(d.mean()) / (std / math.sqrt(d.size)), d.size - 1))
+    return float(2 * distributions().t.sf(abs(d.mean()) / (std / math.sqrt(d.size)), d.size - 1))
 
 
 def fieller_interval(a, b) -> list[float] | None:
@@ -2644,7 +2650,7 @@ def above_chance_p(correct: list[int], rows: int, chance: float) -> float | None
     median), valid however the runs depend on each other (Rüschendorf 1982)."""
     if not correct:
         return None
-    p = np.sort(scipy.stats.binom.sf(np.asarray(correct) - 1, rows, chance))
+    p = np.sort(distributions().binom.sf(np.asarray(correct) - 1, rows, chance))
     k = math.ceil(len(p) / 2)
     return float(min(1.0, len(p) / k * p[k - 1]))
 

@@ -611,7 +611,7 @@ def benchmark_layout(layout: str, rows: int, args, machine: dict) -> dict:
     ours_rate = dataset_bytes / ours_seconds
     return {
         "layout": layout, "rows": rows, "device": str(device), "num_tensor_columns": len(columns),
-        "dataset_bytes": dataset_bytes, "dataset_path": str(path), "dataset_reused": reused,
+        "dataset_bytes": dataset_bytes, "dataset_path": path.name, "dataset_reused": reused,
         "extraction_speedup": reference["scaled_seconds"] / ours_seconds,
         "ours_gb_per_s": ours_rate / 1e9,
         "copy_gb_per_s": copy_rate / 1e9,
