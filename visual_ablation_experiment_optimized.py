@@ -487,16 +487,14 @@ def building(path: Path):
         yield
 
 
-HASH_CHUNK_BYTES = 8 << 20
 FILE_HASHES = "file_hashes.json"  # in --cache-dir: each data file's SHA-256 by its path, size and mtime
 
 
 def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
+    """Read through a small reused buffer: large chunks read by several threads would stay in the
+    allocator's per-thread arenas and raise the process's memory for the rest of the run."""
     with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def content_hashes(files: list[str], memo_dir: Path | None) -> list[str]:
