@@ -208,5 +208,5 @@ def test_the_predicted_peak_is_printed_before_each_entry_trains(tmp_path, tiny_d
     assert vae.main(cli_args(tmp_path, tiny_dataset_path, "--classifiers", "mlp,linear")) == 0
     out = capsys.readouterr().out
     assert re.search(r"simple_stats_all_layers: 2 models at a time, features resident, predicted peak device memory "
-                     r"\d+\.\d\d GB", out)
+                     r"\d+\.\d\d GiB", out)
     assert "simple_stats_all_layers_linear: 10 models at a time" in out
