@@ -408,6 +408,12 @@ def release_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def progress_bar(*args, **kwargs):
+    """A tqdm bar, drawn only when stderr is a terminal: a redirected log keeps the one line per phase and
+    per entry that the run writes, not thousands of bar updates."""
+    return tqdm(*args, disable=None, **kwargs)
+
+
 def halving_on_oom(attempt: Callable[[int], object], size: int, smallest: int, device: torch.device, doing: str,
                    size_text: Callable[[int], str], remedy: str = "free the GPU or use --device cpu"):
     """attempt(size), halving size for as long as the device runs out of memory, with a notice each time;
@@ -1557,7 +1563,8 @@ def compute_pending(store: FeatureStore, work: list, cfg: Config, device: torch.
     """Read every pending module chunk by chunk and store its features once its last chunk is done."""
     tasks = chunk_tasks(work, store.reader.table.num_rows, store.shapes, chunk_bytes)
     parts: dict[tuple[str, str], list[torch.Tensor]] = defaultdict(list)
-    with tqdm(total=len(work), desc="features", unit="module") as progress:
+    tqdm.write(f"features: computing {len(work)} modules' missing features")
+    with progress_bar(total=len(work), desc="features", unit="module") as progress:
         for task, host in ChunkLoader(store.reader, tasks, store.shapes, cfg.num_workers, device):
             for key, features in chunk_features(task, host, store, device).items():
                 parts[key].append(features.float())
@@ -2420,7 +2427,7 @@ def train_ensemble(data: SplitData, cfg: Config, slices: Slices, classifier: Cla
     # BatchNorm cannot normalise a batch of one row: a trailing batch of one is dropped
     steps = n_train // batch + (1 if n_train % batch > 1 else 0)
 
-    epochs = tqdm(range(cfg.max_epochs), desc=f"epochs {progress_label}".strip(), leave=False, unit="ep")
+    epochs = progress_bar(range(cfg.max_epochs), desc=f"epochs {progress_label}".strip(), leave=False, unit="ep")
     for epoch in epochs:
         epoch_started = time.perf_counter()
         active = models.active
@@ -4217,7 +4224,7 @@ def run_entries(cfg: Config, exp: Experiment, device: torch.device, ranks: Ranks
             with_statistics(results)
             save_results(results_path, results)
 
-        for job in tqdm(mine, desc="entries", unit="job"):
+        for job in progress_bar(mine, desc="entries", unit="job"):
             for section, entry in trained_job(job, store, exp, cfg, device):
                 finished(section, entry)
         wait_for_ranks(ranks, "finished")  # every rank's entries are in its file
@@ -4277,6 +4284,9 @@ def main(argv: list[str] | None = None) -> int:
     if ranks.world > 1:  # the cache is how ranks share features
         cfg = dataclasses.replace(cfg, cache_features=True)
     signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM ends the run like Ctrl-C: results kept
+    if not sys.stderr.isatty():  # a redirected log: no bars of the datasets library either (see progress_bar)
+        import datasets
+        datasets.disable_progress_bars()
     try:
         with process_group(ranks):
             run_experiment(cfg, ranks, command)
@@ -5015,7 +5025,7 @@ def adapter_tensor_stream(adapters: list[ScannedAdapter], num_workers: int):
     """Each adapter's tensors in order, read by threads a few adapters ahead: memory holds a window, not the folder."""
     window = 2 * max(1, num_workers)
     with ThreadPoolExecutor(max(1, num_workers)) as pool, \
-            tqdm(total=len(adapters), desc="reading adapters", unit="adapter") as bar:
+            progress_bar(total=len(adapters), desc="reading adapters", unit="adapter") as bar:
         pending = deque()
         for adapter in adapters:
             pending.append(pool.submit(adapter_tensors, adapter))
@@ -5124,7 +5134,7 @@ def write_folder_table(adapters: list[AdapterFile], folder: Path, labels_csv: Pa
                        skip_mismatched: bool, array2d: bool, table: Path, fingerprint: str) -> str:
     """Scan, check and label the adapters and write their table; returns where the labels came from."""
     with ThreadPoolExecutor(max(1, num_workers)) as pool:
-        scanned = list(tqdm(pool.map(scan_adapter, adapters), total=len(adapters), desc="scanning adapters",
+        scanned = list(progress_bar(pool.map(scan_adapter, adapters), total=len(adapters), desc="scanning adapters",
                             unit="adapter", leave=False))
     kept, skipped = matching_adapters(scanned, folder, skip_mismatched)
     warn_skipped(skipped)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import visual_ablation_experiment_optimized as vae
+from helpers import cli_args
 
 SCRIPT = Path(vae.__file__).resolve()
 ALL_REPRESENTATIONS = ("simple_stats", "rank_based", "stats", "spectral", "matrix_norms", "distribution",
@@ -278,3 +279,11 @@ def test_ci_runs_the_readmes_test_command_verbatim_in_a_new_virtual_environment(
     test_command = next(line for line in readme.splitlines() if line.startswith("pip install") and "pytest" in line)
     assert test_command in ci.splitlines()
     assert "-m venv" in ci
+
+
+def test_a_redirected_log_holds_lines_per_phase_and_entry_and_no_progress_bars(tmp_path, tiny_dataset_path, capsys):
+    assert vae.main(cli_args(tmp_path, tiny_dataset_path, "--layer-groups", "all")) == 0
+    out, err = capsys.readouterr()  # neither is a terminal here
+    assert "%|" not in err and "epochs" not in err
+    assert "features: computing" in out + err and "simple_stats_all_layers          test acc" in out
+    assert len((out + err).splitlines()) < 40
