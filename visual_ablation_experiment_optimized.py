@@ -2878,9 +2878,9 @@ def retention_interval(results: dict, group: str, representation: str,
     return float(acc.mean() / max(base_acc.mean(), EPS)), fieller_interval(acc, base_acc)
 
 
-def ablation_drop(entry: dict, base: dict | None) -> dict:
-    """All layers' test accuracy minus the accuracy without a block over their paired runs: its mean,
-    paired t-interval and two-sided paired t-test p-value (null where fewer than 2 pairs)."""
+def paired_drop(entry: dict, base: dict | None) -> dict:
+    """All layers' test accuracy minus an entry's (a group's, or all layers' without a block) over their
+    paired runs: its mean, paired t-interval and two-sided paired t-test p-value (null where fewer than 2 pairs)."""
     acc, base_acc = paired_accuracies(entry, base) if base is not None else (np.empty(0), np.empty(0))
     drops = base_acc - acc
     interval = t_interval(drops, bounds=(-1.0, 1.0))
@@ -2979,7 +2979,7 @@ def with_statistics(results: dict) -> None:
     with_training_outcomes(ablation)
     families = defaultdict(list)
     for entry in ablation:
-        entry.update(ablation_drop(entry, find_entry(results, "all", entry["features"], entry["classifier"])))
+        entry.update(paired_drop(entry, find_entry(results, "all", entry["features"], entry["classifier"])))
         families[entry["features"], entry["classifier"]].append(entry)
     for family in families.values():
         holm_corrected(family, "drop_p", "drop_significant")
@@ -3062,7 +3062,7 @@ def interval_lines(results: dict) -> list[str]:
             retention = retention_interval(results, g, *row)
             if not (measured(base) and measured(entry)) or retention is None:
                 continue
-            drop = ablation_drop(entry, base)
+            drop = paired_drop(entry, base)
             lines.append(f"{row_label(*row):<24} {g:<12} {drop['drop_mean']:>+8.3f} {interval_text(drop['drop_ci95'], '+.3f'):>18} "
                          f"{100 * retention[0]:>9.1f}% {interval_text(retention[1] and [100 * r for r in retention[1]], '.1f'):>16}")
     header = ["Drop and retention against all layers over paired runs, with 95% intervals (drop: paired t; "
