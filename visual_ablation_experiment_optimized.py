@@ -506,23 +506,19 @@ def file_sha256(path: str) -> str:
 def content_hashes(files: list[str], memo_dir: Path | None) -> list[str]:
     """Each file's SHA-256, hashed in parallel threads; with memo_dir, remembered by the file's real path,
     size and mtime, so a file is read again only when it changed (or was copied: a copy hashes alike)."""
-    stats = [os.stat(f) for f in files]
-    keys = [f"{os.path.realpath(f)}:{st.st_size}:{st.st_mtime_ns}" for f, st in zip(files, stats)]
-    if memo_dir is None:
-        with ThreadPoolExecutor(min(8, len(files))) as pool:
-            return list(pool.map(file_sha256, files))
-    memo_path = memo_dir / FILE_HASHES
-    with building(memo_path):  # processes sharing the cache hash a new file once
+    keys = [f"{os.path.realpath(f)}:{st.st_size}:{st.st_mtime_ns}" for f, st in zip(files, map(os.stat, files))]
+    memo_path = None if memo_dir is None else memo_dir / FILE_HASHES
+    with building(memo_path) if memo_path else nullcontext():  # processes sharing the cache hash a new file once
         try:
-            memo = json.loads(memo_path.read_text())
+            memo = json.loads(memo_path.read_text()) if memo_path else {}
         except (OSError, json.JSONDecodeError):
             memo = {}
         missing = [(f, k) for f, k in zip(files, keys) if k not in memo]
         if missing:
             with ThreadPoolExecutor(min(8, len(missing))) as pool:
-                hashes = list(pool.map(file_sha256, [f for f, _ in missing]))
-            memo.update({k: h for (_, k), h in zip(missing, hashes)})
-            write_atomic(memo_path, lambda f: f.write(json.dumps(memo).encode()))
+                memo.update(zip([k for _, k in missing], pool.map(file_sha256, [f for f, _ in missing])))
+            if memo_path:
+                write_atomic(memo_path, lambda f: f.write(json.dumps(memo).encode()))
     return [memo[k] for k in keys]
 
 
@@ -2443,8 +2439,9 @@ def train_ensemble(data: SplitData, cfg: Config, slices: Slices, classifier: Cla
         with torch.no_grad():
             val_acc = (predictions(models.logits, data, "val") == data.y["val"]).float().mean(1).tolist()
         improved, keep = epoch_end(histories, active, val_acc, (loss_sum / steps).tolist(), epoch, cfg)  # one host sync
+        share = (time.perf_counter() - epoch_started) / len(active)
         for r in active:
-            histories[r].seconds += (time.perf_counter() - epoch_started) / len(active)
+            histories[r].seconds += share
         models.snapshot(improved)
         epochs.set_postfix(active=len(keep), best=f"{max(h.best_val_acc for h in histories):.3f}")
         PROGRESS.beat()
@@ -3048,8 +3045,8 @@ def per_run_lines(results: dict) -> list[str]:
     entries = all_entries(results)
     width = max((len(e["representation"]) for e in entries), default=0)
     runs = max((len(e["test_acc_all_runs"]) for e in entries), default=0)
-    return [f"Test accuracy of each run (run 0 first); the mean's 95% t-interval; the test against chance"] + [
-        f"{e['representation']:<{width}} " + " ".join(f"{cell:<6}" for cell in run_cells(e)) + " " * 7 * (runs - len(run_cells(e)))
+    return ["Test accuracy of each run (run 0 first); the mean's 95% t-interval; the test against chance"] + [
+        f"{e['representation']:<{width}} " + f"{' '.join(f'{cell:<6}' for cell in run_cells(e)):<{7 * runs - 1}}"
         + f" {interval_text(e['test_acc_ci95']):>16}  {chance_verdict(e)}" for e in entries]
 
 
