@@ -28,7 +28,7 @@ MUTATIONS = [
  ("table drop inverted", "return f\"{base_acc - acc:>+8.3f} {100 * acc / max(base_acc, EPS):>9.1f}%{mark}\"", "return f\"{acc - base_acc:>+8.3f} {100 * base_acc / max(acc, EPS):>9.1f}%{mark}\"", "tests/test_reports.py"),
  ("summary 2 std", "return mean, (std, std) if math.isfinite(std) else None", "return mean, (2 * std, 2 * std) if math.isfinite(std) else None", "tests/test_reports.py -k summary"),
  ("summary median", "        mean, std = entry_accuracy(results, g, *row)\n", "        mean, std = entry_accuracy(results, g, *row)\n        mean = median_accuracy(find_entry(results, g, *row))\n", "tests/test_reports.py -k summary"),
- ("fingerprint ignores size and mtime", 'keys = [f"{os.path.realpath(f)}:{st.st_size}:{st.st_mtime_ns}" for f, st in zip(files, stats)]', 'keys = [f"{os.path.realpath(f)}" for f, st in zip(files, stats)]', "tests/test_data.py -k fingerprint or rewritten"),
+ ("fingerprint ignores size and mtime", 'keys = [f"{os.path.realpath(f)}:{st.st_size}:{st.st_mtime_ns}" for f, st in zip(files, map(os.stat, files))]', 'keys = [f"{os.path.realpath(f)}" for f, st in zip(files, map(os.stat, files))]', "tests/test_data.py -k fingerprint or rewritten"),
  ("resume ignores changed data", '        changed.append("the dataset\'s data")', "        pass", "tests/test_reliability.py -k rewritten"),
 ]
 
