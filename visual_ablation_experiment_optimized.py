@@ -195,9 +195,11 @@ class Config:
     min_epochs: int = 0
     """no early stopping before this epoch (0: the published protocol, stopping whenever patience runs out)"""
     classifiers: tuple[str, ...] = ("mlp",)
-    """classifiers trained on every entry: mlp (the published protocol), linear (logistic regression probe)"""
+    """classifiers trained on every entry (CLASSIFIERS): mlp (the published protocol), linear, knn"""
     layer_map: tuple[str, ...] = ()
-    """representations whose accuracy is mapped module by module, one linear probe per module"""
+    """representations whose accuracy is mapped module by module"""
+    layer_map_classifier: str = "linear"
+    """the classifier trained on each module alone for the layer map"""
     block_ablation: bool = False
     """also train on all layers minus one block at a time, and report each block's drop"""
 
@@ -1891,7 +1893,31 @@ LR_FACTOR, LR_PATIENCE, LR_THRESHOLD = 0.5, 10, 1e-4  # ReduceLROnPlateau(mode="
 NUM_HIDDEN = 3
 
 
-# --- the classifiers: one stacked set of parameters, a slice per model trained ---------------
+# --- the classifiers ---------------------------------------------------------------------------
+# A classifier is a class and a line in CLASSIFIERS (the end of this section); the flags, memory
+# prediction, compile, layer map, block ablation, torchrun's costs and reports take it from there.
+
+
+class Classifier:
+    """Fits all models of an entry at once, a slice each (a run at a setting of `grid`, chosen per run on
+    the validation split; None: --weight-decay): fit(data, cfg, slices, device, label) -> EnsembleResult;
+    scores(params, buffers, blocks, data, amp) -> x -> (slices, rows, classes); peak_bytes(data, cfg,
+    slices, amp): device memory at most; cost(data_rows, width, num_classes, slices, cfg): multiply-adds."""
+
+    name: str = ""
+    description: str = ""
+    setting, setting_text, setting_format = "l2", "L2 strength", ".0e"
+    grid: tuple[float, ...] | None = None
+    trains_by_gradient: bool = False
+    """a gradient-trained run can stall (fit nothing of its training split); see stalled_runs"""
+
+    def settings(self, cfg: Config) -> tuple[float, ...]:
+        return self.grid or (cfg.weight_decay,)
+
+    def open_edges(self) -> tuple[float, ...]:
+        """The grid's ends the best setting could lie beyond."""
+        return (min(self.grid), max(self.grid))
+
 
 def uniform_like_linear(gen: torch.Generator, fan_in: int, shape: tuple[int, ...]) -> torch.Tensor:
     """nn.Linear's initialisation: uniform in +-1/sqrt(fan_in)."""
@@ -1912,30 +1938,6 @@ def init_layer_stack(seeds: list[int], dims: list[int], device: torch.device) ->
     return {k: torch.stack([p[k] for p in per_slice]).to(device) for k in per_slice[0]}
 
 
-def init_mlp_params(seeds: list[int], in_dim: int, hidden: int, num_classes: int,
-                    device: torch.device) -> dict[str, torch.Tensor]:
-    """Stacked MLP parameters, one slice per run, each initialised as nn.Linear would with its run's seed."""
-    params = init_layer_stack(seeds, [in_dim] + [hidden] * NUM_HIDDEN + [num_classes], device)
-    for i in range(NUM_HIDDEN):
-        params[f"gamma{i}"] = torch.ones(len(seeds), 1, hidden, device=device)
-        params[f"beta{i}"] = torch.zeros(len(seeds), 1, hidden, device=device)
-    return params
-
-
-def init_mlp(seeds: list[int], in_dim: int, num_classes: int, cfg: Config, device: torch.device):
-    """The MLP's parameters and BatchNorm running statistics."""
-    buffers = {}
-    for i in range(NUM_HIDDEN):
-        buffers[f"mean{i}"] = torch.zeros(len(seeds), 1, cfg.hidden_dim, device=device)
-        buffers[f"var{i}"] = torch.ones(len(seeds), 1, cfg.hidden_dim, device=device)
-    return init_mlp_params(seeds, in_dim, cfg.hidden_dim, num_classes, device), buffers
-
-
-def init_linear(seeds: list[int], in_dim: int, num_classes: int, cfg: Config, device: torch.device):
-    """The linear probe's weights and intercepts; it keeps no running statistics."""
-    return init_layer_stack(seeds, [in_dim, num_classes], device), {}
-
-
 @dataclass(frozen=True)
 class ModelSizes:
     """Floats one slice of a classifier holds on the device, for predicting its peak memory."""
@@ -1953,20 +1955,6 @@ class ModelSizes:
 def layer_sizes(dims: list[int], extra_params: int, buffers: int, activations: int, eval_activations: int) -> ModelSizes:
     weights = [a * b for a, b in zip(dims[:-1], dims[1:])]
     return ModelSizes(sum(weights) + sum(dims[1:]) + extra_params, max(weights), buffers, activations, eval_activations)
-
-
-def mlp_sizes(in_dim: int, num_classes: int, cfg: Config) -> ModelSizes:
-    """For the backward pass each hidden layer keeps its centred values, ReLU output, dropout draw and
-    scale (4 per unit, fitted to measured peaks); evaluation holds about three layer outputs at once."""
-    h = cfg.hidden_dim
-    return layer_sizes([in_dim] + [h] * NUM_HIDDEN + [num_classes], extra_params=2 * NUM_HIDDEN * h,
-                       buffers=2 * NUM_HIDDEN * h, activations=4 * NUM_HIDDEN * h + 3 * num_classes,
-                       eval_activations=3 * h + num_classes)
-
-
-def linear_sizes(in_dim: int, num_classes: int, cfg: Config) -> ModelSizes:
-    return layer_sizes([in_dim, num_classes], extra_params=0, buffers=0, activations=3 * num_classes,
-                       eval_activations=2 * num_classes)
 
 
 def shared_rows_product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -1995,48 +1983,128 @@ def input_layer(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, blocks: torch
     return torch.cat(parts)[torch.argsort(torch.cat(order))]
 
 
-def ensemble_forward(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor,
-                     dropout_scales: torch.Tensor | None, amp: torch.dtype | None,
-                     blocks: torch.Tensor | None = None) -> torch.Tensor:
-    """The MLP: (slices, batch, features), or (batch, features) shared by every slice (see input_layer),
-    -> (slices, batch, classes).  Linear -> BatchNorm -> ReLU -> Dropout, three times, then Linear.
-    dropout_scales (slices, batch, 3, hidden), each 0 or 1/(1-p), means training mode: batch
-    statistics (running statistics updated in place) and dropout; None means evaluation."""
-    autocast = torch.autocast(x.device.type, dtype=amp) if amp is not None else nullcontext()
-    with autocast:
-        h = input_layer(x, params["w0"], params["b0"], blocks)
+# A step's fixed costs (launches, the Python loop, each epoch's evaluation) in multiply-adds per row and
+# model: an entry's training time went as rows x models x (parameters + this) on our 2-core CPU, where
+# features x rows x runs left the one process that drew flat_vec idle half the run
+STEP_OVERHEAD_MACS = 2_500_000
+
+
+class StackedNetwork(Classifier):
+    """A network trained by Adam on the cross-entropy (train_ensemble): init(seeds, in_dim, num_classes, cfg,
+    device) -> (parameters, running statistics); forward(params, buffers, x, dropout_scales, amp, blocks)
+    -> (slices, batch, classes) in training mode when dropout_scales is given; sizes(in_dim, num_classes,
+    cfg) -> ModelSizes.  Its first layer, `input_weight`, goes through input_layer (see blocks there)."""
+
+    trains_by_gradient = True
+    input_weight = "w0"
+    lr: float | None = None
+    """Adam's initial learning rate; None: --lr"""
+
+    def penalised(self, name: str) -> bool:
+        """Whether the L2 penalty applies to this parameter."""
+        return True
+
+    def dropout_shape(self, cfg: Config) -> tuple[int, ...] | None:
+        """Per training row, the units that dropout draws for (None: no dropout)."""
+        return None
+
+    def fit(self, data: SplitData, cfg: Config, slices: Slices, device: torch.device, label: str) -> EnsembleResult:
+        """train_ensemble, in parts of half as many models for as long as the device runs out of memory."""
+        def in_parts(size: int) -> EnsembleResult:
+            parts = [list(range(i, min(i + size, len(slices)))) for i in range(0, len(slices), size)]
+            return merge_results([train_ensemble(data, cfg, slices.part(p), self, device, label) for p in parts])
+        return halving_on_oom(in_parts, len(slices), 1, device, f"training {label}", lambda size: f"{size} models at a time",
+                              "lower --batch-size or --hidden-dim, or free the GPU")
+
+    def scores(self, params, buffers, blocks, data, amp):
+        return lambda x: self.forward(params, buffers, x, None, amp, blocks)
+
+    def peak_bytes(self, data: SplitData, cfg: Config, slices: int, amp: torch.dtype | None) -> int:
+        """The most device memory training one ensemble should take: standardising (the features and a float64
+        chunk of the statistics), or training: features (resident, or a streamed block or evaluation chunk),
+        labels and each epoch's order, per slice its parameters, their gradients, Adam's moments and best
+        copy, plus the largest of a step's activations and update temporaries, an epoch's order being
+        drawn, and an evaluation chunk's layer outputs."""
+        f32, sizes = 4, self.sizes(data.input_dim, data.num_classes, cfg)
+        n_train, rows = data.size("train"), sum(data.size(s) for s in ("train", "val", "test"))
+        batch, eval_rows = min(cfg.batch_size, n_train), min(EVAL_CHUNK_ROWS, max(data.size(s) for s in ("val", "test")))
+        row_bytes, resident = data.feature_dim * f32, isinstance(data.features, ResidentFeatures)
+        statistics = min(rows_in_chunk(data.feature_dim, 8), n_train) * row_bytes * (2 if resident else 3)  # float64 chunk
+        if resident:
+            features = rows * row_bytes
+        else:  # a block as read and standardised, or an evaluation chunk as read, put in order and standardised
+            eval_rows = min(eval_rows, rows_in_chunk(data.feature_dim, 4))
+            block = min(max(rows_in_chunk(data.feature_dim, f32), slices * batch), n_train)
+            features = max(2 * block, 3 * eval_rows) * row_bytes
+        order = slices * n_train * 8
+        held = features + rows * 8 + order + slices * (5 * sizes.params + 2 * sizes.buffers) * f32
+        cast = 2 if amp is not None else 0  # autocast's half-precision copies of the first layer's input and weights
+        update = sizes.largest * (f32 * (4 if amp == torch.float16 else 1) + cast)  # Adam's temporary (+ fp16 rollback)
+        step = batch * (data.input_dim * (f32 + cast) + sizes.activations * f32) * slices + slices * update
+        evaluation = slices * eval_rows * sizes.eval_activations * f32
+        return max(held + max(step, evaluation, 2 * order), (features if resident else 0) + statistics)
+
+    def cost(self, data_rows: int, width: int, num_classes: int, slices: Slices, cfg: Config) -> int:
+        """rows x models x (parameters, one multiply-add per row each, + a step's fixed cost)."""
+        return data_rows * len(slices) * (self.sizes(width, num_classes, cfg).params + STEP_OVERHEAD_MACS)
+
+
+class MLP(StackedNetwork):
+    """The published protocol: Linear -> BatchNorm -> ReLU -> Dropout, three times, then Linear."""
+
+    name, description = "mlp", "mlp (the published protocol)"
+
+    def init(self, seeds, in_dim, num_classes, cfg, device):
+        """Each slice initialised as nn.Linear and nn.BatchNorm1d would with its run's seed."""
+        h = cfg.hidden_dim
+        params = init_layer_stack(seeds, [in_dim] + [h] * NUM_HIDDEN + [num_classes], device)
+        buffers = {}
         for i in range(NUM_HIDDEN):
-            if i > 0:
-                h = torch.baddbmm(params[f"b{i}"], h, params[f"w{i}"])
-            h = h.float()  # normalise in float32
-            # by hand, not F.batch_norm on a (batch, slices x hidden) view: that view is a transposed copy
-            # per layer, and its reductions round differently (outputs not identical), which over
-            # hundreds of steps changes where runs stop and so their published numbers
-            if dropout_scales is not None:
-                mean = h.mean(1, keepdim=True)
-                centered = h - mean
-                var = centered.square().mean(1, keepdim=True)  # biased, as BatchNorm normalises
-                n = h.shape[1]
-                with torch.no_grad():
-                    buffers[f"mean{i}"].lerp_(mean, BN_MOMENTUM)
-                    buffers[f"var{i}"].lerp_(var * n / max(n - 1, 1), BN_MOMENTUM)
-            else:
-                centered, var = h - buffers[f"mean{i}"], buffers[f"var{i}"]
-            h = torch.relu(centered * (torch.rsqrt(var + BN_EPS) * params[f"gamma{i}"]) + params[f"beta{i}"])
-            if dropout_scales is not None:
-                h = h * dropout_scales[:, :, i]
-        out = torch.baddbmm(params[f"b{NUM_HIDDEN}"], h, params[f"w{NUM_HIDDEN}"])
-    return out.float()
+            params[f"gamma{i}"] = torch.ones(len(seeds), 1, h, device=device)
+            params[f"beta{i}"] = torch.zeros(len(seeds), 1, h, device=device)
+            buffers[f"mean{i}"] = torch.zeros(len(seeds), 1, h, device=device)
+            buffers[f"var{i}"] = torch.ones(len(seeds), 1, h, device=device)
+        return params, buffers
 
+    def forward(self, params, buffers, x, dropout_scales, amp, blocks=None):
+        """dropout_scales (slices, batch, 3, hidden), each 0 or 1/(1-p), means training mode: batch
+        statistics (running statistics updated in place) and dropout; None means evaluation."""
+        autocast = torch.autocast(x.device.type, dtype=amp) if amp is not None else nullcontext()
+        with autocast:
+            h = input_layer(x, params["w0"], params["b0"], blocks)
+            for i in range(NUM_HIDDEN):
+                if i > 0:
+                    h = torch.baddbmm(params[f"b{i}"], h, params[f"w{i}"])
+                h = h.float()  # normalise in float32
+                # by hand, not F.batch_norm on a (batch, slices x hidden) view: that view is a transposed copy
+                # per layer, and its reductions round differently (outputs not identical), which over
+                # hundreds of steps changes where runs stop and so their published numbers
+                if dropout_scales is not None:
+                    mean = h.mean(1, keepdim=True)
+                    centered = h - mean
+                    var = centered.square().mean(1, keepdim=True)  # biased, as BatchNorm normalises
+                    n = h.shape[1]
+                    with torch.no_grad():
+                        buffers[f"mean{i}"].lerp_(mean, BN_MOMENTUM)
+                        buffers[f"var{i}"].lerp_(var * n / max(n - 1, 1), BN_MOMENTUM)
+                else:
+                    centered, var = h - buffers[f"mean{i}"], buffers[f"var{i}"]
+                h = torch.relu(centered * (torch.rsqrt(var + BN_EPS) * params[f"gamma{i}"]) + params[f"beta{i}"])
+                if dropout_scales is not None:
+                    h = h * dropout_scales[:, :, i]
+            out = torch.baddbmm(params[f"b{NUM_HIDDEN}"], h, params[f"w{NUM_HIDDEN}"])
+        return out.float()
 
-def linear_forward(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor,
-                   dropout_scales: torch.Tensor | None, amp: torch.dtype | None,
-                   blocks: torch.Tensor | None = None) -> torch.Tensor:
-    """Multinomial logistic regression: logits x w + b per slice (no dropout, no running statistics)."""
-    autocast = torch.autocast(x.device.type, dtype=amp) if amp is not None else nullcontext()
-    with autocast:
-        out = input_layer(x, params["w0"], params["b0"], blocks)
-    return out.float()
+    def sizes(self, in_dim, num_classes, cfg):
+        """For the backward pass each hidden layer keeps its centred values, ReLU output, dropout draw and
+        scale (4 per unit, fitted to measured peaks); evaluation holds about three layer outputs at once."""
+        h = cfg.hidden_dim
+        return layer_sizes([in_dim] + [h] * NUM_HIDDEN + [num_classes], extra_params=2 * NUM_HIDDEN * h,
+                           buffers=2 * NUM_HIDDEN * h, activations=4 * NUM_HIDDEN * h + 3 * num_classes,
+                           eval_activations=3 * h + num_classes)
+
+    def dropout_shape(self, cfg):
+        return (NUM_HIDDEN, cfg.hidden_dim)
 
 
 # The L2 strengths the linear probe tries, on the mean cross-entropy + l2/2 * |w|^2 (the intercept is
@@ -2048,30 +2116,27 @@ LINEAR_L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 LINEAR_LR = 1e-2
 
 
-@dataclass(frozen=True)
-class Classifier:
-    """A model trained as a stacked ensemble: how its slices start, how they compute, which parameters
-    the L2 penalty applies to, the penalties tried (None: --weight-decay, the published protocol)
-    and its learning rate."""
+class LinearProbe(StackedNetwork):
+    """Multinomial logistic regression: logits x w + b per slice (no dropout, no running statistics)."""
 
-    name: str
-    init: Callable
-    forward: Callable
-    sizes: Callable[[int, int, Config], ModelSizes]
-    penalised: Callable[[str], bool]
-    dropout: bool
-    l2_grid: tuple[float, ...] | None
-    lr: float | None
-    """Adam's initial learning rate; None: --lr"""
+    name, description = "linear", "linear (multinomial logistic regression, L2 chosen on val)"
+    grid, lr = LINEAR_L2_GRID, LINEAR_LR
 
+    def init(self, seeds, in_dim, num_classes, cfg, device):
+        return init_layer_stack(seeds, [in_dim, num_classes], device), {}
 
-# mlp: the published protocol; linear: an L2-regularised logistic-regression probe
-CLASSIFIERS = {
-    "mlp": Classifier("mlp", init_mlp, ensemble_forward, mlp_sizes, penalised=lambda name: True, dropout=True, l2_grid=None,
-                      lr=None),
-    "linear": Classifier("linear", init_linear, linear_forward, linear_sizes, penalised=lambda name: name.startswith("w"),
-                         dropout=False, l2_grid=LINEAR_L2_GRID, lr=LINEAR_LR),
-}
+    def forward(self, params, buffers, x, dropout_scales, amp, blocks=None):
+        autocast = torch.autocast(x.device.type, dtype=amp) if amp is not None else nullcontext()
+        with autocast:
+            out = input_layer(x, params["w0"], params["b0"], blocks)
+        return out.float()
+
+    def sizes(self, in_dim, num_classes, cfg):
+        return layer_sizes([in_dim, num_classes], extra_params=0, buffers=0, activations=3 * num_classes,
+                           eval_activations=2 * num_classes)
+
+    def penalised(self, name):
+        return name.startswith("w")
 
 
 # --- training --------------------------------------------------------------------------------
@@ -2105,39 +2170,39 @@ class CompiledForward:
     happens to equal one (3 runs and 3 hidden layers) is never merged with it (duck shaping) and does not
     recompile when they part."""
 
-    def __init__(self, forward: Callable, backend: str | Callable = COMPILE_BACKEND):
+    def __init__(self, classifier: StackedNetwork, backend: str | Callable = COMPILE_BACKEND):
         self.clock = CompileClock(backend)
-        self.compiled = torch.compile(forward, dynamic=True, backend=self.clock)
+        self.compiled = torch.compile(classifier.forward, dynamic=True, backend=self.clock)
+        self.input_weight = classifier.input_weight
 
     def __call__(self, params, buffers, x, dropout_scales, amp, blocks=None):
         for name, t in {**params, **buffers}.items():
-            for dim in range(2 if name == "w0" else 1, t.dim()):  # w0: (slices, features, out)
+            for dim in range(2 if name == self.input_weight else 1, t.dim()):  # (slices, features, out)
                 torch._dynamo.mark_static(t, dim)
-        if dropout_scales is not None:  # (slices, batch, hidden layers, hidden)
-            torch._dynamo.mark_static(dropout_scales, 2)
-            torch._dynamo.mark_static(dropout_scales, 3)
+        if dropout_scales is not None:  # (slices, batch, the classifier's dropout_shape)
+            for dim in range(2, dropout_scales.dim()):
+                torch._dynamo.mark_static(dropout_scales, dim)
         return self.compiled(params, buffers, x, dropout_scales, amp, blocks)
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_for(classifier: str, mode: str, device_type: str):
-    forward = CLASSIFIERS[classifier].forward
+def _compiled_forward(classifier: StackedNetwork, mode: str, device_type: str) -> CompiledForward | None:
     wanted = mode == "on" or (mode == "auto" and device_type == "cuda")
     if not wanted:
-        return forward
+        return None
     reason = compile_available(torch.device(device_type))
     if reason is None:
-        return CompiledForward(forward)
+        return CompiledForward(classifier)
     if mode == "on":
         raise ExperimentError(f"--compile on: {reason}; use --compile off")
     tqdm.write(f"notice: {reason}; training without torch.compile")
-    return forward
+    return None
 
 
-def training_forward(cfg: Config, classifier: Classifier, device: torch.device):
+def training_forward(cfg: Config, classifier: StackedNetwork, device: torch.device):
     """The training step's forward: compiled with torch.compile where asked (auto: on CUDA, where
     compilation pays for itself within an ensemble's first epochs), decided once per process."""
-    return _forward_for(classifier.name, cfg.compile, device.type)
+    return _compiled_forward(classifier, cfg.compile, device.type) or classifier.forward
 
 
 def compile_seconds(forward) -> float:
@@ -2224,7 +2289,8 @@ class RunHistory:
     plateau_best: float = -math.inf
     plateau_bad_epochs: int = 0
     lr: float = 0.0
-    l2: float = 0.0
+    setting: float = 0.0
+    """the value of its classifier's setting it was trained with (the MLP's and linear probe's: L2)"""
     failed: str | None = None
     seconds: float = 0.0
     """its share of the ensemble's training time: each epoch's time split among the slices it trained"""
@@ -2243,17 +2309,17 @@ def plateau_update(h: RunHistory, val_acc: float) -> None:
 
 @dataclass
 class Slices:
-    """What each slice of a stacked ensemble is: its seed (initialisation, shuffling, dropout), its L2
-    penalty, the reported unit it is a candidate for (a run; for the layer map a module's run), and
+    """What each slice of a stacked ensemble is: its seed (initialisation, shuffling, dropout), its value
+    of the classifier's setting (L2 penalty, or k), the reported unit it is a candidate for (a run; for the layer map a module's run), and
     for the layer map the block of columns (the module) it reads."""
 
     seeds: list[int]
-    l2: list[float]
+    setting: list[float]
     units: list[int]
     blocks: list[int] | None = None
 
     def part(self, picks: list[int]) -> Slices:
-        return Slices([self.seeds[i] for i in picks], [self.l2[i] for i in picks], [self.units[i] for i in picks],
+        return Slices([self.seeds[i] for i in picks], [self.setting[i] for i in picks], [self.units[i] for i in picks],
                       None if self.blocks is None else [self.blocks[i] for i in picks])
 
     def __len__(self) -> int:
@@ -2263,15 +2329,14 @@ class Slices:
     def joined(parts: list[Slices]) -> Slices:
         """Parts' slices one after the other."""
         every = lambda attr: [v for part in parts for v in getattr(part, attr)]
-        return Slices(every("seeds"), every("l2"), every("units"), None if parts[0].blocks is None else every("blocks"))
+        return Slices(every("seeds"), every("setting"), every("units"), None if parts[0].blocks is None else every("blocks"))
 
 
 def run_slices(cfg: Config, classifier: Classifier, num_blocks: int | None = None) -> Slices:
-    """Every slice of one entry, block by block, run by run, then L2 strength: run k is seeded
-    run_seed(cfg, k) whatever its block or strength, so paired comparisons stay paired."""
-    grid = classifier.l2_grid or (cfg.weight_decay,)
-    picks = [(b, k, l2) for b in range(num_blocks or 1) for k in range(cfg.runs) for l2 in grid]
-    return Slices(seeds=[run_seed(cfg, k) for _, k, _ in picks], l2=[l2 for _, _, l2 in picks],
+    """Every slice of one entry, block by block, run by run, then setting: run k is seeded
+    run_seed(cfg, k) whatever its block or setting, so paired comparisons stay paired."""
+    picks = [(b, k, v) for b in range(num_blocks or 1) for k in range(cfg.runs) for v in classifier.settings(cfg)]
+    return Slices(seeds=[run_seed(cfg, k) for _, k, _ in picks], setting=[v for _, _, v in picks],
                   units=[b * cfg.runs + k for b, k, _ in picks],
                   blocks=None if num_blocks is None else [b for b, _, _ in picks])
 
@@ -2297,10 +2362,10 @@ class EnsembleResult:
     def device(self) -> torch.device:
         return next(iter(self.best_params.values())).device
 
-    def logits(self, amp: torch.dtype | None):
-        """x -> every slice's logits, evaluation mode, with its best weights."""
+    def logits(self, data: SplitData, amp: torch.dtype | None):
+        """x -> every slice's class scores, evaluation mode, with its best weights."""
         blocks = None if self.slices.blocks is None else torch.tensor(self.slices.blocks, device=self.device)
-        return lambda x: self.classifier.forward(self.best_params, self.best_buffers, x, None, amp, blocks)
+        return self.classifier.scores(self.best_params, self.best_buffers, blocks, data, amp)
 
 
 def predictions(logits, data: SplitData, split: str, rows: int = EVAL_CHUNK_ROWS) -> torch.Tensor:
@@ -2320,13 +2385,13 @@ class StackedModels:
     the layer map, module block), and the best weights so far.  Slices that stop leave the stack.
     Changing the architecture is the classifier's init and forward; the optimiser is `step`."""
 
-    def __init__(self, classifier: Classifier, slices: Slices, data: SplitData, cfg: Config, device: torch.device):
+    def __init__(self, classifier: StackedNetwork, slices: Slices, data: SplitData, cfg: Config, device: torch.device):
         self.classifier, self.amp = classifier, amp_dtype(cfg, device)
         self.params, self.buffers = classifier.init(slices.seeds, data.input_dim, data.num_classes, cfg, device)
         for p in self.params.values():
             p.requires_grad_(True)
         self.moments = {k: {"m": torch.zeros_like(p), "v": torch.zeros_like(p)} for k, p in self.params.items()}
-        self.per_slice = {"l2": torch.tensor(slices.l2, device=device).view(-1, 1, 1)}
+        self.per_slice = {"l2": torch.tensor(slices.setting, device=device).view(-1, 1, 1)}
         if slices.blocks is not None:
             self.per_slice["blocks"] = torch.tensor(slices.blocks, device=device)
         self.best_params = {k: p.detach().clone() for k, p in self.params.items()}
@@ -2401,14 +2466,15 @@ def epoch_end(histories: list[RunHistory], active: list[int], val_acc: list[floa
     return improved, keep
 
 
-def dropout_scales(generators: list[torch.Generator], rows: int, cfg: Config, device: torch.device) -> torch.Tensor:
-    """(slices, rows, NUM_HIDDEN, hidden): each unit dropped with probability --dropout (0), kept scaled by
-    1 / (1 - p) so its expected value is unchanged, drawn from each slice's own generator."""
-    draws = torch.stack([torch.rand(rows, NUM_HIDDEN, cfg.hidden_dim, generator=g, device=device) for g in generators])
-    return (draws >= cfg.dropout).float().mul_(1.0 / (1.0 - cfg.dropout))
+def dropout_scales(generators: list[torch.Generator], rows: int, shape: tuple[int, ...], p: float,
+                   device: torch.device) -> torch.Tensor:
+    """(slices, rows, *shape): each unit dropped with probability p (0), kept scaled by 1 / (1 - p) so its
+    expected value is unchanged, drawn from each slice's own generator."""
+    draws = torch.stack([torch.rand(rows, *shape, generator=g, device=device) for g in generators])
+    return (draws >= p).float().mul_(1.0 / (1.0 - p))
 
 
-def train_ensemble(data: SplitData, cfg: Config, slices: Slices, classifier: Classifier, device: torch.device,
+def train_ensemble(data: SplitData, cfg: Config, slices: Slices, classifier: StackedNetwork, device: torch.device,
                    progress_label: str = "") -> EnsembleResult:
     """Train one model per slice, all at once as stacked weights, each with its own initialisation,
     shuffling and dropout stream, L2 penalty, learning-rate schedule, early stopping and best weights.
@@ -2416,7 +2482,8 @@ def train_ensemble(data: SplitData, cfg: Config, slices: Slices, classifier: Cla
     started = time.perf_counter()
     models = StackedModels(classifier, slices, data, cfg, device)
     compiled_before = compile_seconds(models.training_forward)
-    histories = [RunHistory(seed=s, lr=classifier.lr or cfg.lr, l2=l2) for s, l2 in zip(slices.seeds, slices.l2)]
+    histories = [RunHistory(seed=s, lr=classifier.lr or cfg.lr, setting=l2) for s, l2 in zip(slices.seeds, slices.setting)]
+    dropout = classifier.dropout_shape(cfg)
     generators = [torch.Generator(device=device).manual_seed(s) for s in slices.seeds]
     y_train, n_train = data.y["train"], data.size("train")
     batch = min(cfg.batch_size, n_train)
@@ -2431,7 +2498,7 @@ def train_ensemble(data: SplitData, cfg: Config, slices: Slices, classifier: Cla
         order = epoch_order(n_train, [generators[r] for r in active], device)
         loss_sum = torch.zeros(len(active), device=device)
         for idx, x in data.features.epoch_batches(order, batch, steps, models.per_slice.get("blocks"), data.block_width):
-            scales = dropout_scales([generators[r] for r in active], idx.shape[1], cfg, device) if classifier.dropout else None
+            scales = dropout_scales([generators[r] for r in active], idx.shape[1], dropout, cfg.dropout, device) if dropout else None
             logits = models.forward(x, scales)
             losses = F.cross_entropy(logits.flatten(0, 1), y_train[idx].flatten(), reduction="none").view(len(active), -1).mean(1)
             models.step(losses, lr)
@@ -2469,74 +2536,158 @@ def merge_results(parts: list[EnsembleResult]) -> EnsembleResult:
         seconds=sum(p.seconds for p in parts), compile_seconds=sum(p.compile_seconds for p in parts))
 
 
-def train_fitting(data: SplitData, cfg: Config, slices: Slices, classifier: Classifier, device: torch.device,
-                  label: str) -> EnsembleResult:
-    """train_ensemble, in parts of half as many models for as long as the device runs out of memory."""
-    def in_parts(size: int) -> EnsembleResult:
-        parts = [list(range(i, min(i + size, len(slices)))) for i in range(0, len(slices), size)]
-        return merge_results([train_ensemble(data, cfg, slices.part(p), classifier, device, label) for p in parts])
-    return halving_on_oom(in_parts, len(slices), 1, device, f"training {label}", lambda size: f"{size} models at a time",
-                          "lower --batch-size or --hidden-dim, or free the GPU")
-
-
-def predicted_peak_bytes(data: SplitData, cfg: Config, classifier: Classifier, slices: int,
-                         amp: torch.dtype | None) -> int:
-    """The most device memory training one ensemble should take: standardising (the features and a float64
-    chunk of the statistics), or training: features (resident, or a streamed block or evaluation chunk),
-    labels and each epoch's order, per slice its parameters, their gradients, Adam's moments and best
-    copy, plus the largest of a step's activations and update temporaries, an epoch's order being
-    drawn, and an evaluation chunk's layer outputs."""
-    f32, sizes = 4, classifier.sizes(data.input_dim, data.num_classes, cfg)
-    n_train, rows = data.size("train"), sum(data.size(s) for s in ("train", "val", "test"))
-    batch, eval_rows = min(cfg.batch_size, n_train), min(EVAL_CHUNK_ROWS, max(data.size(s) for s in ("val", "test")))
-    row_bytes, resident = data.feature_dim * f32, isinstance(data.features, ResidentFeatures)
-    statistics = min(rows_in_chunk(data.feature_dim, 8), n_train) * row_bytes * (2 if resident else 3)  # float64 chunk
-    if resident:
-        features = rows * row_bytes
-    else:  # a block as read and standardised, or an evaluation chunk as read, put in order and standardised
-        eval_rows = min(eval_rows, rows_in_chunk(data.feature_dim, 4))
-        block = min(max(rows_in_chunk(data.feature_dim, f32), slices * batch), n_train)
-        features = max(2 * block, 3 * eval_rows) * row_bytes
-    order = slices * n_train * 8
-    held = features + rows * 8 + order + slices * (5 * sizes.params + 2 * sizes.buffers) * f32
-    cast = 2 if amp is not None else 0  # autocast's half-precision copies of the first layer's input and weights
-    update = sizes.largest * (f32 * (4 if amp == torch.float16 else 1) + cast)  # Adam's temporary (+ fp16 rollback)
-    step = batch * (data.input_dim * (f32 + cast) + sizes.activations * f32) * slices + slices * update
-    evaluation = slices * eval_rows * sizes.eval_activations * f32
-    return max(held + max(step, evaluation, 2 * order), (features if resident else 0) + statistics)
-
-
 def best_of_grid(result: EnsembleResult) -> EnsembleResult:
-    """Per reported unit, in unit order, the slice of the L2 grid with the best validation accuracy
-    (ties go to the stronger penalty, the simpler model; a slice whose training failed only when all did)."""
+    """Per reported unit, in unit order, the slice of the grid with the best validation accuracy (ties go
+    to the larger setting, the simpler model: the stronger penalty, the more neighbours; a slice whose
+    training failed only when all did)."""
     units = result.slices.units
     chosen, seconds = [], []
     for unit in sorted(set(units)):
         candidates = [i for i, u in enumerate(units) if u == unit]
         usable = [i for i in candidates if result.histories[i].failed is None] or candidates
-        chosen.append(max(usable, key=lambda i: (result.histories[i].best_val_acc, result.slices.l2[i])))
+        chosen.append(max(usable, key=lambda i: (result.histories[i].best_val_acc, result.slices.setting[i])))
         seconds.append(sum(result.histories[i].seconds for i in candidates))  # a run's time: its whole grid
     best = result.part(chosen)
     best.histories = [dataclasses.replace(h, seconds=t) for h, t in zip(best.histories, seconds)]
     return best
 
 
-def train_runs(data: SplitData, cfg: Config, device: torch.device, label: str, classifier: str = "mlp",
+def train_runs(data: SplitData, cfg: Config, device: torch.device, label: str, model: Classifier,
                num_blocks: int | None = None) -> EnsembleResult:
     """All runs of one entry (for the layer map: of every module) as one ensemble, or one run at a time
-    with --sequential-runs; for the linear probe, each run's L2 strength chosen on the validation split."""
-    model = CLASSIFIERS[classifier]
+    with --sequential-runs; with a grid (the linear probe's L2, knn's k), each run's setting chosen on
+    the validation split."""
     slices = run_slices(cfg, model, num_blocks)
     together = len(slices) // cfg.runs if cfg.sequential_runs else len(slices)
-    peak = predicted_peak_bytes(data, cfg, model, together, amp_dtype(cfg, device))
+    peak = model.peak_bytes(data, cfg, together, amp_dtype(cfg, device))
     where = "resident" if isinstance(data.features, ResidentFeatures) else "streamed from disk"
     tqdm.write(f"{label}: {together} models at a time, features {where}, predicted peak device memory "
                f"{peak / 2 ** 30:.2f} GiB")
     if not cfg.sequential_runs:
-        return best_of_grid(train_fitting(data, cfg, slices, model, device, label))
+        return best_of_grid(model.fit(data, cfg, slices, device, label))
     runs = [[i for i, unit in enumerate(slices.units) if unit % cfg.runs == k] for k in range(cfg.runs)]
-    return best_of_grid(merge_results([train_fitting(data, cfg, slices.part(picks), model, device, f"{label} run {k + 1}")
+    return best_of_grid(merge_results([model.fit(data, cfg, slices.part(picks), device, f"{label} run {k + 1}")
                                        for k, picks in enumerate(runs)]))
+
+
+# --- classifiers fitted in one pass, without gradients: k-nearest neighbours ----------------------
+
+def labelled_chunks(data: SplitData, split: str, rows: int = EVAL_CHUNK_ROWS):
+    """(features, labels) of a split, chunk by chunk in split order."""
+    start = 0
+    for x in data.features.eval_chunks(split, rows):
+        yield x, data.y[split][start:start + x.shape[0]]
+        start += x.shape[0]
+
+
+def block_columns(x: torch.Tensor, block: int | None, width: int | None) -> torch.Tensor:
+    """A layer map's module columns of rows x (all columns when block is None)."""
+    return x if block is None else x[:, block * width:(block + 1) * width]
+
+
+class OnePassClassifier(Classifier):
+    """A classifier fitted without gradients: `parameters` makes every slice's parameters from the training
+    split, `scores` computes with them.  Nothing is trained, so its runs differ only where its seed
+    decides something, and no run can stall."""
+
+    def parameters(self, data: SplitData, slices: Slices, device: torch.device) -> dict[str, torch.Tensor]:
+        """Each slice's parameters, (slices, ...) tensors."""
+        raise NotImplementedError
+
+    def fit(self, data, cfg, slices, device, label):
+        started = time.perf_counter()
+        params = self.parameters(data, slices, device)
+        blocks = None if slices.blocks is None else torch.tensor(slices.blocks, device=device)
+        with torch.no_grad():
+            val_acc = (predictions(self.scores(params, {}, blocks, data, None), data, "val") == data.y["val"]).float().mean(1)
+        seconds = time.perf_counter() - started
+        histories = [RunHistory(seed=s, setting=v, val_acc=[acc], best_val_acc=acc, seconds=seconds / len(slices))
+                     for s, v, acc in zip(slices.seeds, slices.setting, val_acc.tolist())]
+        return EnsembleResult(self, slices, histories, params, {}, seconds)
+
+    def peak_bytes(self, data, cfg, slices, amp):
+        """The features (when resident, else an evaluation chunk), the labels, and an evaluation chunk's scores."""
+        f32, rows = 4, sum(data.size(s) for s in ("train", "val", "test"))
+        eval_rows = min(EVAL_CHUNK_ROWS, max(data.size(s) for s in ("train", "val", "test")))
+        features = rows if isinstance(data.features, ResidentFeatures) else 3 * eval_rows
+        return features * data.feature_dim * f32 + rows * 8 + slices * eval_rows * data.num_classes * f32
+
+    def cost(self, data_rows, width, num_classes, slices, cfg):
+        """One pass over the rows per slice."""
+        return data_rows * width * len(slices)
+
+
+# The k tried, the validation split choosing one per run; 1-nearest-neighbour is the published baseline
+KNN_K_GRID = (1, 3, 5, 9, 15, 25)
+# At most this many query x training-row distances exist at once (float32: 64 MiB), whatever the rows
+KNN_DISTANCE_ELEMENTS = 2 ** 24
+
+
+def nearest_training_labels(data: SplitData, x: torch.Tensor, blocks: list[int | None], k: int) -> torch.Tensor:
+    """(blocks, rows of x, k): for each block's columns, the labels of the k training rows nearest each row
+    of x (squared Euclidean on the standardised features), nearest first.  Training rows are read in
+    chunks, so that no more than KNN_DISTANCE_ELEMENTS distances exist at once, whatever the split's size."""
+    rows, k = x.shape[0], min(k, data.size("train"))
+    best_d = x.new_full((len(blocks), rows, 0), math.inf, dtype=torch.float32)
+    best_y = data.y["train"].new_zeros((len(blocks), rows, 0))
+    for chunk, y in labelled_chunks(data, "train", max(1, KNN_DISTANCE_ELEMENTS // rows)):
+        d, labels = [], []
+        for j, block in enumerate(blocks):
+            q, t = block_columns(x, block, data.block_width).float(), block_columns(chunk, block, data.block_width).float()
+            dist = torch.addmm(q.square().sum(1, keepdim=True), q, t.T, alpha=-2).add_(t.square().sum(1)).clamp_min_(0)
+            candidates = torch.cat([best_d[j], dist], 1)
+            nearest = candidates.topk(min(k, candidates.shape[1]), dim=1, largest=False)
+            d.append(nearest.values)
+            labels.append(torch.cat([best_y[j], y.expand(rows, -1)], 1).gather(1, nearest.indices))
+        best_d, best_y = torch.stack(d), torch.stack(labels)
+    return best_y
+
+
+class NearestNeighbours(OnePassClassifier):
+    """k-nearest neighbours on the standardised features (Euclidean), each neighbour one vote.  Every run
+    finds the same neighbours; its seed only orders the classes for breaking a tie in the vote (a fixed
+    order would favour the first class).  The neighbours of a chunk of rows are found once and shared by
+    every slice reading the same columns (every run and every k)."""
+
+    name, description = "knn", "knn (k-nearest neighbours, k chosen on val)"
+    setting, setting_text, setting_format, grid = "k", "k (neighbours)", "d", KNN_K_GRID
+
+    def open_edges(self):
+        return (max(self.grid),)  # nothing lies below 1 neighbour
+
+    def parameters(self, data, slices, device):
+        tie_order = [torch.randperm(data.num_classes, generator=torch.Generator().manual_seed(s)) for s in slices.seeds]
+        return {"k": torch.tensor([int(k) for k in slices.setting], device=device),
+                "tie_order": torch.stack(tie_order).float().to(device) / data.num_classes}  # below 1: breaks ties only
+
+    def scores(self, params, buffers, blocks, data, amp):
+        block_of = [None] * len(params["k"]) if blocks is None else blocks.tolist()
+        used = list(dict.fromkeys(block_of))
+        slots_of = defaultdict(list)  # (block, k) -> the slices that vote alike, but for ties
+        for slot, (block, k) in enumerate(zip(block_of, params["k"].tolist())):
+            slots_of[block, k].append(slot)
+
+        def votes(x: torch.Tensor) -> torch.Tensor:
+            labels = nearest_training_labels(data, x, used, int(params["k"].max()))
+            out = params["tie_order"][:, None, :].repeat(1, x.shape[0], 1)
+            for (block, k), slots in slots_of.items():
+                nearest = labels[used.index(block), :, :k]
+                out[slots] += torch.zeros_like(out[0]).scatter_add_(1, nearest, torch.ones_like(nearest, dtype=out.dtype))
+            return out
+        return votes
+
+    def peak_bytes(self, data, cfg, slices, amp):
+        """Also a training chunk's distances to an evaluation chunk, merged with the nearest so far."""
+        return super().peak_bytes(data, cfg, slices, amp) + 3 * KNN_DISTANCE_ELEMENTS * 4
+
+    def cost(self, data_rows, width, num_classes, slices, cfg):
+        """Every row's distance to every training row, per distinct block of columns."""
+        return data_rows * data_rows * width * len(set(slices.blocks or [None]))
+
+
+# --- the registry: --classifiers takes these names -----------------------------------------------
+
+CLASSIFIERS = {c.name: c for c in (MLP(), LinearProbe(), NearestNeighbours())}
 
 
 # =============================================================================================
@@ -2697,7 +2848,7 @@ def split_metrics(result: EnsembleResult, data: SplitData, amp) -> tuple[dict, d
     metrics, confusions = {}, {}
     with torch.no_grad():
         for split in ("train", "val", "test"):
-            pred = predictions_fitting(result.logits(amp), data, split)
+            pred = predictions_fitting(result.logits(data, amp), data, split)
             confusions[split] = confusion_matrices(pred, data.y[split], data.num_classes)
             metrics[split] = {k: v.tolist() for k, v in classification_metrics(confusions[split]).items()}
     return metrics, confusions
@@ -2716,13 +2867,15 @@ def runs_entry(result: EnsembleResult, metrics: dict, confusions: dict, data: Sp
     runs named, stalled runs marked), learning curves, confusion matrices."""
     runs = len(result.histories)
     ok = [k for k, h in enumerate(result.histories) if h.failed is None]
+    model = result.classifier
     stalled = stalled_runs(metrics["train"]["acc"], [h.best_epoch for h in result.histories], data.y["train"])
     per_run = []
     for k, h in enumerate(result.histories):
         row = {"run": k, "seed": h.seed, "training_time": h.seconds, "best_epoch": h.best_epoch,
-               "feature_dim": feature_dim, "failed": h.failed, "stalled": k in ok and stalled[k]}
-        if result.classifier.l2_grid:
-            row["l2"] = h.l2  # the strength the validation split chose
+               "feature_dim": feature_dim, "failed": h.failed,
+               "stalled": k in ok and stalled[k] if model.trains_by_gradient else None}  # None: nothing to stall
+        if model.grid:
+            row[model.setting] = h.setting  # what the validation split chose
         for split in ("train", "val", "test"):
             row[f"{split}_acc"] = metrics[split]["acc"][k]
         for split in ("val", "test"):
@@ -2730,7 +2883,7 @@ def runs_entry(result: EnsembleResult, metrics: dict, confusions: dict, data: Sp
                 row[f"{split}_{m}"] = metrics[split][m][k]
         per_run.append(row)
 
-    entry = {"representation": entry_name, "classifier": result.classifier.name, "num_layers": num_layers,
+    entry = {"representation": entry_name, "classifier": model.name, "num_layers": num_layers,
              "feature_dim": feature_dim,
              "num_successful_runs": len(ok), "failed_runs": [k for k in range(runs) if k not in ok]}
     for split in ("train", "val", "test"):
@@ -2936,16 +3089,21 @@ def stalled_run_indices(entry: dict) -> list[int]:
     return [r["run"] for r in entry["per_run_results"] if r["stalled"]]
 
 
+def trained(entry: dict) -> bool:
+    return any(r["stalled"] is not None for r in entry["per_run_results"])  # knn's runs: None, nothing to stall
+
+
 def learned(entry: dict) -> bool:
-    """Whether any successful run of the entry fitted its training split (did not stall)."""
-    return len(stalled_run_indices(entry)) < len(successful_runs(entry))
+    """Whether any successful run of a trained entry fitted its training split (did not stall); knn
+    fits its training split by remembering it, which says nothing of signal."""
+    return trained(entry) and len(stalled_run_indices(entry)) < len(successful_runs(entry))
 
 
 def training_outcome(entry: dict, same_features: list[dict]) -> dict:
     """A stalled run failed to train when something learned from the same features (another run, or another
     classifier): --min-epochs may rescue it.  When nothing did, the features carry no signal the
     classifiers can use, and no rerun helps."""
-    no_signal = measured(entry) and not any(learned(e) for e in same_features)
+    no_signal = measured(entry) and trained(entry) and not any(learned(e) for e in same_features)
     return {"failed_to_train_runs": [] if no_signal else stalled_run_indices(entry), "no_signal": no_signal}
 
 
@@ -2995,7 +3153,7 @@ def row_label(representation: str, classifier: str) -> str:
 STALLED_MARK = "*"      # after a run that failed to train (the features taught the entry's other runs or classifiers)
 NO_SIGNAL_MARK = "#"    # after an entry from whose features no run of any classifier learned
 NEAR_CHANCE_MARK = "~"  # after a retention whose all-layers accuracy is not above chance
-EDGE_MARK = "!"         # after a linear probe's L2 strength at an edge of its grid
+EDGE_MARK = "!"         # after a setting chosen at an edge of its classifier's grid (L2, k)
 
 
 def number(value: float | None, spec: str = ".3f") -> str:
@@ -3068,22 +3226,27 @@ def interval_lines(results: dict) -> list[str]:
     return header + lines if lines else []
 
 
-def chosen_l2(entry: dict) -> list[tuple[float, bool]]:
-    """Per run of an entry whose classifier tries an L2 grid: (the strength chosen, whether at an edge of the grid)."""
-    grid = CLASSIFIERS[entry["classifier"]].l2_grid
-    return [(r["l2"], r["l2"] in (min(grid), max(grid))) for r in entry["per_run_results"]] if grid else []
-
-
-def l2_lines(results: dict) -> list[str]:
-    """Each linear-probe entry's chosen L2 strengths, run by run, those at an edge of the grid marked."""
-    probes = [e for e in all_entries(results) + results.get("block_ablation", []) if chosen_l2(e)]
-    width = max((len(e["representation"]) for e in probes), default=0)
-    lines = [f"{e['representation']:<{width}} " + " ".join(f"{l2:.0e}{EDGE_MARK if edge else ' '}" for l2, edge in chosen_l2(e))
-             for e in probes]
-    if not lines:
+def chosen_settings(entry: dict) -> list[tuple[float, bool]]:
+    """Per run of an entry whose classifier tries a grid: (the setting chosen, whether at an edge of the grid)."""
+    model = CLASSIFIERS.get(entry["classifier"])
+    if model is None or not model.grid:
         return []
-    return [f"L2 strength each linear-probe run chose on the validation split ({EDGE_MARK}: at an edge of the grid "
-            f"{', '.join(f'{v:.0e}' for v in LINEAR_L2_GRID)}: the best strength may lie beyond it)", *lines]
+    return [(r[model.setting], r[model.setting] in model.open_edges()) for r in entry["per_run_results"]]
+
+
+def setting_lines(results: dict) -> list[str]:
+    """Per classifier with a grid, each entry's chosen settings, run by run, those at an edge of the grid marked."""
+    lines = []
+    for model in (m for m in CLASSIFIERS.values() if m.grid):
+        entries = [e for e in all_entries(results) + results.get("block_ablation", [])
+                   if e["classifier"] == model.name and chosen_settings(e)]
+        width = max((len(e["representation"]) for e in entries), default=0)
+        grid = ", ".join(f"{v:{model.setting_format}}" for v in model.grid)
+        lines += [f"{model.setting_text} each {model.name} run chose on the validation split ({EDGE_MARK}: at an "
+                  f"open edge of the grid {grid}: the best may lie beyond it)"] if entries else []
+        lines += [f"{e['representation']:<{width}} " + " ".join(f"{v:{model.setting_format}}{EDGE_MARK if edge else ' '}"
+                                                               for v, edge in chosen_settings(e)) for e in entries]
+    return lines
 
 
 def map_grid(layer_map: dict) -> tuple[list[str], list[str], dict[tuple[str, str], dict]]:
@@ -3127,7 +3290,7 @@ def layer_map_lines(layer_map: dict, chance: float, runs: int) -> list[str]:
     labels = position_labels(positions)
     block_width = max(len("block"), *(len(b) for b in blocks))
     width = max(7, *(len(label) for label in labels))
-    lines = [f"Layer map of {layer_map['representation']}: test accuracy of a linear probe on each module alone, "
+    lines = [f"Layer map of {layer_map['representation']}: test accuracy of {layer_map['classifier']} on each module alone, "
              f"mean over {runs} runs ({NEAR_CHANCE_MARK}: not above chance {chance:.3f}, binomial test with Holm's "
              f"correction over the map's {layer_map['num_modules']} modules; trained in {layer_map['training_time']:.1f}s)",
              f"{'block':<{block_width}} " + " ".join(f"{label:>{width}}" for label in labels)]
@@ -3230,7 +3393,7 @@ def comparison_table(results: dict) -> str:
             line += f" {format_acc(find_entry(results, g, rep, clf)):>22} {drop_and_retention(results, g, rep, clf)}"
         lines.append(line)
     lines += ["", *per_run_lines(results)]
-    for section in (interval_lines(results), l2_lines(results)):
+    for section in (interval_lines(results), setting_lines(results)):
         lines += ["", *section] if section else []
     for layer_map in results.get("layer_map", []):
         lines += ["", *layer_map_lines(layer_map, results["chance"], results["num_runs"])]
@@ -3443,7 +3606,7 @@ def plot_confusion(results: dict, entry: dict, path: Path) -> None:
 
 
 def figure_layer_map(results: dict):
-    """A heatmap per mapped representation: mean test accuracy of each module's linear probe, blocks in
+    """A heatmap per mapped representation: mean test accuracy of each module's classifier, blocks in
     network order down, positions across, values in the cells; the colour scale is centred on chance."""
     from matplotlib.colors import TwoSlopeNorm
     maps, chance = results["layer_map"], results["chance"]
@@ -3464,7 +3627,7 @@ def figure_layer_map(results: dict):
         image = ax.imshow(values, cmap="RdBu_r", norm=norm, aspect="auto")
         ax.set_xticks(np.arange(len(positions)), position_labels(positions), rotation=30, ha="right", fontsize=8)
         ax.set_yticks(np.arange(len(blocks)), blocks, fontsize=8)
-        ax.set_title(f"{layer_map['representation']}: linear probe per module", fontsize=9)
+        ax.set_title(f"{layer_map['representation']}: {layer_map['classifier']} per module", fontsize=9)
         bar = fig.colorbar(image, ax=ax, fraction=0.04)
         bar.ax.axhline(chance, color="black", linewidth=1.5)
         bar.set_ticks(sorted({0.0, chance, 0.5, 1.0}))
@@ -3563,9 +3726,11 @@ def add_experiment_arguments(add: Callable, defaults: Config) -> None:
     add("--sample-layers", type=_fraction, default=defaults.sample_layers,
         help="fraction of LoRA modules to use, seeded, down/up pairs kept together")
     add("--classifiers", type=_choice_list(tuple(CLASSIFIERS)), default=defaults.classifiers,
-        help="comma list: mlp (the published protocol), linear (multinomial logistic regression, L2 chosen on val)")
+        help="comma list: " + ", ".join(c.description for c in CLASSIFIERS.values()))
     add("--layer-map", type=_choice_list(tuple(REPRESENTATIONS)), default=defaults.layer_map, metavar="REPR[,REPR...]",
-        help="map test accuracy module by module for these representations (one linear probe per module)")
+        help="map test accuracy module by module for these representations (a classifier per module)")
+    add("--layer-map-classifier", choices=tuple(CLASSIFIERS), default=defaults.layer_map_classifier,
+        help="the classifier the layer map trains on each module alone")
     add("--block-ablation", action="store_true",
         help="also train on all layers minus one block at a time (for every representation and classifier)")
     add("--num-runs", type=_positive_int, default=defaults.num_runs, help="training runs per representation and layer group")
@@ -3938,13 +4103,13 @@ def failed_to_train_warning(results: dict, cfg: Config) -> str | None:
             f"{'; '.join(failed)}; rerun with --min-epochs {max(2 * cfg.patience, 2 * cfg.min_epochs)} to train past them")
 
 
-def l2_edge_warning(results: dict) -> str | None:
-    """One line naming the linear-probe entries whose chosen L2 strength sits at an edge of the grid."""
+def edge_setting_warning(results: dict) -> str | None:
+    """One line naming the entries whose chosen setting (L2, k) sits at an edge of its grid."""
     named = [e["representation"] for e in all_entries(results) + results.get("block_ablation", [])
-             if any(edge for _, edge in chosen_l2(e))]
+             if any(edge for _, edge in chosen_settings(e))]
     shown = ", ".join(named[:3]) + (f" and {len(named) - 3} more" if len(named) > 3 else "")
-    return (f"the validation split chose an L2 strength at an edge of the grid in {len(named)} linear-probe entries "
-            f"({shown}; marked {EDGE_MARK} in results.txt): the best strength may lie beyond it") if named else None
+    return (f"the validation split chose a setting at an edge of its grid in {len(named)} entries "
+            f"({shown}; marked {EDGE_MARK} in results.txt): the best may lie beyond it") if named else None
 
 
 def token_seen(path: Path, token: str) -> bool:
@@ -4073,25 +4238,15 @@ def pending_jobs(jobs: list[Job], done: set[str]) -> list[Job]:
     return pending
 
 
-# A step's fixed costs (launches, the Python loop, each epoch's evaluation) in multiply-adds per row and
-# model: an entry's training time went as rows x models x (parameters + this) on our 2-core CPU, where
-# features x rows x runs left the one process that drew flat_vec idle half the run
-STEP_OVERHEAD_MACS = 2_500_000
-
-
 def job_cost(job: Job, exp: Experiment, store: FeatureStore, cfg: Config) -> int:
-    """Expected training cost: rows x models x (each model's parameters, one multiply-add per row each,
-    + a step's fixed cost)."""
+    """Expected training cost of a job's entries, as each classifier estimates its own."""
     widths = module_widths(store, job_modules(job, exp), job.representation)
-    # a layer map: a linear probe per module on its padded columns; else each classifier on all of them
-    trained = [("linear", max(widths), len(widths))] if job.kind == "map" else \
+    # a layer map: its classifier per module on the module's padded columns; else each classifier on all of them
+    trained = [(cfg.layer_map_classifier, max(widths), len(widths))] if job.kind == "map" else \
         [(name, sum(widths), None) for name in job.classifiers]
-    cost = 0
-    for name, width, blocks in trained:
-        model = CLASSIFIERS[name]
-        per_model = model.sizes(width, len(exp.labels.class_names), cfg).params
-        cost += exp.loaded.dataset.num_rows * len(run_slices(cfg, model, blocks)) * (per_model + STEP_OVERHEAD_MACS)
-    return cost
+    return sum(CLASSIFIERS[name].cost(exp.loaded.dataset.num_rows, width, len(exp.labels.class_names),
+                                      run_slices(cfg, CLASSIFIERS[name], blocks), cfg)
+               for name, width, blocks in trained)
 
 
 def trained_entries(store: FeatureStore, exp: Experiment, cfg: Config, device: torch.device, representation: str,
@@ -4103,7 +4258,7 @@ def trained_entries(store: FeatureStore, exp: Experiment, cfg: Config, device: t
                        batch=cfg.batch_size)
     for classifier in classifiers:
         name = entry_name(representation, group, classifier)
-        result = train_runs(data, cfg, device, name, classifier)
+        result = train_runs(data, cfg, device, name, CLASSIFIERS[classifier])
         entry = evaluate_entry(result, data, cfg, device, name, sum(len(m.columns) for m in modules))
         stalled = stalled_run_indices(entry)
         tqdm.write(f"{name:<32} test acc {entry['test_acc_mean']:.3f} +- {entry['test_acc_std']:.3f}  "
@@ -4114,19 +4269,20 @@ def trained_entries(store: FeatureStore, exp: Experiment, cfg: Config, device: t
 
 
 def trained_layer_map(store: FeatureStore, exp: Experiment, cfg: Config, device: torch.device, representation: str) -> dict:
-    """The layer map of one representation: a linear probe per module on that module's features alone,
-    every module's runs (and L2 strengths) trained together as one stacked ensemble."""
+    """The layer map of one representation: --layer-map-classifier on each module's features alone,
+    every module's runs (and grid settings) trained together as one stacked ensemble."""
     modules = mapped_modules(exp.modules, representation)
     features, widths = layer_map_matrix(store, modules, representation)
     data = standardise(features, exp.labels.codes, exp.splits, len(exp.labels.class_names), device,
                        feature_budget_bytes(device, cfg.max_resident_features_gb), cfg.num_workers,
                        block_width=features.shape[1] // len(modules), batch=cfg.batch_size)
-    result = train_runs(data, cfg, device, f"layer map {representation}", "linear", num_blocks=len(modules))
+    result = train_runs(data, cfg, device, f"layer map {representation}", CLASSIFIERS[cfg.layer_map_classifier],
+                        num_blocks=len(modules))
     entries = layer_map_entries(result, data, cfg, device, modules, widths, representation)
     tqdm.write(f"layer map {representation}: {len(modules)} modules in {result.seconds:.1f}s; best "
                + ", ".join(f"{e['module']} {e['test_acc_mean']:.3f}"
                            for e in sorted(entries, key=lambda e: -e["test_acc_mean"])[:3]))
-    return {"representation": representation, "classifier": "linear", "num_modules": len(modules),
+    return {"representation": representation, "classifier": cfg.layer_map_classifier, "num_modules": len(modules),
             "training_time": result.seconds, "modules": entries}
 
 
@@ -4228,7 +4384,7 @@ def run_entries(cfg: Config, exp: Experiment, device: torch.device, ranks: Ranks
         if ranks.rank == 0:
             gather_ranks(results, exp.out_dir, ranks)
             with_statistics(results)
-            ending = [w for w in (failed_to_train_warning(results, cfg), l2_edge_warning(results)) if w]
+            ending = [w for w in (failed_to_train_warning(results, cfg), edge_setting_warning(results)) if w]
             results["warnings"] += ending
             results["complete"] = True
     finally:

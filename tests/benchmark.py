@@ -543,10 +543,10 @@ def compare_training(loaded: vae.LoadedDataset, modules, store, cfg: vae.Config,
     out = {"representation": name, "feature_dim": data.feature_dim, "runs": cfg.runs}
     modes = (("ensemble", False), ("sequential", True))
     for mode, sequential in modes:  # warm-up: a few epochs of each mode touch the memory both will use
-        vae.train_runs(data, dataclasses.replace(cfg, sequential_runs=sequential, max_epochs=2), device, f"warm-up {mode}")
+        vae.train_runs(data, dataclasses.replace(cfg, sequential_runs=sequential, max_epochs=2), device, f"warm-up {mode}", vae.CLASSIFIERS["mlp"])
     for mode, sequential in modes:
         mode_cfg = dataclasses.replace(cfg, sequential_runs=sequential)
-        result, seconds = timed(lambda: vae.train_runs(data, mode_cfg, device, f"{name} {mode}"), device)
+        result, seconds = timed(lambda: vae.train_runs(data, mode_cfg, device, f"{name} {mode}", vae.CLASSIFIERS["mlp"]), device)
         entry = vae.evaluate_entry(result, data, mode_cfg, device, name, len(weight_columns(modules)))
         out[mode] = {"seconds": seconds, "test_acc_mean": entry["test_acc_mean"], "test_acc_std": entry["test_acc_std"],
                      "best_epoch_mean": entry["best_epoch_mean"],
@@ -562,7 +562,7 @@ def time_layer_map(loaded: vae.LoadedDataset, modules, store, cfg: vae.Config, d
     features, _ = vae.layer_map_matrix(store, mapped, representation)
     data = vae.standardise(features, labels.codes, vae.split_indices(loaded.dataset.num_rows), len(labels.class_names),
                            device, block_width=features.shape[1] // len(mapped))
-    result, seconds = timed(lambda: vae.train_runs(data, cfg, device, "layer map", "linear", num_blocks=len(mapped)),
+    result, seconds = timed(lambda: vae.train_runs(data, cfg, device, "layer map", vae.CLASSIFIERS["linear"], num_blocks=len(mapped)),
                             device)
     return {"representation": representation, "modules": len(mapped), "seconds": seconds,
             "models": len(mapped) * cfg.runs * len(vae.LINEAR_L2_GRID),

@@ -14,6 +14,15 @@ import visual_ablation_experiment_optimized as vae  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: runs a CUDA path on a real GPU (skipped without one)")
+    config.addinivalue_line("markers", "subprocess: runs the script as a process of its own")
+
+
+def pytest_collection_modifyitems(items):
+    """Every test of an interrupted run starts the script as a process of its own (mutation testing
+    leaves these out: its rewritten script runs only inside pytest)."""
+    for item in items:
+        if "interrupted" in getattr(item, "fixturenames", ()):
+            item.add_marker("subprocess")
 
 
 @pytest.fixture(scope="session")

@@ -38,9 +38,9 @@ def test_predicted_peak_memory_bounds_what_cuda_allocates(classifier):
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     data = vae.standardise(features, labels, vae.split_indices(20000), 4, device, batch=cfg.batch_size)
-    result = vae.train_runs(data, cfg, device, "measured", classifier)
+    result = vae.train_runs(data, cfg, device, "measured", vae.CLASSIFIERS[classifier])
     vae.evaluate_entry(result, data, cfg, device, "measured", 1)
     measured = torch.cuda.max_memory_allocated(device) - before
     model = vae.CLASSIFIERS[classifier]
-    predicted = vae.predicted_peak_bytes(data, cfg, model, len(vae.run_slices(cfg, model)), vae.amp_dtype(cfg, device))
+    predicted = model.peak_bytes(data, cfg, len(vae.run_slices(cfg, model)), vae.amp_dtype(cfg, device))
     assert 0.7 <= measured / predicted <= 1.25, (measured, predicted)

@@ -35,8 +35,8 @@ def memmapped_problem(tmp_path_factory):
 
 
 def per_run_accuracies(data, cfg):
-    result = vae.train_runs(data, cfg, CPU, "test")
-    return [h.val_acc for h in result.histories], vae.predictions(result.logits(None), data, "test")
+    result = vae.train_runs(data, cfg, CPU, "test", vae.CLASSIFIERS["mlp"])
+    return [h.val_acc for h in result.histories], vae.predictions(result.logits(data, None), data, "test")
 
 
 # --- streaming ------------------------------------------------------------------------------------
@@ -171,15 +171,15 @@ x = rng.standard_normal((2000, spec.pop("features")), dtype=np.float32) + rng.st
 cfg = vae.Config(**spec, patience=50, device="cpu", num_workers=0)
 torch.set_num_threads(1)
 warm = vae.standardise(x[:60, :8].copy(), labels[:60], vae.split_indices(60), 4, cpu)  # torch's first-use allocations
-vae.train_runs(warm, vae.dataclasses.replace(cfg, max_epochs=1), cpu, "warm-up", classifier)
+vae.train_runs(warm, vae.dataclasses.replace(cfg, max_epochs=1), cpu, "warm-up", vae.CLASSIFIERS[classifier])
 del warm
 Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current resident size
 before = status("VmRSS")
 data = vae.standardise(x, labels, vae.split_indices(2000), 4, cpu, budget_bytes=budget, batch=cfg.batch_size)
-result = vae.train_runs(data, cfg, cpu, "measured", classifier)
+result = vae.train_runs(data, cfg, cpu, "measured", vae.CLASSIFIERS[classifier])
 vae.evaluate_entry(result, data, cfg, cpu, "measured", 1)
 model = vae.CLASSIFIERS[classifier]
-predicted = vae.predicted_peak_bytes(data, cfg, model, len(vae.run_slices(cfg, model)), None)
+predicted = model.peak_bytes(data, cfg, len(vae.run_slices(cfg, model)), None)
 print(json.dumps({"measured": status("VmHWM") - before, "predicted": predicted}))
 """
 

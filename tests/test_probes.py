@@ -1,11 +1,13 @@
 """Which parts of the network carry the label: the linear probe, the layer map and the block ablation."""
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
 
 import visual_ablation_experiment_optimized as vae
 from helpers import CPU, PNG_SIGNATURE, balanced_labels, cli_args, results_of, save_dataset, user_error
@@ -24,7 +26,10 @@ def gaussian_classes(rows=600, features=8, classes=3, separation=0.8, seed=0):
 
 
 def one_strength(monkeypatch, l2):
-    monkeypatch.setitem(vae.CLASSIFIERS, "linear", dataclasses.replace(vae.CLASSIFIERS["linear"], l2_grid=(l2,)))
+    monkeypatch.setattr(vae.CLASSIFIERS["linear"], "grid", (l2,))
+
+
+KNN = vae.CLASSIFIERS["knn"]
 
 
 # --- the linear probe -------------------------------------------------------------------------
@@ -34,8 +39,8 @@ def test_linear_probe_predicts_as_scikit_learns_logistic_regression_of_the_same_
     l2 = 1e-2
     one_strength(monkeypatch, l2)
     cfg = vae.Config(num_runs=2, batch_size=64, max_epochs=200, patience=15, device="cpu")
-    result = vae.train_runs(data, cfg, CPU, "linear", "linear")
-    ours = vae.predictions(result.logits(None), data, "test")
+    result = vae.train_runs(data, cfg, CPU, "linear", vae.CLASSIFIERS["linear"])
+    ours = vae.predictions(result.logits(data, None), data, "test")
 
     theirs = torch.from_numpy(sklearn_probe(data, l2).predict(data.features.x["test"].numpy()))
     y_test = data.y["test"]
@@ -61,7 +66,7 @@ def test_linear_probe_training_reaches_scikit_learns_optimum_at_the_same_l2_stre
     intercepts scikit-learn finds: the penalty is l2/2 * |w|^2 on the mean loss, and the intercept is free."""
     data = gaussian_classes()
     cfg = vae.Config(num_runs=1, device="cpu")
-    model = vae.StackedModels(vae.CLASSIFIERS["linear"], vae.Slices(seeds=[0], l2=[l2], units=[0]), data, cfg, CPU)
+    model = vae.StackedModels(vae.CLASSIFIERS["linear"], vae.Slices(seeds=[0], setting=[l2], units=[0]), data, cfg, CPU)
     x, y = data.features.x["train"], data.y["train"]
     for _ in range(3000):
         loss = torch.nn.functional.cross_entropy(model.forward(x, None)[0], y)
@@ -77,7 +82,7 @@ def test_linear_probe_chooses_each_runs_l2_strength_by_validation_accuracy():
     data = gaussian_classes()
     cfg = vae.Config(num_runs=2, batch_size=64, max_epochs=30, patience=5, device="cpu")
     model = vae.CLASSIFIERS["linear"]
-    every = vae.train_fitting(data, cfg, vae.run_slices(cfg, model), model, CPU, "grid")
+    every = model.fit(data, cfg, vae.run_slices(cfg, model), CPU, "grid")
     chosen = vae.best_of_grid(every)
     grid = len(vae.LINEAR_L2_GRID)
     assert len(every.histories) == 2 * grid and len(chosen.histories) == 2
@@ -90,27 +95,90 @@ def test_linear_probe_chooses_each_runs_l2_strength_by_validation_accuracy():
 def test_linear_probe_penalises_weights_but_not_intercepts():
     linear = vae.CLASSIFIERS["linear"]
     assert linear.penalised("w0") and not linear.penalised("b0")
-    assert not linear.dropout
+    assert linear.dropout_shape(vae.Config()) is None
 
 
 def test_linear_probe_reaches_the_known_signal_where_chance_is_a_third():
     data = gaussian_classes(separation=2.0)
     cfg = vae.Config(num_runs=2, batch_size=64, max_epochs=60, patience=10, device="cpu")
-    result = vae.train_runs(data, cfg, CPU, "linear", "linear")
-    accuracy = (vae.predictions(result.logits(None), data, "test") == data.y["test"]).float().mean(1)
+    result = vae.train_runs(data, cfg, CPU, "linear", vae.CLASSIFIERS["linear"])
+    accuracy = (vae.predictions(result.logits(data, None), data, "test") == data.y["test"]).float().mean(1)
     assert accuracy.min() >= 0.9
 
 
 # --- stacked slices that read one block of columns each ----------------------------------------
 
+# --- k-nearest neighbours ----------------------------------------------------------------------
+
+def split_arrays(data, split):
+    return data.features.x[split].numpy(), data.y[split].numpy()
+
+
+@pytest.mark.parametrize("k", [1, 5, 15])
+def test_knn_predicts_as_scikit_learns_kneighbors_classifier(monkeypatch, k):
+    data = gaussian_classes(classes=2)  # two classes and an odd k: no vote ties, whose breaking differs
+    monkeypatch.setattr(KNN, "grid", (k,))
+    result = vae.train_runs(data, vae.Config(num_runs=2, device="cpu"), CPU, "knn", KNN)
+    theirs = KNeighborsClassifier(k).fit(*split_arrays(data, "train"))
+    for split in ("train", "val", "test"):
+        ours = vae.predictions(result.logits(data, None), data, split)
+        expected = torch.from_numpy(theirs.predict(split_arrays(data, split)[0]))
+        assert torch.equal(ours[0], expected) and torch.equal(ours[1], expected)
+
+
+def test_knn_chooses_each_runs_k_by_validation_accuracy_ties_going_to_more_neighbours():
+    data = gaussian_classes(classes=2, separation=0.5, seed=3)
+    x_val, y_val = split_arrays(data, "val")
+    accuracy = {k: (KNeighborsClassifier(k).fit(*split_arrays(data, "train")).predict(x_val) == y_val).mean()
+                for k in vae.KNN_K_GRID}
+    best = max(vae.KNN_K_GRID, key=lambda k: (accuracy[k], k))
+    result = vae.train_runs(data, vae.Config(num_runs=3, device="cpu"), CPU, "knn", KNN)
+    assert [h.setting for h in result.histories] == [best] * 3
+    assert [h.best_val_acc for h in result.histories] == pytest.approx([accuracy[best]] * 3)
+
+
+def test_knn_breaks_a_tied_vote_by_each_runs_own_order_of_the_classes():
+    data = gaussian_classes(rows=300, classes=2, separation=0.0, seed=5)
+    scores = KNN.scores(KNN.parameters(data, vae.Slices(seeds=list(range(8)), setting=[2] * 8, units=list(range(8))), CPU),
+                        {}, None, data, None)(data.features.x["test"])
+    counts = scores.floor()
+    tied = (counts[0, :, 0] == counts[0, :, 1])
+    assert tied.any() and (counts[0, ~tied].argmax(-1) == scores[:, ~tied].argmax(-1)).all()  # ties alone move
+    winners = scores[:, tied].argmax(-1)
+    assert (winners == winners[:, :1]).all()  # one order per run
+    assert set(winners[:, 0].tolist()) == {0, 1}  # and not the same class for every run
+
+
+def test_knn_distances_are_chunked_so_50k_training_rows_never_form_a_full_matrix(monkeypatch):
+    rng = np.random.default_rng(0)
+    train_rows, queries = 50_000, 400
+    x = rng.standard_normal((train_rows + queries, 8)).astype(np.float32)
+    y = rng.integers(3, size=train_rows + queries)
+    rest = np.arange(train_rows, train_rows + queries)
+    data = vae.standardise(x, y, {"train": np.arange(train_rows), "val": rest, "test": rest}, 3, CPU)
+    sizes, real_addmm = [], torch.addmm
+
+    def recorded_addmm(*args, **kwargs):
+        out = real_addmm(*args, **kwargs)
+        sizes.append(out.numel())
+        return out
+
+    monkeypatch.setattr(vae.torch, "addmm", recorded_addmm)
+    labels = vae.nearest_training_labels(data, data.features.x["val"], [None], 5)
+    assert len(sizes) > 1 and max(sizes) <= vae.KNN_DISTANCE_ELEMENTS  # 50k x 400 would be 1.2 times the bound
+    theirs = KNeighborsClassifier(5).fit(*split_arrays(data, "train"))
+    _, index = theirs.kneighbors(data.features.x["val"].numpy())
+    assert torch.equal(labels[0], data.y["train"][torch.from_numpy(index)])
+
+
 def test_a_slice_with_a_block_reads_only_its_modules_columns_both_when_gathered_and_when_shared():
     torch.manual_seed(0)
     width, blocks = 3, torch.tensor([2, 0, 2, 1])
-    params, _ = vae.init_linear([1, 2, 3, 4], width, 5, vae.Config(), CPU)
+    params, _ = vae.CLASSIFIERS["linear"].init([1, 2, 3, 4], width, 5, vae.Config(), CPU)
     x = torch.randn(7, 3 * width)
-    shared = vae.linear_forward(params, {}, x, None, None, blocks)
+    shared = vae.CLASSIFIERS["linear"].forward(params, {}, x, None, None, blocks)
     idx = torch.arange(7).expand(4, -1)
-    gathered = vae.linear_forward(params, {}, vae.slice_rows(x, idx, blocks, width), None, None)
+    gathered = vae.CLASSIFIERS["linear"].forward(params, {}, vae.slice_rows(x, idx, blocks, width), None, None)
     torch.testing.assert_close(shared, gathered)
     for s, block in enumerate(blocks.tolist()):
         alone = x[:, block * width:(block + 1) * width] @ params["w0"][s] + params["b0"][s]
@@ -169,9 +237,18 @@ def one_block_carries_the_class(tmp_path_factory):
 def mapped(script, one_block_carries_the_class, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("mapped")
     argv = cli_args(tmp_path, one_block_carries_the_class, "--num-runs", "3", "--max-epochs", "20", "--patience", "8",
-                    "--classifiers", "mlp,linear", "--layer-map", "simple_stats", "--block-ablation")
+                    "--classifiers", "mlp,linear,knn", "--layer-map", "simple_stats", "--block-ablation")
     assert vae.main(argv) == 0
     return tmp_path, results_of(tmp_path, "blocks")
+
+
+@pytest.fixture(scope="module")
+def mapped_by_knn(script, one_block_carries_the_class, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("mapped_by_knn")
+    argv = cli_args(tmp_path, one_block_carries_the_class, "--num-runs", "3", "--classifiers", "knn",
+                    "--layer-map", "simple_stats", "--layer-map-classifier", "knn")
+    assert vae.main(argv) == 0
+    return results_of(tmp_path, "blocks")
 
 
 def test_layer_map_ranks_the_block_that_carries_the_class_first(mapped):
@@ -192,9 +269,22 @@ def test_layer_map_entries_hold_every_runs_accuracy_and_the_chosen_l2(mapped):
     assert entry["position"] in POSITIONS and entry["block"] in BLOCKS
 
 
+def test_knn_layer_map_ranks_the_block_that_carries_the_class_first(mapped_by_knn):
+    (layer_map,) = mapped_by_knn["layer_map"]
+    assert layer_map["classifier"] == "knn" and vae.block_means(layer_map)[0][0] == INFORMATIVE_BLOCK
+    informative = [e for e in layer_map["modules"] if e["block"] == INFORMATIVE_BLOCK]
+    assert all(e["above_chance"] for e in informative)
+
+
+def test_knn_entries_record_each_runs_k_and_no_stall(mapped_by_knn):
+    for entry in [*mapped_by_knn["all_layers_results"], *mapped_by_knn["layer_map"][0]["modules"]]:
+        assert entry["classifier"] == "knn" and not entry["no_signal"]
+        assert all(row["k"] in vae.KNN_K_GRID and row["stalled"] is None for row in entry["per_run_results"])
+
+
 def test_block_ablation_drops_most_without_the_block_that_carries_the_class(mapped):
     _, results = mapped
-    for classifier in ("mlp", "linear"):
+    for classifier in ("mlp", "linear", "knn"):
         entries = [e for e in results["block_ablation"] if e["classifier"] == classifier]
         assert {e["block"] for e in entries} == set(BLOCKS)
         largest = max(entries, key=lambda e: e["drop_mean"])
@@ -205,14 +295,15 @@ def test_block_ablation_drops_most_without_the_block_that_carries_the_class(mapp
 def test_every_group_entry_names_its_classifier_and_mlp_keeps_the_published_names(mapped):
     _, results = mapped
     names = {(e["representation"], e["classifier"]) for e in results["all_layers_results"]}
-    assert names == {("simple_stats_all_layers", "mlp"), ("simple_stats_all_layers_linear", "linear")}
-    assert {e["classifier"] for e in results["visual_only_results"]} == {"mlp", "linear"}
+    assert names == {("simple_stats_all_layers", "mlp"), ("simple_stats_all_layers_linear", "linear"),
+                     ("simple_stats_all_layers_knn", "knn")}
+    assert {e["classifier"] for e in results["visual_only_results"]} == {"mlp", "linear", "knn"}
 
 
 def test_table_has_a_row_per_classifier_the_layer_map_and_the_block_ablation(mapped):
     tmp_path, _ = mapped
     table = (tmp_path / "out" / "visual_ablation_blocks" / "results.txt").read_text()
-    assert "simple_stats (linear)" in table
+    assert "simple_stats (linear)" in table and "simple_stats (knn)" in table
     assert "Layer map of simple_stats" in table and f"blocks by mean accuracy: {INFORMATIVE_BLOCK}" in table
     assert "Block ablation" in table
 
@@ -225,7 +316,7 @@ def test_layer_map_plot_is_a_valid_png(mapped):
 def test_resume_keeps_finished_layer_maps_and_ablation_entries(mapped, one_block_carries_the_class, monkeypatch):
     tmp_path, before = mapped
     argv = cli_args(tmp_path, one_block_carries_the_class, "--num-runs", "3", "--max-epochs", "20", "--patience", "8",
-                    "--classifiers", "mlp,linear", "--layer-map", "simple_stats", "--block-ablation", "--resume")
+                    "--classifiers", "mlp,linear,knn", "--layer-map", "simple_stats", "--block-ablation", "--resume")
     monkeypatch.setattr(vae, "train_runs", lambda *args, **kwargs: pytest.fail("a finished entry was trained again"))
     assert vae.main(argv) == 0
     after = results_of(tmp_path, "blocks")
@@ -242,8 +333,34 @@ def test_l2_ties_on_validation_go_to_the_stronger_penalty():
     linear = vae.CLASSIFIERS["linear"]
     cfg = vae.Config(num_runs=1)
     slices = vae.run_slices(cfg, linear)
-    histories = [vae.RunHistory(seed=42, l2=l2, best_val_acc=acc) for l2, acc in zip(slices.l2, [0.7, 0.8, 0.8, 0.6, 0.5])]
+    histories = [vae.RunHistory(seed=42, setting=l2, best_val_acc=acc) for l2, acc in zip(slices.setting, [0.7, 0.8, 0.8, 0.6, 0.5])]
     params = {"w0": torch.arange(len(histories), dtype=torch.float32).view(-1, 1, 1)}
     result = vae.EnsembleResult(linear, slices, histories, params, {}, seconds=1.0)
     chosen = vae.best_of_grid(result)
-    assert chosen.histories[0].l2 == vae.LINEAR_L2_GRID[2] and chosen.best_params["w0"].item() == 2.0
+    assert chosen.histories[0].setting == vae.LINEAR_L2_GRID[2] and chosen.best_params["w0"].item() == 2.0
+
+
+# --- adding a classifier ----------------------------------------------------------------------------
+
+def readme_classifier_snippet() -> str:
+    """The classifier README's "Reading and changing the script" shows how to add."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("**Adding a classifier**")[1]
+    return section.split("```python\n")[1].split("```")[0]
+
+
+def test_a_classifier_added_as_readme_shows_runs_end_to_end_through_the_command_line(
+        one_block_carries_the_class, tmp_path, monkeypatch):
+    namespace = dict(vars(vae))
+    exec(readme_classifier_snippet(), namespace)
+    toy = namespace["NearestClassMean"]()
+    monkeypatch.setitem(vae.CLASSIFIERS, toy.name, toy)
+    argv = cli_args(tmp_path, one_block_carries_the_class, "--num-runs", "2", "--classifiers", "mlp,ncm",
+                    "--layer-map", "simple_stats", "--layer-map-classifier", "ncm", "--block-ablation")
+    assert vae.main(argv) == 0
+    results = results_of(tmp_path, "blocks")
+    probe = vae.find_entry(results, "all", "simple_stats", "ncm")
+    assert probe["classifier"] == "ncm" and probe["test_acc_mean"] > 0.9  # the class shifts one block's means
+    assert {e["block"] for e in results["block_ablation"] if e["classifier"] == "ncm"} == set(BLOCKS)
+    assert vae.block_means(results["layer_map"][0])[0][0] == INFORMATIVE_BLOCK
+    assert "simple_stats (ncm)" in (tmp_path / "out" / "visual_ablation_blocks" / "results.txt").read_text()

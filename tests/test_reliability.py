@@ -299,18 +299,19 @@ TINY_CONFIG = vae.Config(num_runs=3, max_epochs=6, patience=3, hidden_dim=16, ba
 @pytest.fixture(scope="module")
 def diverged_entry():
     """A results entry of 3 runs where run 1 starts from NaN weights, so its loss is NaN at once."""
-    real_init = vae.init_mlp_params
+    mlp = vae.CLASSIFIERS["mlp"]
+    real_init = mlp.init
 
     def nan_in_run_1(seeds, *args, **kwargs):
-        params = real_init(seeds, *args, **kwargs)
+        params, buffers = real_init(seeds, *args, **kwargs)
         if vae.run_seed(TINY_CONFIG, 1) in seeds:
             params["w0"][seeds.index(vae.run_seed(TINY_CONFIG, 1))] = float("nan")
-        return params
+        return params, buffers
 
     data = tiny_split_data()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(vae, "init_mlp_params", nan_in_run_1)
-        result = vae.train_runs(data, TINY_CONFIG, CPU, "diverging")
+        patch.setattr(mlp, "init", nan_in_run_1)
+        result = vae.train_runs(data, TINY_CONFIG, CPU, "diverging", vae.CLASSIFIERS["mlp"])
     return vae.evaluate_entry(result, data, TINY_CONFIG, CPU, "simple_stats_all_layers", num_layers=4)
 
 
@@ -560,6 +561,7 @@ def test_resume_keeps_entries_finished_before_the_interruption_unchanged(interru
         assert after[entry["representation"]] == entry
 
 
+@pytest.mark.subprocess
 def test_sigterm_ends_the_run_like_ctrl_c_keeping_finished_entries(tiny_dataset_path, tmp_path):
     run = interrupt_after_first_entry(interruptible_args(tiny_dataset_path, tmp_path / "out"), tmp_path,
                                       signal.SIGTERM)
@@ -645,7 +647,7 @@ def test_training_out_of_memory_splits_the_ensemble_keeps_every_run_and_says_so(
 
     monkeypatch.setattr(vae, "train_ensemble", fits_one_run_at_a_time)
     cfg = vae.Config(num_runs=4, max_epochs=3, patience=3, hidden_dim=16, batch_size=16, num_workers=0)
-    result = vae.train_runs(tiny_split_data(), cfg, CPU, "spectral_all_layers")
+    result = vae.train_runs(tiny_split_data(), cfg, CPU, "spectral_all_layers", vae.CLASSIFIERS["mlp"])
 
     assert [h.seed for h in result.histories] == [vae.run_seed(cfg, k) for k in range(4)]
     assert all(h.val_acc and h.failed is None for h in result.histories)
@@ -668,15 +670,15 @@ def test_training_retry_after_out_of_memory_starts_after_the_failed_attempt_is_f
 
     monkeypatch.setattr(vae, "train_ensemble", fails_while_holding_an_ensemble)
     cfg = vae.Config(num_runs=2, max_epochs=2, patience=2, hidden_dim=8, batch_size=16, num_workers=0)
-    assert len(vae.train_runs(tiny_split_data(), cfg, CPU, "spectral_all_layers").histories) == 2
+    assert len(vae.train_runs(tiny_split_data(), cfg, CPU, "spectral_all_layers", vae.CLASSIFIERS["mlp"]).histories) == 2
 
 
 def test_evaluation_out_of_memory_halves_its_row_chunk_and_gives_the_same_predictions(monkeypatch, capsys):
     data = tiny_split_data()
     cfg = vae.Config(num_runs=2, max_epochs=2, patience=2, hidden_dim=8, batch_size=16, num_workers=0)
-    result = vae.train_runs(data, cfg, CPU, "spectral_all_layers")
-    expected = vae.predictions(result.logits(None), data, "train")
-    real_logits = result.logits(None)
+    result = vae.train_runs(data, cfg, CPU, "spectral_all_layers", vae.CLASSIFIERS["mlp"])
+    expected = vae.predictions(result.logits(data, None), data, "train")
+    real_logits = result.logits(data, None)
 
     def fits_four_rows(x):
         if x.shape[-2] > 4:

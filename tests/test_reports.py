@@ -200,9 +200,9 @@ def test_table_lists_the_linear_probes_l2_strengths_and_marks_those_at_the_grids
     results["all_layers_results"].append(probe)
     results["config"]["classifiers"] = ["mlp", "linear"]
     table = script.comparison_table(statistics_of(results))
-    section = table.split("L2 strength each linear-probe run chose")[1]
+    section = table.split("L2 strength each linear run chose")[1]
     assert run_line(section, "spectral_all_layers_linear").split()[1:] == ["1e-05!", "1e-03", "1e-03", "1e-02", "1e-01!"]
-    assert "spectral_all_layers_linear" in script.l2_edge_warning(results)
+    assert "spectral_all_layers_linear" in script.edge_setting_warning(results)
 
 
 # --- plots ---------------------------------------------------------------------------------------

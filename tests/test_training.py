@@ -12,6 +12,11 @@ import torch
 import visual_ablation_experiment_optimized as vae
 
 CPU = torch.device("cpu")
+MLP = vae.CLASSIFIERS["mlp"]
+
+
+def mlp_params(seeds, in_dim, hidden, num_classes=3):
+    return MLP.init(seeds, in_dim, num_classes, vae.Config(hidden_dim=hidden), CPU)[0]
 
 
 def reference_mlp(params, run, in_dim, hidden, classes):
@@ -38,8 +43,8 @@ def fresh_buffers(runs, hidden):
 
 
 def test_each_run_is_initialised_as_nn_linear_with_its_own_seed():
-    params = vae.init_mlp_params([7, 8], in_dim=5, hidden=4, num_classes=3, device=CPU)
-    again = vae.init_mlp_params([8], in_dim=5, hidden=4, num_classes=3, device=CPU)
+    params = mlp_params([7, 8], in_dim=5, hidden=4)
+    again = mlp_params([8], in_dim=5, hidden=4)
     assert torch.equal(params["w0"][1], again["w0"][0])  # a run's weights depend on its seed alone
     assert not torch.equal(params["w0"][0], params["w0"][1])
     assert params["w0"].abs().max() <= 1 / math.sqrt(5) and params["w1"].abs().max() <= 1 / math.sqrt(4)
@@ -47,10 +52,10 @@ def test_each_run_is_initialised_as_nn_linear_with_its_own_seed():
 
 def test_forward_in_training_mode_equals_the_original_mlp_and_updates_running_statistics_like_batchnorm():
     torch.manual_seed(0)
-    params = vae.init_mlp_params([1, 2], in_dim=6, hidden=8, num_classes=3, device=CPU)
+    params = mlp_params([1, 2], in_dim=6, hidden=8)
     buffers = fresh_buffers(2, 8)
     x = torch.randn(2, 16, 6)
-    ours = vae.ensemble_forward(params, buffers, x, torch.ones(2, 16, vae.NUM_HIDDEN, 8), None)
+    ours = MLP.forward(params, buffers, x, torch.ones(2, 16, vae.NUM_HIDDEN, 8), None)
     for run in range(2):
         model = reference_mlp(params, run, 6, 8, 3).train()
         torch.testing.assert_close(ours[run], model(x[run]))
@@ -62,11 +67,11 @@ def test_forward_in_training_mode_equals_the_original_mlp_and_updates_running_st
 
 def test_forward_in_evaluation_mode_uses_running_statistics_and_accepts_rows_shared_by_all_runs():
     torch.manual_seed(0)
-    params = vae.init_mlp_params([1, 2, 3], in_dim=6, hidden=8, num_classes=3, device=CPU)
+    params = mlp_params([1, 2, 3], in_dim=6, hidden=8)
     buffers = {k: v + torch.rand_like(v) for k, v in fresh_buffers(3, 8).items()}
     x = torch.randn(10, 6)
-    shared = vae.ensemble_forward(params, buffers, x, None, None)
-    stacked = vae.ensemble_forward(params, buffers, x.expand(3, -1, -1), None, None)
+    shared = MLP.forward(params, buffers, x, None, None)
+    stacked = MLP.forward(params, buffers, x.expand(3, -1, -1), None, None)
     torch.testing.assert_close(shared, stacked)
     for run in range(3):
         model = reference_mlp(params, run, 6, 8, 3).eval()
@@ -168,9 +173,9 @@ def small_problem():
 
 def test_best_epoch_weights_are_a_copy_that_reproduces_the_best_validation_accuracy(small_problem):
     data, cfg = small_problem
-    result = vae.train_runs(data, cfg, CPU, "test")
+    result = vae.train_runs(data, cfg, CPU, "test", MLP)
     with torch.no_grad():
-        val_acc = (vae.predictions(result.logits(None), data, "val") == data.y["val"]).float().mean(1)
+        val_acc = (vae.predictions(result.logits(data, None), data, "val") == data.y["val"]).float().mean(1)
     for run, history in enumerate(result.histories):
         assert val_acc[run].item() == pytest.approx(history.best_val_acc)
         assert history.val_acc[history.best_epoch - 1] == history.best_val_acc
@@ -179,14 +184,14 @@ def test_best_epoch_weights_are_a_copy_that_reproduces_the_best_validation_accur
 
 def test_runs_are_seeded_from_the_base_seed_plus_their_index(small_problem):
     data, cfg = small_problem
-    result = vae.train_runs(data, dataclasses.replace(cfg, seed=100, max_epochs=1), CPU, "test")
+    result = vae.train_runs(data, dataclasses.replace(cfg, seed=100, max_epochs=1), CPU, "test", MLP)
     assert [h.seed for h in result.histories] == [100, 101, 102]
 
 
 def test_batched_ensemble_trains_the_same_runs_as_one_at_a_time(small_problem):
     data, cfg = small_problem
-    together = vae.train_runs(data, cfg, CPU, "together")
-    apart = vae.train_runs(data, dataclasses.replace(cfg, sequential_runs=True), CPU, "apart")
+    together = vae.train_runs(data, cfg, CPU, "together", MLP)
+    apart = vae.train_runs(data, dataclasses.replace(cfg, sequential_runs=True), CPU, "apart", MLP)
     for a, b in zip(together.histories, apart.histories):
         assert a.seed == b.seed
         # the same seeds, batches and dropout draws; only float rounding of batched products differs
@@ -196,7 +201,7 @@ def test_batched_ensemble_trains_the_same_runs_as_one_at_a_time(small_problem):
 
 def test_runs_stop_on_their_own_patience_and_keep_their_own_history(small_problem):
     data, cfg = small_problem
-    result = vae.train_runs(data, dataclasses.replace(cfg, patience=2, max_epochs=60), CPU, "test")
+    result = vae.train_runs(data, dataclasses.replace(cfg, patience=2, max_epochs=60), CPU, "test", MLP)
     for history in result.histories:
         assert history.epochs_since_best == 2 or len(history.val_acc) == 60
         assert len(history.train_loss) == len(history.val_acc)
@@ -218,7 +223,8 @@ def forward_and_gradients(forward, classifier, slices, batch=16, features=10, hi
     for p in params.values():
         p.requires_grad_(True)
     x = torch.randn(slices, batch, features)
-    scales = (torch.rand(slices, batch, vae.NUM_HIDDEN, hidden) > 0.3).float() / 0.7 if model.dropout else None
+    shape = model.dropout_shape(vae.Config(hidden_dim=hidden))
+    scales = (torch.rand(slices, batch, *shape) > 0.3).float() / 0.7 if shape else None
     out = forward(params, buffers, x, scales, None)
     out.sum().backward()
     return out.detach(), {k: p.grad for k, p in params.items()}
@@ -226,7 +232,7 @@ def forward_and_gradients(forward, classifier, slices, batch=16, features=10, hi
 
 @pytest.mark.parametrize("classifier", ["mlp", "linear"])
 def test_compiled_forward_and_backward_equal_eager_ones_as_slices_drop_out(classifier):
-    compiled = vae.CompiledForward(vae.CLASSIFIERS[classifier].forward, backend="aot_eager")
+    compiled = vae.CompiledForward(vae.CLASSIFIERS[classifier], backend="aot_eager")
     for slices in (3, 2, 1):  # 3 slices = 3 hidden layers, then fewer: the sizes part
         want, want_grads = forward_and_gradients(vae.CLASSIFIERS[classifier].forward, classifier, slices)
         got, got_grads = forward_and_gradients(compiled, classifier, slices)
@@ -236,7 +242,7 @@ def test_compiled_forward_and_backward_equal_eager_ones_as_slices_drop_out(class
 
 
 def test_slices_dropping_out_or_a_short_batch_do_not_recompile_until_one_is_left():
-    compiled = vae.CompiledForward(vae.CLASSIFIERS["mlp"].forward, backend="aot_eager")
+    compiled = vae.CompiledForward(MLP, backend="aot_eager")
     forward_and_gradients(compiled, "mlp", slices=3)
     first = compiled.clock.compilations
     forward_and_gradients(compiled, "mlp", slices=2)  # 2 runs left (was the size of the hidden-layer axis)
@@ -254,9 +260,9 @@ def test_compile_time_is_reported_apart_from_training_time(small_problem, monkey
         time.sleep(0.5)  # a compilation that takes a while
         return graph.forward
 
-    monkeypatch.setattr(vae, "_forward_for", lambda *key: vae.CompiledForward(vae.ensemble_forward, slow_backend))
+    monkeypatch.setattr(vae, "_compiled_forward", lambda *key: vae.CompiledForward(MLP, slow_backend))
     started = time.perf_counter()
-    result = vae.train_runs(data, dataclasses.replace(cfg, max_epochs=2, compile="on"), CPU, "compiled")
+    result = vae.train_runs(data, dataclasses.replace(cfg, max_epochs=2, compile="on"), CPU, "compiled", MLP)
     elapsed = time.perf_counter() - started
 
     assert result.compile_seconds >= 0.5
@@ -268,17 +274,17 @@ def test_compile_time_is_reported_apart_from_training_time(small_problem, monkey
 
 def test_dropout_drops_each_unit_with_the_configured_rate_and_rescales_the_rest():
     cfg = vae.Config(dropout=0.5, hidden_dim=512)
-    scales = vae.dropout_scales([torch.Generator().manual_seed(s) for s in (1, 2)], 200, cfg, CPU)
+    scales = vae.dropout_scales([torch.Generator().manual_seed(s) for s in (1, 2)], 200, MLP.dropout_shape(cfg), cfg.dropout, CPU)
     assert scales.shape == (2, 200, vae.NUM_HIDDEN, 512)
     assert set(scales.unique().tolist()) == {0.0, 2.0}
     assert (scales == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
-    low = vae.dropout_scales([torch.Generator().manual_seed(1)], 200, dataclasses.replace(cfg, dropout=0.2), CPU)
+    low = vae.dropout_scales([torch.Generator().manual_seed(1)], 200, MLP.dropout_shape(cfg), 0.2, CPU)
     assert (low == 0).float().mean().item() == pytest.approx(0.2, abs=0.01) and low.max().item() == pytest.approx(1.25)
 
 
 def test_layers_start_as_nn_linear_does_uniform_within_one_over_the_root_of_fan_in():
     fan_in = 400
-    params = vae.init_mlp_params([0, 1], fan_in, 64, 3, CPU)
+    params = mlp_params([0, 1], fan_in, 64)
     reference = torch.nn.Linear(fan_in, 64)
     bound = 1 / fan_in ** 0.5
     for name in ("w0", "b0"):
@@ -300,21 +306,21 @@ def test_training_runs_the_forward_in_the_mixed_precision_chosen_for_the_device(
     data, cfg = small_problem
     monkeypatch.setattr(vae, "amp_dtype", lambda cfg, device: torch.bfloat16)  # as on a CUDA device
     seen = []
-    real = vae.ensemble_forward
+    real = MLP.forward
 
     def recording(params, buffers, x, scales, amp, blocks=None):
         seen.append(amp)
         return real(params, buffers, x, scales, amp, blocks)
 
-    monkeypatch.setitem(vae.CLASSIFIERS, "mlp", dataclasses.replace(vae.CLASSIFIERS["mlp"], forward=recording))
-    vae.train_runs(data, dataclasses.replace(cfg, max_epochs=1), CPU, "amp")
+    monkeypatch.setattr(MLP, "forward", recording)
+    vae.train_runs(data, dataclasses.replace(cfg, max_epochs=1), CPU, "amp", MLP)
     assert seen and set(seen) == {torch.bfloat16}
 
 
 def test_the_forward_in_bfloat16_computes_in_bfloat16():
-    params, buffers = vae.init_mlp([0], 12, 3, vae.Config(hidden_dim=16), CPU)
+    params, buffers = MLP.init([0], 12, 3, vae.Config(hidden_dim=16), CPU)
     x = torch.randn(1, 32, 12)
-    full = vae.ensemble_forward(params, buffers, x, None, None)
-    half = vae.ensemble_forward(params, buffers, x, None, torch.bfloat16)
+    full = MLP.forward(params, buffers, x, None, None)
+    half = MLP.forward(params, buffers, x, None, torch.bfloat16)
     assert half.dtype == torch.float32 and not torch.allclose(full, half, atol=1e-5)
     assert torch.allclose(full, half, atol=0.1)
