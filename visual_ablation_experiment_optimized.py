@@ -107,6 +107,9 @@ DEFAULT_REPRESENTATIONS = (
     "frequency", "flat_vec", "info_theoretic", "ensemble", "delta_spectral",
 )
 BUILTIN_GROUPS = ("all", "visual", "text")
+FACTORS = ("down", "up")  # a LoRA update is up @ down
+# --layer-groups: a module group, a factor (its tensors in every module), or both as GROUP:FACTOR
+GROUP_CHOICES = BUILTIN_GROUPS + FACTORS + tuple(f"{g}:{f}" for g in BUILTIN_GROUPS for f in FACTORS)
 SPLIT_SEED = 42  # the published split; fixed so results stay comparable with the paper
 EPS = 1e-8       # the original's guard for divisions and standardisation
 FEATURE_FORMAT_VERSION = 1  # bump when any representation's output changes
@@ -153,9 +156,9 @@ class Config:
     representations: tuple[str, ...] = DEFAULT_REPRESENTATIONS
     """representations to evaluate"""
     layer_groups: tuple[str, ...] = ("all", "visual")
-    """layer groups to evaluate: all, visual (attn1), text (attn2)"""
+    """layer groups to evaluate: all, visual (attn1), text (attn2); up, down: one factor's tensors; visual:up ..."""
     custom_groups: tuple[tuple[str, str], ...] = ()
-    """extra groups (name, regex on the module name), for any architecture; evaluated too"""
+    """extra groups (name, regex on the module name; a name ending :up or :down keeps that factor), evaluated too"""
     max_epochs: int = 200
     """upper bound on training epochs"""
     patience: int = 15
@@ -781,13 +784,38 @@ def sample_modules(modules: list[Module], fraction: float, seed: int) -> list[Mo
 BUILTIN_GROUP_PATTERNS = {"all": None, "visual": r"\.attn1\.", "text": r"\.attn2\."}
 
 
+def group_factor(name: str) -> tuple[str, str | None]:
+    """(module group, factor or None for both) of a group's name: up -> (all, up), visual:up -> (visual, up)."""
+    if name in FACTORS:
+        return "all", name
+    base, _, factor = name.rpartition(":")
+    return (base, factor) if base and factor in FACTORS else (name, None)
+
+
+def factor_only(modules: list[Module], factor: str | None) -> list[Module]:
+    """The modules with only one factor's tensor kept (None: both): per-tensor representations then
+    describe that factor alone, and pair representations find nothing to describe."""
+    if factor is None:
+        return modules
+    return [Module(m.name, (getattr(m, factor),)) for m in modules if getattr(m, factor)]
+
+
+def group_pattern(name: str, custom: tuple[tuple[str, str], ...]) -> str | None:
+    """The regex a group's modules match (None: every module)."""
+    patterns = {**BUILTIN_GROUP_PATTERNS, **dict(custom)}
+    return patterns[name] if name in patterns else patterns[group_factor(name)[0]]
+
+
 def layer_groups(modules: list[Module], names: tuple[str, ...],
                  custom: tuple[tuple[str, str], ...] = ()) -> dict[str, list[Module]]:
     """Each requested group's modules: visual = self-attention (attn1), text = cross-attention (attn2),
-    a custom group = modules whose name matches its regex."""
-    patterns = {**BUILTIN_GROUP_PATTERNS, **dict(custom)}
-    return {name: [m for m in modules if patterns[name] is None or re.search(patterns[name], m.name)]
-            for name in names}
+    a custom group = modules whose name matches its regex; with a factor, that factor's tensors alone."""
+    groups = {}
+    for name in names:
+        pattern = group_pattern(name, custom)
+        selected = [m for m in modules if pattern is None or re.search(pattern, m.name)]
+        groups[name] = factor_only(selected, group_factor(name)[1])
+    return groups
 
 
 # SD UNet attention blocks: down_blocks.i.attentions.j, mid_block.attentions.j, up_blocks.i.attentions.j
@@ -832,6 +860,32 @@ def network_blocks(modules: list[Module]) -> dict[str, list[Module]]:
     for m in modules:
         blocks[module_place(m.name)[0]].append(m)
     return {b: blocks[b] for b in sorted(blocks, key=block_order_key)}
+
+
+MAP_LEVELS = ("modules", "blocks", "positions", "factors")  # a layer map's levels, as results.json names them
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What one classifier of a layer map reads alone, and where it sits: a module's down or up tensor or
+    its pair, a block, a position (one attention type and projection, across blocks) or a factor."""
+
+    place: tuple[tuple[str, str], ...]
+    """(module, block, position, factor) as far as they apply, e.g. (("block", "mid_block.attentions.0"),)"""
+    modules: tuple[Module, ...]
+
+    @property
+    def name(self) -> str:
+        place = dict(self.place)
+        return f"{place['module']}_{place['factor']}" if "module" in place else next(iter(place.values()))
+
+
+def by_position(modules: list[Module]) -> dict[str, list[Module]]:
+    """Modules by position in their block, positions in block order."""
+    positions = defaultdict(list)
+    for m in modules:
+        positions[module_place(m.name)[1]].append(m)
+    return {p: positions[p] for p in sorted(positions, key=position_order_key)}
 
 
 MAX_LORA_SCALE = 1e4  # alpha / rank beyond this is no trained adapter: a corrupted or mislabelled column
@@ -1654,21 +1708,42 @@ def mapped_modules(modules: list[Module], representation: str) -> list[Module]:
     return [m for m in modules if unit_columns([m], representation)]
 
 
-def module_widths(store: FeatureStore, modules: list[Module], representation: str) -> list[int]:
-    """How many features of a representation each module gives."""
-    return [sum(unit_width(representation, [store.shapes[c] for c in columns])
-                for _, columns in unit_columns([m], representation)) for m in modules]
+def map_probes(modules: list[Module], representation: str) -> dict[str, list[Probe]]:
+    """A layer map's levels (results.json keys), each one family of probes: every module's down tensor,
+    up tensor and pair (a pair representation: the pair alone), every block, every position, and for a
+    per-tensor representation every factor."""
+    mapped, per_tensor = mapped_modules(modules, representation), representation not in PAIR_REPRESENTATIONS
+    module_probes = []
+    for m in mapped:
+        block, position = module_place(m.name)
+        for factor in [*FACTORS, None] if per_tensor else [None]:
+            kept = factor_only([m], factor)
+            if kept and (factor or (m.down and m.up)):
+                place = (("module", m.name), ("block", block), ("position", position), ("factor", factor or "pair"))
+                module_probes.append(Probe(place, tuple(kept)))
+    levels = (module_probes,
+              [Probe((("block", b),), tuple(ms)) for b, ms in network_blocks(mapped).items()],
+              [Probe((("position", p),), tuple(ms)) for p, ms in by_position(mapped).items()],
+              [Probe((("factor", f),), tuple(factor_only(mapped, f))) for f in FACTORS
+               if per_tensor and factor_only(mapped, f)])
+    return {level: probes for level, probes in zip(MAP_LEVELS, levels) if probes}
 
 
-def layer_map_matrix(store: FeatureStore, modules: list[Module], representation: str,
+def features_width(store: FeatureStore, modules: list[Module], representation: str) -> int:
+    """How many features of a representation a selection of modules gives."""
+    return sum(unit_width(representation, [store.shapes[c] for c in columns])
+               for _, columns in unit_columns(modules, representation))
+
+
+def layer_map_matrix(store: FeatureStore, probes: list[Probe], representation: str,
                      memory_limit: int | None = None) -> tuple[np.ndarray, list[int]]:
-    """For the layer map: each module's features alone, zero-padded to the widest module's width,
-    module after module, (rows, modules * width); and each module's own width."""
-    widths = module_widths(store, modules, representation)
+    """For one level of the layer map: each probe's features alone, zero-padded to the widest probe's
+    width, probe after probe, (rows, probes * width); and each probe's own width."""
+    widths = [features_width(store, list(probe.modules), representation) for probe in probes]
     width = max(widths)
-    out = store.empty_matrix(len(modules) * width, memory_limit)
-    for i, (module, own) in enumerate(zip(modules, widths)):
-        out[:, i * width:i * width + own] = group_feature_matrix(store, [module], representation, memory_limit)
+    out = store.empty_matrix(len(probes) * width, memory_limit)
+    for i, (probe, own) in enumerate(zip(probes, widths)):
+        out[:, i * width:i * width + own] = group_feature_matrix(store, list(probe.modules), representation, memory_limit)
         out[:, i * width + own:(i + 1) * width] = 0.0  # a constant column: standardised to 0, it never contributes
     return out, widths
 
@@ -2700,8 +2775,10 @@ GROUP_RESULT_KEYS = {"all": ("all_layers_results", "all_layers"),
 
 
 def group_result_key(group: str) -> tuple[str, str]:
-    """(results.json list, entry-name suffix) of a group: the original's names for built-in groups."""
-    return GROUP_RESULT_KEYS.get(group, (f"{group}_results", group))
+    """(results.json list, entry-name suffix) of a group: the original's names for built-in groups;
+    visual:up -> visual_up."""
+    suffix = group.replace(":", "_")
+    return GROUP_RESULT_KEYS.get(group, (f"{suffix}_results", suffix))
 
 
 def confusion_matrices(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -2924,23 +3001,21 @@ MAP_ENTRY_OMITS = ("learning_curves", "val_confusion_matrices", "test_confusion_
 
 
 def layer_map_entries(result: EnsembleResult, data: SplitData, cfg: Config, device: torch.device,
-                      modules: list[Module], widths: list[int], representation: str) -> list[dict]:
-    """One entry per module from a layer map's ensemble (its slices module by module, run by run),
-    with the module's block and position; each module charged the training time of its slices."""
+                      probes: list[Probe], widths: list[int], representation: str) -> list[dict]:
+    """One entry per probe from a level's ensemble (its slices probe by probe, run by run), with the
+    probe's place; each probe charged the training time of its slices."""
     metrics, confusions = split_metrics(result, data, amp_dtype(cfg, device))
     entries = []
-    for i, (module, width) in enumerate(zip(modules, widths)):
+    for i, (probe, width) in enumerate(zip(probes, widths)):
         picks = list(range(i * cfg.runs, (i + 1) * cfg.runs))
         part = result.part(picks)
         part = dataclasses.replace(part, seconds=sum(h.seconds for h in part.histories),
                                    compile_seconds=result.compile_seconds * len(picks) / len(result.histories))
         part_metrics = {split: {k: [v[j] for j in picks] for k, v in m.items()} for split, m in metrics.items()}
         part_confusions = {split: c[picks] for split, c in confusions.items()}
-        entry = runs_entry(part, part_metrics, part_confusions, data, cfg, f"{representation}_{module.name}",
-                           len(module.columns), width)
-        block, position = module_place(module.name)
-        entries.append({"module": module.name, "block": block, "position": position,
-                        **{k: v for k, v in entry.items() if k not in MAP_ENTRY_OMITS}})
+        entry = runs_entry(part, part_metrics, part_confusions, data, cfg, f"{representation}_{probe.name}",
+                           sum(len(m.columns) for m in probe.modules), width)
+        entries.append({**dict(probe.place), **{k: v for k, v in entry.items() if k not in MAP_ENTRY_OMITS}})
     return entries
 
 
@@ -3128,8 +3203,9 @@ def with_statistics(results: dict) -> None:
     for g in results["groups"]:
         with_training_outcomes(results.get(group_result_key(g)[0], []))
     for layer_map in results.get("layer_map", []):
-        with_training_outcomes(layer_map["modules"])
-        holm_corrected(layer_map["modules"], "above_chance_p", "above_chance")
+        for level in (lv for lv in MAP_LEVELS if lv in layer_map):  # each level one family
+            with_training_outcomes(layer_map[level])
+            holm_corrected(layer_map[level], "above_chance_p", "above_chance")
     ablation = results.get("block_ablation", [])
     with_training_outcomes(ablation)
     families = defaultdict(list)
@@ -3249,12 +3325,24 @@ def setting_lines(results: dict) -> list[str]:
     return lines
 
 
-def map_grid(layer_map: dict) -> tuple[list[str], list[str], dict[tuple[str, str], dict]]:
-    """A layer map's blocks in network order, positions in block order, and its entry by (block, position)."""
-    cells = {(e["block"], e["position"]): e for e in layer_map["modules"]}
-    blocks = sorted({b for b, _ in cells}, key=block_order_key)
-    positions = sorted({p for _, p in cells}, key=position_order_key)
+def map_grid(layer_map: dict, factor: str = "pair") -> tuple[list[str], list[str], dict[tuple[str, str], dict]]:
+    """A layer map's blocks in network order, positions in block order, and its module probes of one
+    factor (down, up or pair) by (block, position)."""
+    modules = layer_map["modules"]
+    cells = {(e["block"], e["position"]): e for e in modules if e["factor"] == factor}
+    blocks = sorted({e["block"] for e in modules}, key=block_order_key)
+    positions = sorted({e["position"] for e in modules}, key=position_order_key)
     return blocks, positions, cells
+
+
+def map_factors(layer_map: dict) -> list[str]:
+    """The factors a layer map probes module by module: pair, down and up, or pair alone."""
+    return [f for f in ("pair", *FACTORS) if any(e["factor"] == f for e in layer_map["modules"])]
+
+
+def level_entries(layer_map: dict, level: str, key: str) -> dict[str, dict]:
+    """A level's probes by their place (block, position or factor)."""
+    return {e[key]: e for e in layer_map.get(level, [])}
 
 
 def position_labels(positions: list[str]) -> list[str]:
@@ -3266,13 +3354,11 @@ def position_labels(positions: list[str]) -> list[str]:
     return [".".join(p[shared:]) for p in parts]
 
 
-def block_means(layer_map: dict) -> list[tuple[str, float]]:
-    """Each block's mean test accuracy over its modules (successful runs), best first."""
-    by_block = defaultdict(list)
-    for e in layer_map["modules"]:
-        if measured(e):
-            by_block[e["block"]].append(e["test_acc_mean"])
-    return sorted(((b, float(np.mean(a))) for b, a in by_block.items()), key=lambda item: -item[1])
+def level_ranking(layer_map: dict, level: str) -> list[tuple[str, dict]]:
+    """A level's measured probes by mean test accuracy, best first, each with its name."""
+    entries = [e for e in layer_map.get(level, []) if measured(e)]
+    name = lambda e: f"{e['module']} {e['factor']}" if level == "modules" else e[level.removesuffix("s")]
+    return [(name(e), e) for e in sorted(entries, key=lambda e: -e["test_acc_mean"])]
 
 
 def map_cell(entry: dict | None) -> str:
@@ -3284,21 +3370,37 @@ def map_cell(entry: dict | None) -> str:
     return f"{entry['test_acc_mean']:.3f}{' ' if entry['above_chance'] else NEAR_CHANCE_MARK}"
 
 
+MAP_RANKED_MODULES = 10  # module probes listed by rank in results.txt (the grids show them all)
+
+
 def layer_map_lines(layer_map: dict, chance: float, runs: int) -> list[str]:
-    """A layer map as a table: blocks in network order down, positions across, then blocks ranked."""
-    blocks, positions, cells = map_grid(layer_map)
+    """A layer map as tables: per factor its module probes, blocks in network order down, positions across,
+    the pair's table with each block and position probed alone in its margins; then every level ranked."""
+    blocks, positions, _ = map_grid(layer_map)
     labels = position_labels(positions)
-    block_width = max(len("block"), *(len(b) for b in blocks))
+    block_width = max(len("position alone"), *(len(b) for b in blocks))
     width = max(7, *(len(label) for label in labels))
-    lines = [f"Layer map of {layer_map['representation']}: test accuracy of {layer_map['classifier']} on each module alone, "
-             f"mean over {runs} runs ({NEAR_CHANCE_MARK}: not above chance {chance:.3f}, binomial test with Holm's "
-             f"correction over the map's {layer_map['num_modules']} modules; trained in {layer_map['training_time']:.1f}s)",
-             f"{'block':<{block_width}} " + " ".join(f"{label:>{width}}" for label in labels)]
-    for block in blocks:
-        lines.append(f"{block:<{block_width}} "
-                     + " ".join(f"{map_cell(cells.get((block, p))):>{width}}" for p in positions))
-    ranked = block_means(layer_map)
-    lines.append("blocks by mean accuracy: " + ", ".join(f"{b} {acc:.3f}" for b, acc in ranked))
+    lines = [f"Layer map of {layer_map['representation']}: test accuracy of {layer_map['classifier']} on each probe "
+             f"alone, mean over {runs} runs ({NEAR_CHANCE_MARK}: not above chance {chance:.3f}, binomial test with "
+             f"Holm's correction within each level; trained in {layer_map['training_time']:.1f}s)"]
+    by_block, by_position = level_entries(layer_map, "blocks", "block"), level_entries(layer_map, "positions", "position")
+    for factor in map_factors(layer_map):
+        _, _, cells = map_grid(layer_map, factor)
+        margin = factor == "pair" and by_block
+        lines += [f"modules, {'both factors' if factor == 'pair' else f'{factor} factor alone'}:",
+                  f"{'block':<{block_width}} " + " ".join(f"{label:>{width}}" for label in labels)
+                  + (f" {'block alone':>{width}}" if margin else "")]
+        lines += [f"{block:<{block_width}} " + " ".join(f"{map_cell(cells.get((block, p))):>{width}}" for p in positions)
+                  + (f" {map_cell(by_block.get(block)):>{width}}" if margin else "") for block in blocks]
+        if factor == "pair" and by_position:
+            lines.append(f"{'position alone':<{block_width}} "
+                         + " ".join(f"{map_cell(by_position.get(p)):>{width}}" for p in positions))
+    ranked = level_ranking(layer_map, "modules")
+    for level in MAP_LEVELS:
+        entries = level_ranking(layer_map, level)[:MAP_RANKED_MODULES if level == "modules" else None]
+        shown = f"best {len(entries)} of {len(ranked)}" if level == "modules" and len(ranked) > len(entries) else "all"
+        if entries:
+            lines.append(f"{level} ranked ({shown}): " + ", ".join(f"{name} {map_cell(e).strip()}" for name, e in entries))
     return lines
 
 
@@ -3605,37 +3707,70 @@ def plot_confusion(results: dict, entry: dict, path: Path) -> None:
     save_figure(figure_confusion(results, entry), path)
 
 
+def map_heatmap(ax, rows: list[str], columns: list[str], cell, norm, title: str):
+    """One heatmap of probe accuracies: cell(i, j) -> the entry of row i, column j, or None; values
+    printed, `~` where not above chance."""
+    values = np.full((len(rows), len(columns)), np.nan)
+    for i, j in itertools.product(range(len(rows)), range(len(columns))):
+        entry = cell(i, j)
+        if measured(entry):
+            values[i, j] = entry["test_acc_mean"]
+            mark = "" if entry["above_chance"] else NEAR_CHANCE_MARK
+            ax.text(j, i, f"{values[i, j]:.2f}{mark}", ha="center", va="center", fontsize=7)
+    image = ax.imshow(values, cmap="RdBu_r", norm=norm, aspect="auto")
+    ax.set_xticks(np.arange(len(columns)), columns, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(np.arange(len(rows)), rows, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    return image
+
+
 def figure_layer_map(results: dict):
-    """A heatmap per mapped representation: mean test accuracy of each module's classifier, blocks in
-    network order down, positions across, values in the cells; the colour scale is centred on chance."""
+    """A row of panels per mapped representation: for each factor a heatmap of its module probes, blocks
+    in network order down, positions across (the pair's with each block and position probed alone as a
+    last column and row), and the factors probed alone; the colour scale is centred on chance."""
     from matplotlib.colors import TwoSlopeNorm
     maps, chance = results["layer_map"], results["chance"]
-    grids = [map_grid(m) for m in maps]
-    width = max(6, 1.0 * max(len(p) for _, p, _ in grids) + 4)
-    heights = [0.4 * len(b) + 1.5 for b, _, _ in grids]
-    fig, axes = _pyplot().subplots(len(maps), 1, figsize=(width, sum(heights) + 1), squeeze=False,
-                                   gridspec_kw={"height_ratios": heights})
     norm = TwoSlopeNorm(vmin=0.0, vcenter=chance, vmax=1.0)
-    for ax, layer_map, (blocks, positions, cells) in zip(axes[:, 0], maps, grids):
-        values = np.full((len(blocks), len(positions)), np.nan)
-        for (i, block), (j, position) in itertools.product(enumerate(blocks), enumerate(positions)):
-            entry = cells.get((block, position))
-            if measured(entry):
-                values[i, j] = entry["test_acc_mean"]
-                mark = "" if entry["above_chance"] else NEAR_CHANCE_MARK
-                ax.text(j, i, f"{values[i, j]:.2f}{mark}", ha="center", va="center", fontsize=7)
-        image = ax.imshow(values, cmap="RdBu_r", norm=norm, aspect="auto")
-        ax.set_xticks(np.arange(len(positions)), position_labels(positions), rotation=30, ha="right", fontsize=8)
-        ax.set_yticks(np.arange(len(blocks)), blocks, fontsize=8)
-        ax.set_title(f"{layer_map['representation']}: {layer_map['classifier']} per module", fontsize=9)
-        bar = fig.colorbar(image, ax=ax, fraction=0.04)
+    panels = max(len(map_factors(m)) + 1 for m in maps)
+    rows = max(len(map_grid(m)[0]) for m in maps) + 1
+    fig, axes = _pyplot().subplots(len(maps), panels, figsize=(3.2 * panels + 3, (0.35 * rows + 2) * len(maps)),
+                                   squeeze=False, layout="constrained")
+    for ax_row, layer_map in zip(axes, maps):
+        blocks, positions, _ = map_grid(layer_map)
+        labels = dict(zip(positions, position_labels(positions)))
+        by_block, by_position = level_entries(layer_map, "blocks", "block"), level_entries(layer_map, "positions", "position")
+        for ax, factor in zip(ax_row, map_factors(layer_map)):
+            _, _, cells = map_grid(layer_map, factor)
+            margins = factor == "pair"
+            row_names = blocks + (["position alone"] if margins and by_position else [])
+            column_names = positions + (["block alone"] if margins and by_block else [])
+            cell = lambda r, c: (by_position.get(c) if r == "position alone" else by_block.get(r) if c == "block alone"
+                                 else cells.get((r, c)))
+            image = map_heatmap(ax, row_names, [labels.get(c, c) for c in column_names],
+                                lambda i, j: cell(row_names[i], column_names[j]), norm,
+                                f"{layer_map['representation']}: {'both factors' if margins else factor + ' alone'}")
+            if not margins:  # the same blocks as the first panel's
+                ax.set_yticks(np.arange(len(row_names)), [""] * len(row_names))
+        factors = level_ranking(layer_map, "factors")
+        ax = ax_row[len(map_factors(layer_map))]
+        if factors:
+            names, entries = zip(*sorted(factors))
+            ax.bar(names, [e["test_acc_mean"] for e in entries], yerr=[e["test_acc_std"] or 0 for e in entries],
+                   color="tab:blue", capsize=4)
+            ax.axhline(chance, color="black", linestyle="--", linewidth=1, label=f"chance {chance:.2f}")
+            ax.set_ylim(0, 1)
+            ax.set_title(f"{layer_map['representation']}: each factor alone (mean +- sample std)", fontsize=9)
+            ax.legend(fontsize=7)
+        for unused in ax_row[len(map_factors(layer_map)) + bool(factors):]:
+            unused.axis("off")
+        bar = fig.colorbar(image, ax=list(ax_row[:len(map_factors(layer_map))]), fraction=0.03)
         bar.ax.axhline(chance, color="black", linewidth=1.5)
-        bar.set_ticks(sorted({0.0, chance, 0.5, 1.0}))
-        bar.set_ticklabels([f"chance {t:.2f}" if t == chance else f"{t:.1f}" for t in sorted({0.0, chance, 0.5, 1.0})])
-    set_figure_title(fig, f"Test accuracy of each module alone ({results['dataset']}), mean over {results['num_runs']} "
+        ticks = sorted({0.0, chance, 0.5, 1.0})
+        bar.set_ticks(ticks)
+        bar.set_ticklabels([f"chance {t:.2f}" if t == chance else f"{t:.1f}" for t in ticks])
+    set_figure_title(fig, f"Test accuracy of each probe alone ({results['dataset']}), mean over {results['num_runs']} "
                           f"runs\nwhite: chance (majority class); {NEAR_CHANCE_MARK}: not above chance (binomial test, "
-                          "Holm's correction over each map's modules)")
-    fig.tight_layout()
+                          "Holm's correction within each level)")
     return fig
 
 
@@ -3683,9 +3818,10 @@ def _choice_list(allowed: tuple[str, ...]):
 
 def _group_definition(text: str) -> tuple[str, str]:
     name, _, pattern = text.partition("=")
-    if not re.fullmatch(r"[A-Za-z][\w-]*", name) or not pattern:
-        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=REGEX (e.g. attn=q_proj|k_proj|v_proj|o_proj)")
-    if name in BUILTIN_GROUPS:
+    if not re.fullmatch(r"[A-Za-z][\w-]*(:up|:down)?", name) or not pattern:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=REGEX or NAME:FACTOR=REGEX "
+                                         "(e.g. attn=q_proj|k_proj|v_proj|o_proj, attn:up=q_proj)")
+    if name in GROUP_CHOICES:
         raise argparse.ArgumentTypeError(f"{name} is a built-in group; choose it with --layer-groups")
     try:
         re.compile(pattern)
@@ -3719,10 +3855,12 @@ def add_data_arguments(add: Callable, defaults: Config) -> None:
 def add_experiment_arguments(add: Callable, defaults: Config) -> None:
     add("--representations", type=_choice_list(tuple(REPRESENTATIONS)), default=defaults.representations,
         help="comma list of representations (default: all but delta_canonical)")
-    add("--layer-groups", type=_choice_list(BUILTIN_GROUPS), default=defaults.layer_groups,
-        help="comma list of layer groups: all, visual (attn1), text (attn2)")
+    add("--layer-groups", type=_choice_list(GROUP_CHOICES), default=defaults.layer_groups,
+        help="comma list of layer groups: all, visual (attn1), text (attn2); up or down: that factor's tensors "
+             "of every module; GROUP:FACTOR both (visual:up: the up factors of the visual layers)")
     add("--group", dest="custom_groups", type=_group_definition, action="append", default=[], metavar="NAME=REGEX",
-        help="define and evaluate a layer group: modules whose name matches REGEX (repeatable)")
+        help="define and evaluate a layer group: modules whose name matches REGEX (repeatable); a NAME ending in "
+             ":up or :down keeps that factor's tensors alone")
     add("--sample-layers", type=_fraction, default=defaults.sample_layers,
         help="fraction of LoRA modules to use, seeded, down/up pairs kept together")
     add("--classifiers", type=_choice_list(tuple(CLASSIFIERS)), default=defaults.classifiers,
@@ -3816,7 +3954,8 @@ def results_header(cfg: Config, loaded: LoadedDataset, labels: Labels, modules: 
     if labels.mapping is not None:
         header["label_mapping"] = labels.mapping
     header["groups"] = list(groups)
-    header["group_patterns"] = {g: {**BUILTIN_GROUP_PATTERNS, **dict(cfg.custom_groups)}[g] for g in groups}
+    header["group_patterns"] = {g: group_pattern(g, cfg.custom_groups) for g in groups}
+    header["group_factors"] = {g: group_factor(g)[1] or "both" for g in groups}
     for g in groups:
         header[group_result_key(g)[0]] = []
     if cfg.layer_map:
@@ -4240,10 +4379,13 @@ def pending_jobs(jobs: list[Job], done: set[str]) -> list[Job]:
 
 def job_cost(job: Job, exp: Experiment, store: FeatureStore, cfg: Config) -> int:
     """Expected training cost of a job's entries, as each classifier estimates its own."""
-    widths = module_widths(store, job_modules(job, exp), job.representation)
-    # a layer map: its classifier per module on the module's padded columns; else each classifier on all of them
-    trained = [(cfg.layer_map_classifier, max(widths), len(widths))] if job.kind == "map" else \
-        [(name, sum(widths), None) for name in job.classifiers]
+    if job.kind == "map":  # a level's probes on their padded columns, level by level
+        trained = [(cfg.layer_map_classifier, max(features_width(store, list(p.modules), job.representation)
+                                                  for p in probes), len(probes))
+                   for probes in map_probes(exp.modules, job.representation).values()]
+    else:
+        trained = [(name, features_width(store, job_modules(job, exp), job.representation), None)
+                   for name in job.classifiers]
     return sum(CLASSIFIERS[name].cost(exp.loaded.dataset.num_rows, width, len(exp.labels.class_names),
                                       run_slices(cfg, CLASSIFIERS[name], blocks), cfg)
                for name, width, blocks in trained)
@@ -4269,21 +4411,27 @@ def trained_entries(store: FeatureStore, exp: Experiment, cfg: Config, device: t
 
 
 def trained_layer_map(store: FeatureStore, exp: Experiment, cfg: Config, device: torch.device, representation: str) -> dict:
-    """The layer map of one representation: --layer-map-classifier on each module's features alone,
-    every module's runs (and grid settings) trained together as one stacked ensemble."""
-    modules = mapped_modules(exp.modules, representation)
-    features, widths = layer_map_matrix(store, modules, representation)
-    data = standardise(features, exp.labels.codes, exp.splits, len(exp.labels.class_names), device,
-                       feature_budget_bytes(device, cfg.max_resident_features_gb), cfg.num_workers,
-                       block_width=features.shape[1] // len(modules), batch=cfg.batch_size)
-    result = train_runs(data, cfg, device, f"layer map {representation}", CLASSIFIERS[cfg.layer_map_classifier],
-                        num_blocks=len(modules))
-    entries = layer_map_entries(result, data, cfg, device, modules, widths, representation)
-    tqdm.write(f"layer map {representation}: {len(modules)} modules in {result.seconds:.1f}s; best "
-               + ", ".join(f"{e['module']} {e['test_acc_mean']:.3f}"
-                           for e in sorted(entries, key=lambda e: -e["test_acc_mean"])[:3]))
-    return {"representation": representation, "classifier": cfg.layer_map_classifier, "num_modules": len(modules),
-            "training_time": result.seconds, "modules": entries}
+    """The layer map of one representation: --layer-map-classifier on each probe's features alone (each
+    module's factors and pair, each block, position and factor), every probe of a level with its runs
+    (and grid settings) trained together as one stacked ensemble."""
+    layer_map = {"representation": representation, "classifier": cfg.layer_map_classifier,
+                 "num_modules": len(mapped_modules(exp.modules, representation)), "training_time": 0.0}
+    for level, probes in map_probes(exp.modules, representation).items():
+        features, widths = layer_map_matrix(store, probes, representation)
+        data = standardise(features, exp.labels.codes, exp.splits, len(exp.labels.class_names), device,
+                           feature_budget_bytes(device, cfg.max_resident_features_gb), cfg.num_workers,
+                           block_width=features.shape[1] // len(probes), batch=cfg.batch_size)
+        result = train_runs(data, cfg, device, f"layer map {representation}: {level}",
+                            CLASSIFIERS[cfg.layer_map_classifier], num_blocks=len(probes))
+        layer_map[level] = layer_map_entries(result, data, cfg, device, probes, widths, representation)
+        layer_map["training_time"] += result.seconds
+        best = sorted(layer_map[level], key=lambda e: -e["test_acc_mean"])[:3]
+        tqdm.write(f"layer map {representation}: {len(probes)} {level} in {result.seconds:.1f}s; best "
+                   + ", ".join(f"{e['representation'].removeprefix(representation + '_')} {e['test_acc_mean']:.3f}"
+                               for e in best))
+        del data, features
+        release_device_memory(device)
+    return layer_map
 
 
 def trained_job(job: Job, store: FeatureStore, exp: Experiment, cfg: Config, device: torch.device):
@@ -4513,10 +4661,11 @@ def save_batches(tables, schema: pa.Schema, path: Path, extra_files: dict[str, s
 
 # --- B. the generated dataset (sanity-check) -------------------------------------------------
 # A table in the published format (the SD v1.5 attention LoRA shapes as nested float32 lists,
-# category_label and category_name) whose ten classes differ in ways each kind of representation can
-# see, attn1 more weakly than attn2 (SyntheticSpec says how).  The same --sanity-rows give the same
-# table on every machine, every split holds every class as far as its size allows, and it is written
-# once and reused.
+# category_label and category_name) shaped like trained LoRAs, with a known answer: each down factor
+# is a random initialisation plus a small update and carries no class signal; the up factors carry
+# it, in the blocks of SANITY_PLANTED only, attn1 (visual) more weakly than attn2 (text).  The same
+# --sanity-rows give the same table on every machine, every split holds every class as far as its
+# size allows, and it is written once, with its answer (answer.json), and reused.
 
 SD15_BLOCKS = (  # (transformer block prefix, channels) of the Stable Diffusion v1.5 UNet
     [(f"down_blocks.{b}.attentions.{a}", ch) for b, ch in ((0, 320), (1, 640), (2, 1280)) for a in (0, 1)]
@@ -4525,6 +4674,9 @@ SD15_BLOCKS = (  # (transformer block prefix, channels) of the Stable Diffusion 
 )
 TEXT_CONTEXT_DIM = 768  # CLIP text features read by attn2 to_k / to_v
 CLASS_NAMES = ("airplane", "bird", "cat", "car", "dog", "fish", "fruit", "ship", "snake", "vegetable")
+# The sanity-check's answer: the blocks whose up factors carry the class, and how strongly (1: strong)
+SANITY_PLANTED = (("down_blocks.1.attentions.0", 1.0), ("down_blocks.2.attentions.1", 1.0),
+                  ("up_blocks.1.attentions.1", 1.0), ("mid_block.attentions.0", 0.4), ("up_blocks.3.attentions.0", 0.4))
 
 
 def sd15_lora_shapes(rank: int = 1, projections: tuple[str, ...] = ("to_q", "to_v")) -> dict[str, tuple[int, int]]:
@@ -4543,14 +4695,17 @@ def sd15_lora_shapes(rank: int = 1, projections: tuple[str, ...] = ("to_q", "to_
 
 @dataclass(frozen=True)
 class SyntheticSpec:
-    """A generated LoRA dataset in the published layout, with a class signal of known strength.
+    """A generated LoRA dataset in the published layout, shaped like trained LoRAs, with a class
+    signal of known place and strength.
 
-    Each class shapes every tensor in three ways, each visible to different representations:
-    a gain on the tensor's scale (norms, spectra, statistics), a tail weight that makes its
-    values heavier-tailed (quantiles, kurtosis, histograms) and a prototype pattern added to
-    its values (raw weights).  Every adapter also has its own overall scale, hiding absolute
-    norms, and noise; self-attention (attn1) tensors get `visual_share` of the signal of
-    cross-attention (attn2) ones, so the visual-only ablation has something to find.
+    A down factor is nn.Linear's random initialisation (as PEFT and diffusers start lora_A) plus an
+    update of `down_update` of its size, the same for every class.  An up factor starts at zero; what
+    training wrote into it is noise, and in a planted block (`planted`: block -> strength s; None:
+    every block at 1; attn1 modules get `visual_share` of s) three class signals, each visible to
+    different representations: a gain on its scale (norms, spectra, the update's singular values), a
+    tail weight that makes its values heavier-tailed (quantiles, kurtosis, histograms) and a prototype
+    direction added to its values (raw weights, the update's canonical factors).  Every adapter also
+    has its own overall update size, hiding absolute norms.
     """
 
     rows: int = 400
@@ -4558,15 +4713,32 @@ class SyntheticSpec:
     projections: tuple[str, ...] = ("to_q", "to_v")
     num_classes: int = 10
     seed: int = 0
-    gain_spread: float = 0.04
-    tail_spread: float = 0.2
-    prototype_strength: float = 0.08
-    visual_share: float = 0.7
+    planted: tuple[tuple[str, float], ...] | None = SANITY_PLANTED
+    visual_share: float = 0.5
+    gain_spread: float = 0.3
+    tail_spread: float = 0.5
+    prototype_strength: float = 0.3
+    down_update: float = 0.1
     array2d: bool = False
 
     @cached_property
     def shapes(self) -> dict[str, tuple[int, int]]:
         return sd15_lora_shapes(self.rank, self.projections)
+
+    def strength(self, module: str) -> float:
+        """The class signal in a module's up factor: its block's planted strength, times visual_share for attn1."""
+        block = module_place(module)[0]
+        planted = 1.0 if self.planted is None else dict(self.planted).get(block, 0.0)
+        return planted * (self.visual_share if ".attn1." in module else 1.0)
+
+    def answer(self) -> dict:
+        """Where the class signal is, for answer.json beside the data."""
+        blocks = list(dict.fromkeys(module_place(name)[0] for name in self.shapes))
+        return {"factor": "up", "visual_share": self.visual_share,
+                "block_strength": {b: 1.0 if self.planted is None else dict(self.planted).get(b, 0.0) for b in blocks},
+                "module_strength": {m: self.strength(m) for m in dict.fromkeys(n.rsplit(".lora.", 1)[0] for n in self.shapes)},
+                "signals": {"gain_spread": self.gain_spread, "tail_spread": self.tail_spread,
+                            "prototype_strength": self.prototype_strength}, "down_update": self.down_update}
 
 
 @functools.lru_cache(maxsize=4)
@@ -4589,19 +4761,24 @@ def synthetic_rows(spec: SyntheticSpec, start: int, stop: int) -> dict[str, np.n
     block = np.random.default_rng([spec.seed, start, stop])
     n = stop - start
     labels = synthetic_labels(spec)[start:stop]
-    adapter_scale = np.exp(0.3 * block.standard_normal(n))[:, None, None]
+    update_size = np.exp(0.15 * block.standard_normal(n))[:, None, None]  # each adapter's own training length
     columns: dict[str, np.ndarray] = {}
     for t, (name, shape) in enumerate(spec.shapes.items()):
-        share = spec.visual_share if ".attn1." in name else 1.0
-        structure = np.random.default_rng([spec.seed, t])  # the same for every block: the class signal
-        gains = 1.0 + share * spec.gain_spread * structure.standard_normal(spec.num_classes)
+        noise = np.random.default_rng([spec.seed, start, stop, t])
+        if name.endswith(".lora.down.weight"):
+            bound = 1 / np.sqrt(shape[1])  # nn.Linear's initialisation, then a small update
+            init = noise.uniform(-bound, bound, (n, *shape))
+            columns[name] = (init + spec.down_update * bound * noise.standard_normal((n, *shape))).astype(np.float32)
+            continue
+        share = spec.strength(name.rsplit(".lora.", 1)[0])
+        structure = np.random.default_rng([spec.seed, t])  # the module's class signal: the same in every row block
+        gains = np.exp(share * spec.gain_spread * structure.standard_normal(spec.num_classes))
         tails = share * spec.tail_spread * structure.random(spec.num_classes)
         prototypes = structure.standard_normal((spec.num_classes, *shape))
-        noise = np.random.default_rng([spec.seed, start, stop, t])
         heavy = noise.standard_normal((n, *shape)) * np.exp(tails[labels][:, None, None] * noise.standard_normal((n, *shape)))
         values = heavy + share * spec.prototype_strength * prototypes[labels]
-        scale = gains[labels][:, None, None] * adapter_scale * np.exp(0.1 * noise.standard_normal((n, 1, 1)))
-        columns[name] = (values * scale / np.sqrt(max(shape))).astype(np.float32)
+        scale = gains[labels][:, None, None] * update_size * np.exp(0.1 * noise.standard_normal((n, 1, 1)))
+        columns[name] = (values * scale / np.sqrt(shape[0])).astype(np.float32)
     columns["category_label"] = labels.astype(np.int64)
     columns["category_name"] = np.array([CLASS_NAMES[i % len(CLASS_NAMES)] for i in labels])
     return columns
@@ -4637,17 +4814,23 @@ def synthetic_tables(spec: SyntheticSpec, schema: pa.Schema):
 
 
 def write_synthetic_dataset(spec: SyntheticSpec, path: Path) -> Path:
-    """Write the dataset with save_to_disk in batches, so memory stays bounded; reuse it if present."""
+    """Write the dataset with save_to_disk in batches, so memory stays bounded, with its answer.json;
+    reuse it if present."""
     with building(path):
         if not (path / "state.json").exists():
             schema = synthetic_features(spec).arrow_schema
-            save_batches(synthetic_tables(spec, schema), schema, path)
+            save_batches(synthetic_tables(spec, schema), schema, path,
+                         {"answer.json": json.dumps(spec.answer(), indent=1)})
     return path
 
 
 def write_sanity_check_dataset(data_dir: Path, rows: int) -> Path:
+    """The sanity-check in a directory named for its generator's code and settings, so that a table
+    written by another version of the script is never taken for this one's."""
     spec = SyntheticSpec(rows=rows)
-    return write_synthetic_dataset(spec, data_dir / f"{SANITY_CHECK}-{rows}")
+    code = f"{inspect.getsource(SyntheticSpec)} {code_fingerprint(synthetic_rows)}"
+    version = hashlib.sha256(f"{spec!r} {code}".encode()).hexdigest()[:8]
+    return write_synthetic_dataset(spec, data_dir / f"{SANITY_CHECK}-{rows}-{version}")
 
 
 # --- C. adapter folders: one vocabulary of tensor names, then one table row per adapter ------

@@ -251,14 +251,32 @@ def mapped_by_knn(script, one_block_carries_the_class, tmp_path_factory):
     return results_of(tmp_path, "blocks")
 
 
-def test_layer_map_ranks_the_block_that_carries_the_class_first(mapped):
+def carries_the_class(probe: dict) -> bool:
+    """The fixture's answer: the down factors of one block's modules (their pairs hold them too)."""
+    return probe["block"] == INFORMATIVE_BLOCK and probe["factor"] in ("down", "pair")
+
+
+def test_layer_map_probes_each_modules_down_up_and_pair_and_ranks_those_carrying_the_class_first(mapped):
     _, results = mapped
     (layer_map,) = results["layer_map"]
     assert layer_map["representation"] == "simple_stats" and layer_map["num_modules"] == 8
-    assert vae.block_means(layer_map)[0][0] == INFORMATIVE_BLOCK
-    informative = [e for e in layer_map["modules"] if e["block"] == INFORMATIVE_BLOCK]
-    others = [e for e in layer_map["modules"] if e["block"] != INFORMATIVE_BLOCK]
+    assert sorted((e["module"], e["factor"]) for e in layer_map["modules"]) == sorted(
+        (f"{block}.{position}", factor) for block in BLOCKS for position in POSITIONS for factor in ("down", "up", "pair"))
+    informative = [e for e in layer_map["modules"] if carries_the_class(e)]
+    others = [e for e in layer_map["modules"] if not carries_the_class(e)]
     assert min(e["test_acc_mean"] for e in informative) > max(e["test_acc_mean"] for e in others)
+
+
+def test_layer_map_probes_each_block_position_and_factor_alone_as_a_family_of_its_own(mapped):
+    _, results = mapped
+    (layer_map,) = results["layer_map"]
+    assert [name for name, _ in vae.level_ranking(layer_map, "blocks")][0] == INFORMATIVE_BLOCK
+    assert {e["block"] for e in layer_map["blocks"]} == set(BLOCKS)
+    assert {e["position"] for e in layer_map["positions"]} == set(POSITIONS)
+    assert [name for name, _ in vae.level_ranking(layer_map, "factors")] == ["down", "up"]
+    assert all(e["above_chance_p_holm"] >= e["above_chance_p"] for level in vae.MAP_LEVELS for e in layer_map[level])
+    table = (mapped[0] / "out" / "visual_ablation_blocks" / "results.txt").read_text()
+    assert f"blocks ranked (all): {INFORMATIVE_BLOCK}" in table and "factors ranked (all): down" in table
 
 
 def test_layer_map_entries_hold_every_runs_accuracy_and_the_chosen_l2(mapped):
@@ -271,9 +289,8 @@ def test_layer_map_entries_hold_every_runs_accuracy_and_the_chosen_l2(mapped):
 
 def test_knn_layer_map_ranks_the_block_that_carries_the_class_first(mapped_by_knn):
     (layer_map,) = mapped_by_knn["layer_map"]
-    assert layer_map["classifier"] == "knn" and vae.block_means(layer_map)[0][0] == INFORMATIVE_BLOCK
-    informative = [e for e in layer_map["modules"] if e["block"] == INFORMATIVE_BLOCK]
-    assert all(e["above_chance"] for e in informative)
+    assert layer_map["classifier"] == "knn" and vae.level_ranking(layer_map, "blocks")[0][0] == INFORMATIVE_BLOCK
+    assert all(e["above_chance"] for e in layer_map["modules"] if carries_the_class(e))
 
 
 def test_knn_entries_record_each_runs_k_and_no_stall(mapped_by_knn):
@@ -304,7 +321,7 @@ def test_table_has_a_row_per_classifier_the_layer_map_and_the_block_ablation(map
     tmp_path, _ = mapped
     table = (tmp_path / "out" / "visual_ablation_blocks" / "results.txt").read_text()
     assert "simple_stats (linear)" in table and "simple_stats (knn)" in table
-    assert "Layer map of simple_stats" in table and f"blocks by mean accuracy: {INFORMATIVE_BLOCK}" in table
+    assert "Layer map of simple_stats" in table and f"blocks ranked (all): {INFORMATIVE_BLOCK}" in table
     assert "Block ablation" in table
 
 
@@ -362,5 +379,40 @@ def test_a_classifier_added_as_readme_shows_runs_end_to_end_through_the_command_
     probe = vae.find_entry(results, "all", "simple_stats", "ncm")
     assert probe["classifier"] == "ncm" and probe["test_acc_mean"] > 0.9  # the class shifts one block's means
     assert {e["block"] for e in results["block_ablation"] if e["classifier"] == "ncm"} == set(BLOCKS)
-    assert vae.block_means(results["layer_map"][0])[0][0] == INFORMATIVE_BLOCK
+    assert vae.level_ranking(results["layer_map"][0], "blocks")[0][0] == INFORMATIVE_BLOCK
     assert "simple_stats (ncm)" in (tmp_path / "out" / "visual_ablation_blocks" / "results.txt").read_text()
+
+
+# --- factor groups -----------------------------------------------------------------------------------
+
+def test_a_factor_group_keeps_that_factors_tensor_of_every_module_it_selects():
+    modules = vae.lora_modules([f"{block}.{position}.lora.{factor}.weight"
+                                for block in BLOCKS for position in POSITIONS for factor in ("down", "up")])
+    groups = vae.layer_groups(modules, ("up", "visual:down", "all"))
+    assert all(m.columns == (m.up,) for m in groups["up"]) and len(groups["up"]) == 8
+    assert [m.name for m in groups["visual:down"]] == [m.name for m in modules if ".attn1." in m.name]
+    assert all(len(m.columns) == 1 and m.columns[0].endswith(".lora.down.weight") for m in groups["visual:down"])
+    assert all(len(m.columns) == 2 for m in groups["all"])
+
+
+def test_factor_groups_run_like_any_group_and_skip_the_pair_representations_with_a_line(
+        one_block_carries_the_class, tmp_path):
+    argv = cli_args(tmp_path, one_block_carries_the_class, "--representations", "simple_stats,delta_spectral",
+                    "--layer-groups", "all,down,up,visual:down", "--classifiers", "linear", "--num-runs", "3")
+    assert vae.main(argv) == 0
+    results = results_of(tmp_path, "blocks")
+    down, up = (vae.find_entry(results, g, "simple_stats", "linear") for g in ("down", "up"))
+    assert down["num_layers"] == up["num_layers"] == 8 and results["group_factors"]["visual:down"] == "down"
+    assert down["test_acc_mean"] > up["test_acc_mean"] + 0.2  # the fixture's class is in the down factors
+    assert [e["representation"] for e in results["visual_down_results"]] == ["simple_stats_visual_down_linear"]
+    assert vae.find_entry(results, "up", "delta_spectral", "linear") is None
+    table = (tmp_path / "out" / "visual_ablation_blocks" / "results.txt").read_text()
+    assert "not computed: delta_spectral on up: no module of the group holds both factors" in table
+    assert (tmp_path / "out" / "visual_ablation_blocks" / "summary.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_layer_groups_accept_factors_alone_and_after_a_module_group(capsys):
+    assert vae.parse_config(["--layer-groups", "all,up,text:down"]).layer_groups == ("all", "up", "text:down")
+    assert vae.parse_config(["--group", "attn:up=to_q"]).custom_groups == (("attn:up", "to_q"),)
+    with pytest.raises(SystemExit):
+        vae.parse_config(["--layer-groups", "visual:sideways"])
