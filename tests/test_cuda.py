@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 
 
 def test_readme_quick_command_runs_on_cuda_and_completes(tmp_path):
-    done = subprocess.run([sys.executable, str(SCRIPT), "--dataset", "sanity-check", "--quick", "--device", "cuda",
+    done = subprocess.run([sys.executable, str(SCRIPT), "--dataset", "sanity-check", "--quick", "--sample-layers", "0.5",
+                           "--device", "cuda",
                            "--output-dir", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data"),
                            "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -479,3 +479,12 @@ def test_an_unchanged_file_is_hashed_once_and_remembered(tiny_dataset_path, tmp_
     first = fingerprint_of(tiny_dataset_path, tmp_path / "cache")
     monkeypatch.setattr(vae, "file_sha256", lambda path: pytest.fail(f"{path} hashed again"))
     assert fingerprint_of(tiny_dataset_path, tmp_path / "cache") == first
+
+
+def test_the_sanity_check_is_written_under_a_name_its_generator_and_settings_decide(tmp_path, monkeypatch):
+    first = vae.write_sanity_check_dataset(tmp_path, rows=60)
+    assert first.name.startswith("sanity-check-60-") and (first / "answer.json").exists()
+    assert vae.write_sanity_check_dataset(tmp_path, rows=60) == first  # reused
+    real = vae.synthetic_rows
+    monkeypatch.setattr(vae, "synthetic_rows", lambda spec, start, stop: real(spec, start, stop))  # edited code
+    assert vae.write_sanity_check_dataset(tmp_path, rows=60).name != first.name  # never the stale table

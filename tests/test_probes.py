@@ -1,6 +1,7 @@
 """Which parts of the network carry the label: the linear probe, the layer map and the block ablation."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -416,3 +417,50 @@ def test_layer_groups_accept_factors_alone_and_after_a_module_group(capsys):
     assert vae.parse_config(["--group", "attn:up=to_q"]).custom_groups == (("attn:up", "to_q"),)
     with pytest.raises(SystemExit):
         vae.parse_config(["--layer-groups", "visual:sideways"])
+
+
+# --- the sanity-check's known answer -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sanity_check(tmp_path_factory):
+    """The built-in sanity-check, probed by the linear probe on the factor groups and mapped."""
+    tmp_path = tmp_path_factory.mktemp("sanity")
+    argv = ["--dataset", "sanity-check", "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out"),
+            "--device", "cpu", "--num-runs", "2", "--representations", "simple_stats,delta_spectral,delta_canonical",
+            "--classifiers", "linear", "--layer-groups", "all,up,down", "--layer-map", "delta_spectral"]
+    assert vae.main(argv) == 0
+    return tmp_path, results_of(tmp_path, "sanity-check")
+
+
+def test_the_sanity_check_writes_its_answer_beside_the_data_and_reports_it(sanity_check):
+    tmp_path, results = sanity_check
+    (data,) = (tmp_path / "data").iterdir()
+    answer = json.loads((data / "answer.json").read_text())
+    assert answer == results["answer"] and answer["factor"] == "up"
+    assert {b for b, s in answer["block_strength"].items() if s > 0} == {b for b, _ in vae.SANITY_PLANTED}
+    assert 0 < answer["visual_share"] < 1
+    assert "The answer (answer.json): the class is in the up factors of" in \
+        (tmp_path / "out" / "visual_ablation_sanity-check" / "results.txt").read_text()
+
+
+def test_on_the_sanity_check_the_layer_map_ranks_the_planted_blocks_above_the_others(sanity_check):
+    _, results = sanity_check
+    (layer_map,) = results["layer_map"]
+    planted = dict(vae.SANITY_PLANTED)
+    ranked = [name for name, _ in vae.level_ranking(layer_map, "blocks")]
+    assert set(ranked[:len(planted)]) == set(planted)
+    strong = [b for b, s in planted.items() if s == max(planted.values())]
+    assert set(ranked[:len(strong)]) == set(strong)
+    assert all(not e["above_chance"] for e in layer_map["blocks"] if e["block"] not in planted)
+    positions = dict(vae.level_ranking(layer_map, "positions"))
+    assert min(e["test_acc_mean"] for p, e in positions.items() if ".attn2." in p) > \
+        max(e["test_acc_mean"] for p, e in positions.items() if ".attn1." in p)  # visual weaker than text
+
+
+def test_on_the_sanity_check_the_up_group_beats_the_down_group_and_the_delta_representations_find_the_class(sanity_check):
+    _, results = sanity_check
+    up, down = (vae.find_entry(results, g, "simple_stats", "linear") for g in ("up", "down"))
+    assert up["test_acc_mean"] > down["test_acc_mean"] + 0.3 and up["above_chance"] and not down["above_chance"]
+    for rep in ("delta_spectral", "delta_canonical"):
+        entry = vae.find_entry(results, "all", rep, "linear")
+        assert entry["above_chance_p"] < 1e-3, rep

@@ -3,6 +3,7 @@ code 2; numbers that are wrong say so; an interrupted run loses nothing and can 
 feature cache cannot be read half-written or poisoned; running out of GPU memory slows a run
 down instead of ending it."""
 
+import dataclasses
 import errno
 import json
 import os
@@ -740,3 +741,18 @@ def test_features_finished_before_an_extraction_out_of_memory_are_not_recomputed
     assert calls == [len(modules), len(modules) - 3]
     columns = [c for m in modules for c in m.columns]
     assert store.computed == len(units) + len(columns)  # each feature, and each column's NaN/Inf count, stored once
+
+
+def test_resume_names_what_makes_a_results_json_unusable():
+    assert vae.results_shape_problem([1, 2]) == "it holds a JSON list, not an object"
+    assert vae.results_shape_problem({"groups": "all"}) == "its groups or config have the wrong type"
+    assert vae.results_shape_problem({"groups": ["all"], "all_layers_results": [{"name": 1}]}) == \
+        "the entries of group 'all' lack a representation name"
+    assert vae.results_shape_problem({"groups": [3]}) == "the entries of group 3 lack a representation name"
+    assert vae.results_shape_problem({"config": {}}) is None  # a run saved before any group: usable
+    assert vae.results_shape_problem({"groups": ["all"]}) is None
+
+
+def test_resume_names_each_changed_setting_with_its_old_and_new_value():
+    old = json.loads(json.dumps(dataclasses.asdict(vae.Config(hidden_dim=256))))  # as results.json holds it
+    assert vae.config_changes(old, dataclasses.asdict(vae.Config(hidden_dim=512))) == ["hidden_dim: 256 -> 512"]

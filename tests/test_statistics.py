@@ -118,6 +118,33 @@ def test_holm_adjusts_step_down_and_keeps_the_order():
     assert vae.holm([0.01, 0.04, 0.03, None]) == pytest.approx([0.03, 0.06, 0.06, None])
 
 
+def test_holm_never_adjusts_a_p_value_past_one():
+    assert vae.holm([0.6, 0.7, 0.02]) == pytest.approx([1.0, 1.0, 0.06])
+
+
+def test_a_family_member_exactly_at_alpha_is_not_significant():
+    family = [{"drop_p": vae.ALPHA}, {"drop_p": None}]
+    vae.holm_corrected(family, "drop_p", "drop_significant")
+    assert family[0]["drop_p_holm"] == vae.ALPHA and family[0]["drop_significant"] is False
+    assert family[1]["drop_p_holm"] is None and family[1]["drop_significant"] is False
+
+
+def test_the_paired_t_test_needs_two_pairs_and_reads_constant_differences_exactly():
+    assert vae.paired_t_p([0.1]) is None
+    assert vae.paired_t_p([0.1, 0.3]) == pytest.approx(stats.ttest_1samp([0.1, 0.3], 0).pvalue)
+    assert vae.paired_t_p([0.0, 0.0, 0.0]) == 1.0  # no difference at all
+    assert vae.paired_t_p([0.25, 0.25, 0.25]) == 0.0  # the same difference in every run
+
+
+def test_a_drop_has_no_interval_without_its_all_layers_entry_and_its_interval_stays_within_plus_minus_one():
+    entry = {"failed_runs": [], "test_acc_all_runs": [0.1, 0.9]}
+    assert vae.paired_drop(entry, None) == {"drop_mean": pytest.approx(float("nan"), nan_ok=True), "drop_ci95": None,
+                                            "drop_low": pytest.approx(float("nan"), nan_ok=True),
+                                            "drop_high": pytest.approx(float("nan"), nan_ok=True), "drop_p": None}
+    wide = vae.paired_drop(entry, {"failed_runs": [], "test_acc_all_runs": [1.0, 1.0]})
+    assert wide["drop_ci95"] == [-1.0, 1.0] and wide["drop_mean"] == pytest.approx(0.5)
+
+
 def planted_layer_map(seed, nulls=36, effects=4):
     """A layer map whose modules' p-values are uniform for nulls and tiny for planted effects."""
     rng = np.random.default_rng(seed)
