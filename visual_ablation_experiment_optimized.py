@@ -3173,9 +3173,11 @@ def trained(entry: dict) -> bool:
 
 
 def learned(entry: dict) -> bool:
-    """Whether any successful run of a trained entry fitted its training split (did not stall); knn
-    fits its training split by remembering it, which says nothing of signal."""
-    return trained(entry) and len(stalled_run_indices(entry)) < len(successful_runs(entry))
+    """Whether a trained entry learned from its features: a successful run fitted its training split (did
+    not stall) and the entry is above chance on the test split (a network fitting features without
+    signal remembers its training rows; so does knn, always)."""
+    return (trained(entry) and entry.get("above_chance", True)
+            and len(stalled_run_indices(entry)) < len(successful_runs(entry)))
 
 
 def training_outcome(entry: dict, same_features: list[dict]) -> dict:
@@ -3208,8 +3210,8 @@ def with_statistics(results: dict) -> None:
         with_training_outcomes(results.get(group_result_key(g)[0], []))
     for layer_map in results.get("layer_map", []):
         for level in (lv for lv in MAP_LEVELS if lv in layer_map):  # each level one family
-            with_training_outcomes(layer_map[level])
             holm_corrected(layer_map[level], "above_chance_p", "above_chance")
+            with_training_outcomes(layer_map[level])
     ablation = results.get("block_ablation", [])
     with_training_outcomes(ablation)
     families = defaultdict(list)
@@ -4723,8 +4725,9 @@ class SyntheticSpec:
     every block at 1; attn1 modules get `visual_share` of s) three class signals, each visible to
     different representations: a gain on its scale (norms, spectra, the update's singular values), a
     tail weight that makes its values heavier-tailed (quantiles, kurtosis, histograms) and a prototype
-    direction added to its values (raw weights, the update's canonical factors).  Every adapter also
-    has its own overall update size, hiding absolute norms.
+    direction added to its values (raw weights, the update's canonical factors).  Every up factor also
+    leans one way, `shared_shift` of its noise in every class (training moves an adapter's up factors
+    along a shared direction), and every adapter has its own overall update size, hiding absolute norms.
     """
 
     rows: int = 360
@@ -4738,6 +4741,7 @@ class SyntheticSpec:
     tail_spread: float = 0.5
     prototype_strength: float = 0.3
     down_update: float = 0.1
+    shared_shift: float = 1.0
     array2d: bool = False
 
     @cached_property
@@ -4757,7 +4761,8 @@ class SyntheticSpec:
                 "block_strength": {b: 1.0 if self.planted is None else dict(self.planted).get(b, 0.0) for b in blocks},
                 "module_strength": {m: self.strength(m) for m in dict.fromkeys(n.rsplit(".lora.", 1)[0] for n in self.shapes)},
                 "signals": {"gain_spread": self.gain_spread, "tail_spread": self.tail_spread,
-                            "prototype_strength": self.prototype_strength}, "down_update": self.down_update}
+                            "prototype_strength": self.prototype_strength},
+                "down_update": self.down_update, "shared_shift": self.shared_shift}
 
 
 @functools.lru_cache(maxsize=4)
@@ -4795,7 +4800,7 @@ def synthetic_rows(spec: SyntheticSpec, start: int, stop: int) -> dict[str, np.n
         tails = share * spec.tail_spread * structure.random(spec.num_classes)
         prototypes = structure.standard_normal((spec.num_classes, *shape))
         heavy = noise.standard_normal((n, *shape)) * np.exp(tails[labels][:, None, None] * noise.standard_normal((n, *shape)))
-        values = heavy + share * spec.prototype_strength * prototypes[labels]
+        values = heavy + spec.shared_shift + share * spec.prototype_strength * prototypes[labels]
         scale = gains[labels][:, None, None] * update_size * np.exp(0.1 * noise.standard_normal((n, 1, 1)))
         columns[name] = (values * scale / np.sqrt(shape[0])).astype(np.float32)
     columns["category_label"] = labels.astype(np.int64)

@@ -556,17 +556,21 @@ def compare_training(loaded: vae.LoadedDataset, modules, store, cfg: vae.Config,
 
 def time_layer_map(loaded: vae.LoadedDataset, modules, store, cfg: vae.Config, device: torch.device,
                    representation: str) -> dict:
-    """The layer map's training: one linear probe per module, all runs and L2 strengths stacked."""
+    """The layer map's training: a linear probe per probe of every level (each module's factors and pair,
+    each block, position and factor), a level's runs and L2 strengths stacked into one ensemble."""
     labels = vae.encode_labels(loaded.dataset, LABEL_COLUMN)
-    mapped = vae.mapped_modules(modules, representation)
-    features, _ = vae.layer_map_matrix(store, mapped, representation)
-    data = vae.standardise(features, labels.codes, vae.split_indices(loaded.dataset.num_rows), len(labels.class_names),
-                           device, block_width=features.shape[1] // len(mapped))
-    result, seconds = timed(lambda: vae.train_runs(data, cfg, device, "layer map", vae.CLASSIFIERS["linear"], num_blocks=len(mapped)),
-                            device)
-    return {"representation": representation, "modules": len(mapped), "seconds": seconds,
-            "models": len(mapped) * cfg.runs * len(vae.LINEAR_L2_GRID),
-            "epochs_trained": sum(len(h.val_acc) for h in result.histories)}
+    levels, seconds, models, epochs = vae.map_probes(modules, representation), 0.0, 0, 0
+    for probes in levels.values():
+        features, _ = vae.layer_map_matrix(store, probes, representation)
+        data = vae.standardise(features, labels.codes, vae.split_indices(loaded.dataset.num_rows),
+                               len(labels.class_names), device, block_width=features.shape[1] // len(probes))
+        result, level_seconds = timed(lambda: vae.train_runs(data, cfg, device, "layer map", vae.CLASSIFIERS["linear"],
+                                                             num_blocks=len(probes)), device)
+        seconds += level_seconds
+        models += len(probes) * cfg.runs * len(vae.LINEAR_L2_GRID)
+        epochs += sum(len(h.val_acc) for h in result.histories)
+    return {"representation": representation, "probes": {level: len(p) for level, p in levels.items()},
+            "seconds": seconds, "models": models, "epochs_trained": epochs}
 
 
 # =============================================================================================

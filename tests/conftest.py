@@ -35,7 +35,8 @@ def script():
 def tiny_spec():
     """A small dataset in the published layout (to_q/to_v, rank 1, 128 tensors) with a strong class signal
     (seed 1: each of its splits holds every class)."""
-    return vae.SyntheticSpec(rows=120, num_classes=4, seed=1, gain_spread=0.2, tail_spread=0.4, prototype_strength=0.2)
+    return vae.SyntheticSpec(rows=120, num_classes=4, seed=1, planted=None, visual_share=0.7, gain_spread=0.2,
+                             tail_spread=0.4, prototype_strength=0.2)
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,7 @@ MUTATIONS = [
  ("knn farthest neighbours", "nearest = candidates.topk(min(k, candidates.shape[1]), dim=1, largest=False)", "nearest = candidates.topk(min(k, candidates.shape[1]), dim=1, largest=True)", "tests/test_probes.py -k knn"),
  ("knn tie order outvotes", '"tie_order": torch.stack(tie_order).float().to(device) / data.num_classes}', '"tie_order": torch.stack(tie_order).float().to(device)}', "tests/test_probes.py -k knn"),
  ("knn ties to fewer neighbours", "(result.histories[i].best_val_acc, result.slices.setting[i])", "(result.histories[i].best_val_acc, -result.slices.setting[i])", "tests/test_probes.py -k knn"),
+ ("memorising counts as learning", 'return (trained(entry) and entry.get("above_chance", True)', 'return (trained(entry) and True', "tests/test_trust.py -k remembered"),
  ("table drop inverted", "return f\"{base_acc - acc:>+8.3f} {100 * acc / max(base_acc, EPS):>9.1f}%{mark}\"", "return f\"{acc - base_acc:>+8.3f} {100 * base_acc / max(acc, EPS):>9.1f}%{mark}\"", "tests/test_reports.py"),
  ("summary 2 std", "return mean, (std, std) if math.isfinite(std) else None", "return mean, (2 * std, 2 * std) if math.isfinite(std) else None", "tests/test_reports.py -k summary"),
  ("summary median", "        mean, std = entry_accuracy(results, g, *row)\n", "        mean, std = entry_accuracy(results, g, *row)\n        mean = median_accuracy(find_entry(results, g, *row))\n", "tests/test_reports.py -k summary"),

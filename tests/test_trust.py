@@ -223,6 +223,15 @@ def test_features_no_run_of_any_classifier_learned_from_carry_no_signal():
     assert mlp["no_signal"] and linear["no_signal"] and mlp["failed_to_train_runs"] == []
 
 
+def test_runs_that_fit_the_training_split_of_features_without_signal_remembered_it_and_did_not_learn():
+    mlp = stalled_entry("spectral_down", stalled=[0, 2])  # run 1 fitted its training rows ...
+    linear = stalled_entry("spectral_down_linear", stalled=[0], classifier="linear")
+    for entry in (mlp, linear):
+        entry["above_chance"] = False  # ... yet neither entry predicts the test split better than chance
+    vae.with_training_outcomes([mlp, linear])
+    assert mlp["no_signal"] and linear["no_signal"] and mlp["failed_to_train_runs"] == []
+
+
 def frozen_args(tmp_path, dataset, *extra):
     """Training the MLP with a learning rate of 0: none of its runs can learn, every one stalls."""
     return cli_args(tmp_path, dataset, "--lr", "0", "--layer-groups", "all", *extra)
