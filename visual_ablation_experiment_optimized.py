@@ -2042,6 +2042,11 @@ def shared_rows_product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> to
     return torch.stack([torch.addmm(bs[0], x, ws) for bs, ws in zip(b, w)])
 
 
+def block_columns(x: torch.Tensor, block: int | None, width: int | None) -> torch.Tensor:
+    """A layer map's module columns of rows x (all columns when block is None)."""
+    return x if block is None else x[:, block * width:(block + 1) * width]
+
+
 def input_layer(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, blocks: torch.Tensor | None) -> torch.Tensor:
     """Every slice's first layer.  x is (slices, batch, in), rows gathered per slice, or (batch, columns),
     rows shared by every slice, of which a slice reads all columns (blocks None) or only its own
@@ -2055,7 +2060,7 @@ def input_layer(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, blocks: torch
         slices = (blocks == block).nonzero().squeeze(1)
         ws, bs = w[slices], b[slices]
         k, out = ws.shape[0], ws.shape[2]
-        product = torch.addmm(bs.transpose(0, 1).reshape(1, k * out), x[:, block * width:(block + 1) * width],
+        product = torch.addmm(bs.transpose(0, 1).reshape(1, k * out), block_columns(x, block, width),
                               ws.transpose(0, 1).reshape(width, k * out))
         parts.append(product.view(x.shape[0], k, out).transpose(0, 1))
         order.append(slices)
@@ -2657,11 +2662,6 @@ def labelled_chunks(data: SplitData, split: str, rows: int = EVAL_CHUNK_ROWS):
     for x in data.features.eval_chunks(split, rows):
         yield x, data.y[split][start:start + x.shape[0]]
         start += x.shape[0]
-
-
-def block_columns(x: torch.Tensor, block: int | None, width: int | None) -> torch.Tensor:
-    """A layer map's module columns of rows x (all columns when block is None)."""
-    return x if block is None else x[:, block * width:(block + 1) * width]
 
 
 class OnePassClassifier(Classifier):
