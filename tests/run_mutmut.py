@@ -15,6 +15,7 @@ per function, the overall rate, and the diff of every survivor.  A survivor is e
 import ast
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -45,15 +46,22 @@ FUNCTIONS = [
 TESTS = ["tests/test_statistics.py", "tests/test_reports.py", "tests/test_trust.py", "tests/test_probes.py",
          "tests/test_training.py", "tests/test_reliability.py"]
 LEFT_OUT = "not changes_the_cache_key and not recomputes_only and not compile"
+PYTEST_ARGS = ["-p", "no:cacheprovider", "-m", "not subprocess", "-k", LEFT_OUT]
+COSTS = "mutmut-test-costs.json"  # written by tests/mutmut_order.py, the cheapest tests first
+# A timeout is counted as killed (a change that makes the tests hang is noticed).  mutmut's limit is 30 x
+# (the tests' own time + this constant) of CPU seconds; the constant covers the fixtures' set-up, which
+# mutmut does not time, so that a slow fixture is not mistaken for a hang.
+TIMEOUT_CONSTANT = 10
 STATUS = {1: "killed", 3: "killed", 0: "survived", 33: "no tests", 5: "no tests", 36: "timeout",
           -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout"}
 
 
 def setup_cfg() -> str:
     lines = lambda items: "".join(f"\n    {item}" for item in items)
-    return (f"[mutmut]\nsource_paths = {MODULE}.py\nprocess_isolation = forkserver\nalso_copy = README.md\n"
+    return (f"[mutmut]\nsource_paths = {MODULE}.py\nprocess_isolation = forkserver\n"
+            f"timeout_constant = {TIMEOUT_CONSTANT}\nalso_copy ={lines(['README.md', 'conftest.py', COSTS])}\n"
             f"pytest_add_cli_args_test_selection ={lines(TESTS)}\n"
-            f"pytest_add_cli_args ={lines(['-p', 'no:cacheprovider', '-m', 'not subprocess', '-k', LEFT_OUT])}\n")
+            f"pytest_add_cli_args ={lines(PYTEST_ARGS)}\n")
 
 
 def only_these_mutated(source: str, functions: list[str]) -> str:
@@ -95,7 +103,11 @@ def main(functions: list[str]) -> int:
     (work / f"{MODULE}.py").write_text(only_these_mutated((ROOT / f"{MODULE}.py").read_text(), functions))
     shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "README.md", work)  # a test runs README's classifier snippet
+    shutil.copy(ROOT / "tests" / "mutmut_order.py", work / "conftest.py")
     (work / "setup.cfg").write_text(setup_cfg())
+    print("timing the tests once, to run the cheapest first", flush=True)
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "--rootdir=.", *PYTEST_ARGS, *TESTS], cwd=work,
+                   env={**os.environ, "MUTMUT_RECORD_TEST_COSTS": "1"}, stdout=subprocess.DEVNULL, check=True)
     globs = [f"{MODULE}.x_{name}__mutmut_*" for name in functions]
     print(f"mutmut over {len(functions)} functions in {work} (log: {work / 'mutmut.log'})", flush=True)
     with open(work / "mutmut.log", "w") as log:
