@@ -3110,8 +3110,11 @@ def retention_interval(results: dict, group: str, representation: str,
 def paired_drop(entry: dict, base: dict | None) -> dict:
     """All layers' test accuracy minus an entry's (a group's, or all layers' without a block) over their
     paired runs: its mean, paired t-interval and two-sided paired t-test p-value (null where fewer than 2 pairs)."""
-    acc, base_acc = paired_accuracies(entry, base) if base is not None else (np.empty(0), np.empty(0))
-    drops = base_acc - acc
+    if base is None:
+        drops = np.zeros(0)
+    else:
+        acc, base_acc = paired_accuracies(entry, base)
+        drops = base_acc - acc
     interval = t_interval(drops, bounds=(-1.0, 1.0))
     return {"drop_mean": float(drops.mean()) if drops.size else float("nan"), "drop_ci95": interval,
             "drop_low": interval[0] if interval else float("nan"), "drop_high": interval[1] if interval else float("nan"),

@@ -47,7 +47,7 @@ TESTS = ["tests/test_statistics.py", "tests/test_reports.py", "tests/test_trust.
          "tests/test_training.py", "tests/test_reliability.py"]
 LEFT_OUT = "not changes_the_cache_key and not recomputes_only and not compile"
 PYTEST_ARGS = ["-p", "no:cacheprovider", "-m", "not subprocess", "-k", LEFT_OUT]
-COSTS = "mutmut-test-costs.json"  # written by tests/mutmut_order.py, the cheapest tests first
+COSTS = "mutmut-test-costs.json"  # written by tests/mutmut_plugin.py, the cheapest tests first
 # A timeout is counted as killed (a change that makes the tests hang is noticed).  mutmut's limit is 30 x
 # (the tests' own time + this constant) of CPU seconds; the constant covers the fixtures' set-up, which
 # mutmut does not time, so that a slow fixture is not mistaken for a hang.
@@ -103,7 +103,7 @@ def main(functions: list[str]) -> int:
     (work / f"{MODULE}.py").write_text(only_these_mutated((ROOT / f"{MODULE}.py").read_text(), functions))
     shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "README.md", work)  # a test runs README's classifier snippet
-    shutil.copy(ROOT / "tests" / "mutmut_order.py", work / "conftest.py")
+    shutil.copy(ROOT / "tests" / "mutmut_plugin.py", work / "conftest.py")
     (work / "setup.cfg").write_text(setup_cfg())
     print("timing the tests once, to run the cheapest first", flush=True)
     subprocess.run([sys.executable, "-m", "pytest", "-q", "--rootdir=.", *PYTEST_ARGS, *TESTS], cwd=work,

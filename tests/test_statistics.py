@@ -1,6 +1,8 @@
 """Statistics a reviewer accepts: sample spreads, intervals that cover what they claim, a stated test
 against chance whose false-positive rate holds, and families corrected.  The simulations are seeded."""
 
+import math
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -136,8 +138,18 @@ def test_the_paired_t_test_needs_two_pairs_and_reads_constant_differences_exactl
     assert vae.paired_t_p([0.25, 0.25, 0.25]) == 0.0  # the same difference in every run
 
 
+def test_runs_are_paired_only_where_both_entries_succeeded():
+    entry = {"failed_runs": [0], "test_acc_all_runs": [0.0, 0.1, 0.2, 0.3]}
+    base = {"failed_runs": [2], "test_acc_all_runs": [1.0, 1.1, 1.2, 1.3]}
+    acc, base_acc = vae.paired_accuracies(entry, base)
+    assert acc.tolist() == [0.1, 0.3] and base_acc.tolist() == [1.1, 1.3]
+
+
+@pytest.mark.filterwarnings("error")  # an empty drop is NaN by rule, not by numpy's "mean of empty slice" warning
 def test_a_drop_has_no_interval_without_its_all_layers_entry_and_its_interval_stays_within_plus_minus_one():
     entry = {"failed_runs": [], "test_acc_all_runs": [0.1, 0.9]}
+    no_common_run = vae.paired_drop(entry, {"failed_runs": [0, 1], "test_acc_all_runs": [0.5, 0.5]})
+    assert math.isnan(no_common_run["drop_mean"]) and no_common_run["drop_ci95"] is None
     assert vae.paired_drop(entry, None) == {"drop_mean": pytest.approx(float("nan"), nan_ok=True), "drop_ci95": None,
                                             "drop_low": pytest.approx(float("nan"), nan_ok=True),
                                             "drop_high": pytest.approx(float("nan"), nan_ok=True), "drop_p": None}
