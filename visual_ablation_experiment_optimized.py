@@ -3095,7 +3095,7 @@ def paired_accuracies(entry: dict, base: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def retention_interval(results: dict, group: str, representation: str,
-                       classifier: str = "mlp") -> tuple[float, list[float] | None] | None:
+                       classifier: str) -> tuple[float, list[float] | None] | None:
     """A group's mean test accuracy as a fraction of all layers' over their paired runs, with its Fieller
     interval (None: see fieller_interval); None where the two have no successful run in common."""
     base, entry = find_entry(results, "all", representation, classifier), find_entry(results, group, representation, classifier)

@@ -329,6 +329,13 @@ def test_drawable_tells_names_the_font_has_glyphs_for(script):
     assert not script.drawable("\u732b")
 
 
+def test_a_linear_probes_retention_pairs_its_own_runs_not_the_mlps(script):
+    mlp, linear = ([0.90, 0.80, 0.85, 0.70, 0.95], [0.80, 0.70, 0.75, 0.60, 0.85]), ([0.60, 0.62, 0.58, 0.61, 0.59], [0.30, 0.33, 0.29, 0.31, 0.32])
+    results = make_results([make_entry("spectral_all_layers", mlp[0]), make_entry("spectral_all_layers_linear", linear[0], classifier="linear")],
+                           [make_entry("spectral_visual_only", mlp[1]), make_entry("spectral_visual_only_linear", linear[1], classifier="linear")])
+    assert script.retention_interval(results, "visual", "spectral", "linear")[0] == pytest.approx(np.mean(linear[1]) / np.mean(linear[0]))
+
+
 def test_the_tables_drop_and_retention_are_all_layers_minus_group_and_group_over_all_layers(script, results):
     row = next(line for line in script.comparison_table(results).splitlines() if line.startswith("spectral "))
     base, group = np.mean([0.90, 0.80, 0.85, 0.70, 0.95]), np.mean([0.80, 0.70, 0.75, 0.60, 0.85])

@@ -55,8 +55,10 @@ def test_the_t_interval_is_the_textbook_one():
     assert vae.t_interval(values) == pytest.approx(list(expected))
 
 
-def test_fiellers_interval_ends_where_the_paired_t_test_of_a_minus_r_b_just_rejects():
-    group, base = np.array([0.62, 0.70, 0.66, 0.71, 0.60]), np.array([0.80, 0.84, 0.79, 0.88, 0.77])
+@pytest.mark.parametrize("group, base", [([0.62, 0.70, 0.66, 0.71, 0.60], [0.80, 0.84, 0.79, 0.88, 0.77]),
+                                         ([0.60, 0.64], [0.80, 0.82])], ids=["five pairs", "two pairs"])
+def test_fiellers_interval_ends_where_the_paired_t_test_of_a_minus_r_b_just_rejects(group, base):
+    group, base = np.array(group), np.array(base)
     low, high = vae.fieller_interval(group, base)
     assert low < group.mean() / base.mean() < high
     for end in (low, high):
