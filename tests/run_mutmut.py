@@ -6,6 +6,7 @@ changes no test noticed ("survived").  Run from the repository root, in the test
 
     python tests/run_mutmut.py                  # every listed function (819 changes: hours on 2 cores)
     python tests/run_mutmut.py holm t_interval  # some of them
+    python tests/run_mutmut.py --continue DIR   # go on with a run cut short, in the folder it printed
 
 It works on a copy in a temporary folder, so the checkout is never changed, and prints the kill rate
 per function, the overall rate, and the diff of every survivor.  A survivor is either a missing test
@@ -95,38 +96,64 @@ def function_of(mutant: str) -> str:
     return mutant.split(".", 1)[1].split("__mutmut_")[0].removeprefix("x_")
 
 
-def main(functions: list[str]) -> int:
-    unknown = [f for f in functions if f not in FUNCTIONS]
-    if unknown:
-        sys.exit(f"not in the list of functions: {', '.join(unknown)}")
+def prepared_copy(functions: list[str]) -> Path:
+    """A temporary folder holding the script (only `functions` mutable), the tests, README, mutmut's
+    settings and the tests' costs, timed here once."""
     work = Path(tempfile.mkdtemp(prefix="mutmut-"))
     (work / f"{MODULE}.py").write_text(only_these_mutated((ROOT / f"{MODULE}.py").read_text(), functions))
     shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "README.md", work)  # a test runs README's classifier snippet
     shutil.copy(ROOT / "tests" / "mutmut_plugin.py", work / "conftest.py")
     (work / "setup.cfg").write_text(setup_cfg())
+    (work / "functions.json").write_text(json.dumps(functions))
     print("timing the tests once, to run the cheapest first", flush=True)
     subprocess.run([sys.executable, "-m", "pytest", "-q", "--rootdir=.", *PYTEST_ARGS, *TESTS], cwd=work,
                    env={**os.environ, "MUTMUT_RECORD_TEST_COSTS": "1"}, stdout=subprocess.DEVNULL, check=True)
+    return work
+
+
+def run_mutmut(work: Path, functions: list[str]) -> None:
+    """mutmut over the functions' mutants; those already checked in this folder keep their result.  Each
+    of mutmut's workers (one per core) gets one thread: more threads than cores spin at every barrier."""
     globs = [f"{MODULE}.x_{name}__mutmut_*" for name in functions]
-    print(f"mutmut over {len(functions)} functions in {work} (log: {work / 'mutmut.log'})", flush=True)
-    with open(work / "mutmut.log", "w") as log:
-        subprocess.run(["mutmut", "run", *globs], cwd=work, stdout=log, stderr=subprocess.STDOUT)
+    print(f"mutmut over {len(functions)} functions in {work} (log: {work / 'mutmut.log'}; "
+          f"to go on after an interruption: python tests/run_mutmut.py --continue {work})", flush=True)
+    with open(work / "mutmut.log", "a") as log:
+        subprocess.run(["mutmut", "run", *globs], cwd=work, stdout=log, stderr=subprocess.STDOUT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+
+
+def report(work: Path, functions: list[str]) -> None:
     codes = json.loads((work / "mutants" / f"{MODULE}.py.meta").read_text())["exit_code_by_key"]
-    results = {m: STATUS.get(code, "suspicious") for m, code in codes.items()
-               if code is not None and function_of(m) in functions}
+    ours = {m: code for m, code in codes.items() if function_of(m) in functions}
+    results = {m: STATUS.get(code, "suspicious") for m, code in ours.items() if code is not None}
     if not results:
         sys.exit(f"mutmut checked nothing; see {work / 'mutmut.log'}")
     per_function = {f: Counter(s for m, s in results.items() if function_of(m) == f) for f in functions}
     for name, counts in per_function.items():
         print(f"{name:<24} {counts['killed']:>4} of {sum(counts.values()):>4} killed  {dict(counts)}")
     total = Counter(results.values())
-    print(f"\nkill rate: {total['killed']} of {len(results)} = {total['killed'] / len(results):.1%}  {dict(total)}")
+    print(f"\nkill rate: {total['killed']} of {len(results)} = {total['killed'] / len(results):.1%}  {dict(total)}"
+          f"; {len(ours) - len(results)} of {len(ours)} not checked yet")
     for mutant in sorted(m for m, s in results.items() if s != "killed"):
         shown = subprocess.run(["mutmut", "show", mutant], cwd=work, capture_output=True, text=True).stdout
         print("\n" + shown.strip())
+
+
+def main(args: list[str]) -> int:
+    if args[:1] == ["--continue"]:
+        work = Path(args[1])
+        functions = json.loads((work / "functions.json").read_text())
+    else:
+        functions = args or FUNCTIONS
+        unknown = [f for f in functions if f not in FUNCTIONS]
+        if unknown:
+            sys.exit(f"not in the list of functions: {', '.join(unknown)}")
+        work = prepared_copy(functions)
+    run_mutmut(work, functions)
+    report(work, functions)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:] or FUNCTIONS))
+    sys.exit(main(sys.argv[1:]))
