@@ -2874,7 +2874,7 @@ def fieller_interval(a, b) -> list[float] | None:
         return None
     root = math.sqrt(max(linear ** 2 - quadratic * constant, 0.0))
     low = (linear - root) / quadratic
-    return [max(low, 0.0) if (a >= 0).all() and (b > 0).all() else low, (linear + root) / quadratic]
+    return [max(low, 0.0) if min(a.min(), b.min()) >= 0 else low, (linear + root) / quadratic]
 
 
 def above_chance_p(correct: list[int], rows: int, chance: float) -> float | None:

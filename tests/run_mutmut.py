@@ -113,13 +113,13 @@ def prepared_copy(functions: list[str]) -> Path:
 
 
 def run_mutmut(work: Path, functions: list[str]) -> None:
-    """mutmut over the functions' mutants; those already checked in this folder keep their result.  Each
-    of mutmut's workers (one per core) gets one thread: more threads than cores spin at every barrier."""
-    globs = [f"{MODULE}.x_{name}__mutmut_*" for name in functions]
+    """mutmut over every mutant of the copy (only the functions' are there); those already checked in this
+    folder keep their result, which mutmut does only when no mutant is named.  Each of mutmut's workers
+    (one per core) gets one thread: more threads than cores spin at every barrier."""
     print(f"mutmut over {len(functions)} functions in {work} (log: {work / 'mutmut.log'}; "
           f"to go on after an interruption: python tests/run_mutmut.py --continue {work})", flush=True)
     with open(work / "mutmut.log", "a") as log:
-        subprocess.run(["mutmut", "run", *globs], cwd=work, stdout=log, stderr=subprocess.STDOUT,
+        subprocess.run(["mutmut", "run"], cwd=work, stdout=log, stderr=subprocess.STDOUT,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
 
 

@@ -67,7 +67,13 @@ def test_fiellers_interval_ends_where_the_paired_t_test_of_a_minus_r_b_just_reje
 
 def test_intervals_stop_where_the_quantity_cannot_go():
     assert vae.t_interval([0.99, 0.90, 1.0], bounds=(0.0, 1.0))[1] == 1.0
-    assert vae.fieller_interval([0.01, 0.30, 0.02], [0.80, 0.70, 0.90])[0] == 0.0  # a ratio of accuracies
+    assert vae.fieller_interval([0.0, 0.30, 0.02], [0.80, 0.70, 0.90])[0] == 0.0  # a ratio of accuracies
+
+
+def test_fiellers_interval_goes_below_zero_where_a_value_is_negative():
+    signed, base = np.array([-0.05, 0.30, 0.02]), np.array([0.80, 0.70, 0.90])
+    low = vae.fieller_interval(signed, base)[0]
+    assert low < 0 and stats.ttest_1samp(signed - low * base, 0).pvalue == pytest.approx(0.05, abs=1e-9)
 
 
 def test_no_interval_from_fewer_than_two_runs_nor_a_ratio_to_a_mean_indistinguishable_from_zero():
