@@ -81,9 +81,12 @@ def test_no_interval_from_fewer_than_two_runs_nor_a_ratio_to_a_mean_indistinguis
     assert vae.fieller_interval([0.5, 0.6, 0.4], [0.01, -0.02, 0.015]) is None
 
 
+@pytest.mark.filterwarnings("error")  # too few values give NaN by rule, not by numpy's warnings
 def test_spread_is_the_sample_std_and_none_for_one_run():
     assert vae.mean_std([0.7, 0.8, 0.9])[1] == pytest.approx(np.std([0.7, 0.8, 0.9], ddof=1))
-    assert np.isnan(vae.mean_std([0.7])[1])
+    mean, spread = vae.mean_std([0.7])
+    assert mean == 0.7 and np.isnan(spread)
+    assert all(np.isnan(vae.mean_std([])))
 
 
 # --- above chance -------------------------------------------------------------------------------

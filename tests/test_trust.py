@@ -193,6 +193,13 @@ def test_a_run_stopped_in_its_first_five_epochs_stalls_unless_it_fitted_half_the
     assert vae.stalled_runs([0.40, 0.40, 0.40, 0.54, 0.56], [1, 5, 6, 5, 5], y) == [True, True, False, True, False]
 
 
+def test_a_run_exactly_at_either_margin_has_not_stalled():
+    y = torch.tensor([0] * 35 + [1] * 33 + [2] * 32)  # chance 0.35: 0.415 is exactly 10% of the way to 1
+    assert vae.stalled_runs([0.415], [40], y) == [False]
+    y = torch.arange(100) % 4  # chance 0.25: 0.625 is exactly half the way
+    assert vae.stalled_runs([0.625], [5], y) == [False]
+
+
 def test_chance_of_the_stall_rule_is_the_majority_class_share():
     y = torch.tensor([0] * 80 + [1] * 20)  # predicting class 0 everywhere scores 0.8
     assert vae.stalled_runs([0.81, 0.95], [40, 40], y) == [True, False]
