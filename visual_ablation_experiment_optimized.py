@@ -2798,9 +2798,9 @@ def classification_metrics(confusion: torch.Tensor) -> dict[str, torch.Tensor]:
     c = confusion.double()
     tp = c.diagonal(dim1=1, dim2=2)
     true_count, pred_count = c.sum(2), c.sum(1)
-    precision = torch.where(pred_count > 0, tp / pred_count.clamp_min(1), torch.zeros_like(tp))
-    recall = torch.where(true_count > 0, tp / true_count.clamp_min(1), torch.zeros_like(tp))
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-300), torch.zeros_like(tp))
+    # a count of 0 has tp 0, and precision + recall of 0 has product 0: the clamps make those 0 / 1
+    precision, recall = tp / pred_count.clamp_min(1), tp / true_count.clamp_min(1)
+    f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-300)
     present = ((true_count + pred_count) > 0).double()
     macro = lambda m: (m * present).sum(1) / present.sum(1)
     return {"acc": tp.sum(1) / c.sum((1, 2)), "precision": macro(precision), "recall": macro(recall), "f1": macro(f1)}

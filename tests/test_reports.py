@@ -356,3 +356,17 @@ def test_macro_metrics_and_confusion_matrices_agree_with_scikit_learn(script):
         for name, reference in (("precision", precision_score), ("recall", recall_score), ("f1", f1_score)):
             assert metrics[name] == pytest.approx(reference(y[run], pred[run], average="macro", zero_division=0)), name
         assert metrics["acc"] == pytest.approx((y[run] == pred[run]).mean())
+
+
+def test_macro_metrics_agree_with_scikit_learn_on_small_splits_with_rare_and_absent_classes(script):
+    """Twelve rows, 20 seeds: classes seen once, predicted once, never predicted, or in neither truth nor
+    prediction (classes 4 and 5 of 6, left out of the macro average as scikit-learn leaves them out)."""
+    from sklearn.metrics import f1_score, precision_score, recall_score
+    import torch
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        y, pred = rng.integers(0, 4, size=12), rng.integers(0, 5, size=12)
+        confusion = script.confusion_matrices(torch.from_numpy(pred[None]), torch.from_numpy(y), 6)
+        metrics = {k: v.item() for k, v in script.classification_metrics(confusion).items()}
+        for name, reference in (("precision", precision_score), ("recall", recall_score), ("f1", f1_score)):
+            assert metrics[name] == pytest.approx(reference(y, pred, average="macro", zero_division=0)), (name, seed)
