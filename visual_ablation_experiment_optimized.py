@@ -4038,9 +4038,9 @@ def with_own_provenance(previous: dict) -> None:
 def config_changes(old: dict, new: dict) -> list[str]:
     """The settings that differ between a run's recorded configuration and another, as 'name: old -> new',
     leaving out those a resumed run may change."""
-    new = json.loads(json.dumps(new))  # tuples as JSON lists
-    defaults = json.loads(json.dumps(dataclasses.asdict(Config())))  # for settings added since that run
-    old = {**defaults, **old}
+    as_json = lambda settings: json.loads(json.dumps(settings))  # tuples as lists, as results.json holds them
+    old = {**as_json(dataclasses.asdict(Config())), **as_json(old)}  # defaults: settings added since that run
+    new = as_json(new)
     return [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in RESUME_MAY_DIFFER and old.get(k) != v]
 
 

@@ -756,3 +756,17 @@ def test_resume_names_what_makes_a_results_json_unusable():
 def test_resume_names_each_changed_setting_with_its_old_and_new_value():
     old = json.loads(json.dumps(dataclasses.asdict(vae.Config(hidden_dim=256))))  # as results.json holds it
     assert vae.config_changes(old, dataclasses.asdict(vae.Config(hidden_dim=512))) == ["hidden_dim: 256 -> 512"]
+
+
+def test_a_run_stopped_before_rank_0_wrote_its_results_resumes_from_the_other_ranks_files(tiny_dataset_path, tmp_path, capsys):
+    args = cli_args(tmp_path, tiny_dataset_path)
+    assert vae.main(args) == 0
+    results_path = tmp_path / "out" / "visual_ablation_tiny" / "results.json"
+    results = json.loads(results_path.read_text())
+    held = results["all_layers_results"][0]
+    (results_path.parent / vae.RANK_FILE.format(1)).write_text(json.dumps({"config": results["config"], "all_layers_results": [held]}))
+    results_path.unlink()  # rank 1 had finished an entry; rank 0 had written nothing yet
+    assert "--resume" in user_error(capsys, args)
+    assert vae.main([*args, "--resume"]) == 0
+    again = next(e for e in results_of(tmp_path, "tiny")["all_layers_results"] if e["representation"] == held["representation"])
+    assert again["training_time_total"] == held["training_time_total"]  # gathered, not trained again
