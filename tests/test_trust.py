@@ -403,15 +403,16 @@ def test_parquet_files_of_different_tables_are_refused_in_one_line(tmp_path, cap
 
 
 @pytest.mark.usefixtures("no_computing")
-@pytest.mark.parametrize("content", ["[]", '{"groups": ["all"], "all_layers_results": [{"test_acc_mean": 0.5}]}',
-                                     '{"groups": "all"}'])
-def test_resume_of_a_results_json_of_another_shape_is_refused_in_one_line(content, tmp_path, capsys):
+@pytest.mark.parametrize("content, problem", [("[]", "not a results file"), ('{"groups": "all"}', "not a results file"),
+                                              ('{"groups": ["all"], "all_layers_results": [{"test_acc_mean": 0.5}]}',
+                                               "not a results file"), ('{"groups": [', "is unreadable")])
+def test_resume_of_a_results_json_of_another_shape_is_refused_in_one_line(content, problem, tmp_path, capsys):
     dataset = adapters(tmp_path / "odd")
     out_dir = tmp_path / "out" / "visual_ablation_odd"
     out_dir.mkdir(parents=True)
     (out_dir / "results.json").write_text(content)
     message = user_error(capsys, cli_args(tmp_path, dataset, "--resume"))
-    assert "not a results file" in message and "move it away" in message
+    assert "results.json" in message and problem in message and "move it away" in message
 
 
 @pytest.mark.usefixtures("no_computing")
