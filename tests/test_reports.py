@@ -346,16 +346,16 @@ def test_macro_metrics_and_confusion_matrices_agree_with_scikit_learn(script):
     from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score
     import torch
     rng = np.random.default_rng(0)
-    y = rng.integers(0, 4, size=(3, 200))
+    y = rng.integers(0, 4, size=200)
     pred = np.where(rng.random((3, 200)) < 0.6, y, rng.integers(0, 5, size=(3, 200)))  # class 4 only predicted
     pred[0][pred[0] == 2] = 3  # run 0 never predicts class 2
+    confusion = script.confusion_matrices(torch.from_numpy(pred), torch.from_numpy(y), 5)  # the runs together
+    metrics = script.classification_metrics(confusion)
     for run in range(3):
-        confusion = script.confusion_matrices(torch.from_numpy(pred[run:run + 1]), torch.from_numpy(y[run]), 5)
-        metrics = {k: v.item() for k, v in script.classification_metrics(confusion).items()}
-        assert confusion[0].numpy().tolist() == confusion_matrix(y[run], pred[run], labels=range(5)).tolist()
+        assert confusion[run].numpy().tolist() == confusion_matrix(y, pred[run], labels=range(5)).tolist()
         for name, reference in (("precision", precision_score), ("recall", recall_score), ("f1", f1_score)):
-            assert metrics[name] == pytest.approx(reference(y[run], pred[run], average="macro", zero_division=0)), name
-        assert metrics["acc"] == pytest.approx((y[run] == pred[run]).mean())
+            assert metrics[name][run].item() == pytest.approx(reference(y, pred[run], average="macro", zero_division=0)), name
+        assert metrics["acc"][run].item() == pytest.approx((y == pred[run]).mean())
 
 
 def test_macro_metrics_agree_with_scikit_learn_on_small_splits_with_rare_and_absent_classes(script):
