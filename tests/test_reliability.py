@@ -758,11 +758,17 @@ def test_resume_names_each_changed_setting_with_its_old_and_new_value():
     assert vae.config_changes(old, dataclasses.asdict(vae.Config(hidden_dim=512))) == ["hidden_dim: 256 -> 512"]
 
 
-def test_a_run_stopped_before_rank_0_wrote_its_results_resumes_from_the_other_ranks_files(tiny_dataset_path, tmp_path, capsys):
+@pytest.fixture
+def finished_tiny_run(tiny_dataset_path, tmp_path):
+    """(arguments, results.json path, its contents) of a finished run on the tiny dataset."""
     args = cli_args(tmp_path, tiny_dataset_path)
     assert vae.main(args) == 0
     results_path = tmp_path / "out" / "visual_ablation_tiny" / "results.json"
-    results = json.loads(results_path.read_text())
+    return args, results_path, json.loads(results_path.read_text())
+
+
+def test_a_run_stopped_before_rank_0_wrote_its_results_resumes_from_the_other_ranks_files(finished_tiny_run, tmp_path, capsys):
+    args, results_path, results = finished_tiny_run
     held = results["all_layers_results"][0]
     (results_path.parent / vae.RANK_FILE.format(1)).write_text(json.dumps({"config": results["config"], "all_layers_results": [held]}))
     results_path.unlink()  # rank 1 had finished an entry; rank 0 had written nothing yet
@@ -770,3 +776,10 @@ def test_a_run_stopped_before_rank_0_wrote_its_results_resumes_from_the_other_ra
     assert vae.main([*args, "--resume"]) == 0
     again = next(e for e in results_of(tmp_path, "tiny")["all_layers_results"] if e["representation"] == held["representation"])
     assert again["training_time_total"] == held["training_time_total"]  # gathered, not trained again
+
+
+def test_a_run_stopped_before_finishing_any_entry_is_simply_run_again(finished_tiny_run):
+    args, results_path, results = finished_tiny_run
+    results_path.write_text(json.dumps({**results, "complete": False, "all_layers_results": [], "visual_only_results": []}))
+    assert vae.main(args) == 0  # nothing to resume: no --resume needed
+    assert json.loads(results_path.read_text())["complete"] is True
