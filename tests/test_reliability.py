@@ -772,7 +772,8 @@ def test_a_run_stopped_before_rank_0_wrote_its_results_resumes_from_the_other_ra
     held = results["all_layers_results"][0]
     (results_path.parent / vae.RANK_FILE.format(1)).write_text(json.dumps({"config": results["config"], "all_layers_results": [held]}))
     results_path.unlink()  # rank 1 had finished an entry; rank 0 had written nothing yet
-    assert "--resume" in user_error(capsys, args)
+    refusal = user_error(capsys, args)
+    assert "holds an interrupted run" in refusal and "--resume" in refusal and "--output-dir" in refusal
     assert vae.main([*args, "--resume"]) == 0
     again = next(e for e in results_of(tmp_path, "tiny")["all_layers_results"] if e["representation"] == held["representation"])
     assert again["training_time_total"] == held["training_time_total"]  # gathered, not trained again
@@ -783,3 +784,11 @@ def test_a_run_stopped_before_finishing_any_entry_is_simply_run_again(finished_t
     results_path.write_text(json.dumps({**results, "complete": False, "all_layers_results": [], "visual_only_results": []}))
     assert vae.main(args) == 0  # nothing to resume: no --resume needed
     assert json.loads(results_path.read_text())["complete"] is True
+
+
+def test_resume_of_results_without_their_configuration_compares_against_the_defaults(finished_tiny_run, capsys):
+    args, results_path, results = finished_tiny_run
+    del results["config"]
+    results_path.write_text(json.dumps({**results, "complete": False}))
+    refusal = user_error(capsys, [*args, "--resume"])
+    assert "another configuration" in refusal and f"max_epochs: {vae.Config().max_epochs} ->" in refusal
