@@ -520,7 +520,7 @@ def test_resume_refuses_a_dataset_rewritten_in_place_since_the_interrupted_run(t
     content[len(content) // 2] ^= 0xFF  # same size, other weights
     arrow.write_bytes(bytes(content))
     message = user_error(capsys, [*args, "--resume"])
-    assert "the dataset's data" in message
+    assert "another configuration (the dataset's data);" in message
 
 
 def test_a_full_disk_for_the_script_copy_is_one_error_line(tiny_dataset_path, tmp_path, capsys, monkeypatch):
@@ -791,4 +791,5 @@ def test_resume_of_results_without_their_configuration_compares_against_the_defa
     del results["config"]
     results_path.write_text(json.dumps({**results, "complete": False}))
     refusal = user_error(capsys, [*args, "--resume"])
-    assert "another configuration" in refusal and f"max_epochs: {vae.Config().max_epochs} ->" in refusal
+    assert "another configuration" in refusal and "rerun with its flags or choose another --output-dir" in refusal
+    assert f"; max_epochs: {vae.Config().max_epochs} -> 6;" in refusal  # each changed setting, one after another
