@@ -793,3 +793,14 @@ def test_resume_of_results_without_their_configuration_compares_against_the_defa
     refusal = user_error(capsys, [*args, "--resume"])
     assert "another configuration" in refusal and "rerun with its flags or choose another --output-dir" in refusal
     assert f"; max_epochs: {vae.Config().max_epochs} -> 6;" in refusal  # each changed setting, one after another
+
+
+def test_resume_names_every_provenance_its_finished_entries_differ_in(finished_tiny_run, capsys):
+    args, results_path, results = finished_tiny_run
+    for entry in results["all_layers_results"]:
+        entry["provenance"] = {**entry["provenance"], "precision": "bfloat16", "torch": "1.0.0"}
+    results_path.write_text(json.dumps({**results, "complete": False}))
+    refusal = user_error(capsys, [*args, "--resume"])
+    assert "were made with another precision: bfloat16 -> float32; torch: 1.0.0 -> " in refusal
+    assert refusal.endswith("resume with that script, device and torch, or pass --accept-mixed-provenance to keep "
+                            "them (marked in results.txt)")
