@@ -129,9 +129,10 @@ def report(work: Path, functions: list[str]) -> None:
     results = {m: STATUS.get(code, "suspicious") for m, code in ours.items() if code is not None}
     if not results:
         sys.exit(f"mutmut checked nothing; see {work / 'mutmut.log'}")
-    per_function = {f: Counter(s for m, s in results.items() if function_of(m) == f) for f in functions}
+    per_function = {f: Counter(results.get(m, "not checked yet") for m in ours if function_of(m) == f) for f in functions}
     for name, counts in per_function.items():
-        print(f"{name:<24} {counts['killed']:>4} of {sum(counts.values()):>4} killed  {dict(counts)}")
+        checked = sum(n for status, n in counts.items() if status != "not checked yet")
+        print(f"{name:<24} {counts['killed']:>4} of {checked:>4} killed  {dict(counts)}")
     total = Counter(results.values())
     print(f"\nkill rate: {total['killed']} of {len(results)} = {total['killed'] / len(results):.1%}  {dict(total)}"
           f"; {len(ours) - len(results)} of {len(ours)} not checked yet")

@@ -324,3 +324,32 @@ def test_the_forward_in_bfloat16_computes_in_bfloat16():
     half = MLP.forward(params, buffers, x, None, torch.bfloat16)
     assert half.dtype == torch.float32 and not torch.allclose(full, half, atol=1e-5)
     assert torch.allclose(full, half, atol=0.1)
+
+
+# --- one epoch's bookkeeping (epoch_end) ---------------------------------------------------------
+
+def run_epochs(val_accs, losses, patience=3, min_epochs=0):
+    """One slice through epoch_end, epoch by epoch, until it stops: (its history, epochs it trained)."""
+    history, cfg = vae.RunHistory(seed=0), vae.Config(patience=patience, min_epochs=min_epochs)
+    for epoch, (acc, loss) in enumerate(zip(val_accs, losses)):
+        _, keep = vae.epoch_end([history], [0], [acc], [loss], epoch, cfg)
+        if not keep:
+            return history, epoch + 1
+    return history, len(val_accs)
+
+
+def test_an_epoch_records_its_loss_and_a_tie_is_not_an_improvement():
+    history, _ = run_epochs([0.5, 0.7, 0.7, 0.6], [1.0, 0.8, 0.7, 0.65], patience=10)
+    assert history.train_loss == [1.0, 0.8, 0.7, 0.65] and history.val_acc == [0.5, 0.7, 0.7, 0.6]
+    assert history.best_epoch == 2 and history.best_val_acc == 0.7 and history.epochs_since_best == 2
+
+
+def test_a_run_stops_after_patience_epochs_without_improvement_but_not_before_min_epochs():
+    flat = [0.5] * 20
+    assert run_epochs(flat, [1.0] * 20, patience=3)[1] == 4  # the first epoch improves on nothing, three more don't
+    assert run_epochs(flat, [1.0] * 20, patience=3, min_epochs=7)[1] == 7
+
+
+def test_a_non_finite_loss_fails_the_run_naming_its_epoch_counted_from_one():
+    history, epochs = run_epochs([0.5, 0.6, 0.7], [1.0, float("nan"), 0.5], patience=10)
+    assert epochs == 2 and history.failed == "training loss became non-finite at epoch 2"
