@@ -358,6 +358,19 @@ def test_l2_ties_on_validation_go_to_the_stronger_penalty():
     assert chosen.histories[0].setting == vae.LINEAR_L2_GRID[2] and chosen.best_params["w0"].item() == 2.0
 
 
+
+def test_a_failed_slice_is_chosen_only_when_all_failed_and_a_run_is_timed_over_its_whole_grid():
+    linear = vae.CLASSIFIERS["linear"]
+    slices = vae.run_slices(vae.Config(num_runs=1), linear)
+    histories = [vae.RunHistory(seed=42, setting=l2, best_val_acc=acc, seconds=1.0)
+                 for l2, acc in zip(slices.setting, [0.7, 0.9, 0.8, 0.6, 0.5])]
+    histories[1].failed = "training loss became non-finite at epoch 3"
+    result = vae.EnsembleResult(linear, slices, histories, {"w0": torch.zeros(5, 1, 1)}, {}, seconds=5.0)
+    chosen = vae.best_of_grid(result).histories[0]
+    assert chosen.setting == vae.LINEAR_L2_GRID[2] and chosen.seconds == 5.0
+    for history in histories:
+        history.failed = "training loss became non-finite at epoch 1"
+    assert vae.best_of_grid(result).histories[0].setting == vae.LINEAR_L2_GRID[1]
 # --- adding a classifier ----------------------------------------------------------------------------
 
 def readme_classifier_snippet() -> str:

@@ -353,3 +353,13 @@ def test_a_run_stops_after_patience_epochs_without_improvement_but_not_before_mi
 def test_a_non_finite_loss_fails_the_run_naming_its_epoch_counted_from_one():
     history, epochs = run_epochs([0.5, 0.6, 0.7], [1.0, float("nan"), 0.5], patience=10)
     assert epochs == 2 and history.failed == "training loss became non-finite at epoch 2"
+
+
+def test_the_learning_rate_halves_as_torchs_reduce_lr_on_plateau_would_from_a_validation_accuracy_of_zero_on():
+    optimiser = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, mode="max", factor=0.5, patience=10, threshold=1e-4)
+    history = vae.RunHistory(seed=0, lr=1.0)
+    for acc in [0.0] * 14 + [0.5, 0.5, 0.50001] + [0.6] * 13:
+        reference.step(acc)
+        vae.plateau_update(history, acc)
+        assert history.lr == optimiser.param_groups[0]["lr"]
