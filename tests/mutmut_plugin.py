@@ -24,11 +24,12 @@ fixture_calls: dict[tuple[str, str], set[str]] = {}
 call_seconds: dict[str, float] = {}
 
 
-def seen_by(nodeid: str, name: str, per_fixture: dict) -> list:
-    """What was recorded for the fixture a test sees under `name`: the definition closest to the test."""
+def seen_by(nodeid: str, name: str, per_fixture: dict, missing):
+    """What was recorded for the fixture a test sees under `name` (the definition closest to the test),
+    or `missing`."""
     visible = [(len(base), value) for (base, argname), value in per_fixture.items()
                if argname == name and nodeid.startswith(base)]
-    return [max(visible, key=lambda pair: pair[0])[1]] if visible else []
+    return max(visible, key=lambda pair: pair[0])[1] if visible else missing
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -50,8 +51,7 @@ def pytest_fixture_setup(fixturedef):
 def pytest_runtest_teardown(item):
     """Before mutmut maps this test's calls: add those of every fixture it uses, set up now or before."""
     for name in getattr(item, "fixturenames", ()):
-        for calls in seen_by(item.nodeid, name, fixture_calls):
-            state()._stats.update(calls)
+        state()._stats.update(seen_by(item.nodeid, name, fixture_calls, set()))
 
 
 if RECORDING:
@@ -63,7 +63,7 @@ if RECORDING:
 
     def pytest_sessionfinish(session):
         costs = {item.nodeid: call_seconds.get(item.nodeid, 0.0)
-                 + sum(sum(seen_by(item.nodeid, name, fixture_seconds)) for name in getattr(item, "fixturenames", ()))
+                 + sum(seen_by(item.nodeid, name, fixture_seconds, 0.0) for name in getattr(item, "fixturenames", ()))
                  for item in session.items}
         COSTS.write_text(json.dumps(costs, indent=0, sort_keys=True))
 else:
