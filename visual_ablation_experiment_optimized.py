@@ -1797,9 +1797,20 @@ def slice_rows(x: torch.Tensor, idx: torch.Tensor, blocks: torch.Tensor | None, 
 
 
 def epoch_order(n_train: int, generators: list[torch.Generator], device: torch.device) -> torch.Tensor:
-    """(slices, n_train): the order each slice visits the training rows this epoch, a permutation drawn
-    from its own generator, wherever the features live: where they live never changes a number."""
+    """(streams, n_train): the order each random stream's slices visit the training rows this epoch, a
+    permutation drawn from its generator, wherever the features live: where they live never changes a number."""
     return torch.stack([torch.randperm(n_train, generator=g, device=device) for g in generators])
+
+
+def for_slices(draws: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+    """Per-stream draws (streams, ...) as per-slice ones (slices, ...): shared[slice] is its stream's row
+    (None: one stream per slice, in order)."""
+    return draws if shared is None else draws[shared]
+
+
+def step_rows(order: torch.Tensor, shared: torch.Tensor | None, step: int, batch: int) -> torch.Tensor:
+    """(slices, batch): the training rows each slice reads at this step of the epoch."""
+    return for_slices(order[:, step * batch:(step + 1) * batch], shared)
 
 
 class ResidentFeatures:
@@ -1811,10 +1822,11 @@ class ResidentFeatures:
         for v in self.x.values():  # in place: the raw rows are never held beside their standardised copy
             v.sub_(mean).div_(std)
 
-    def epoch_batches(self, order: torch.Tensor, batch: int, steps: int, blocks: torch.Tensor | None, width: int | None):
-        """(idx, features) per step; idx (slices, batch) rows of the training split (see slice_rows)."""
+    def epoch_batches(self, order: torch.Tensor, shared: torch.Tensor | None, batch: int, steps: int,
+                      blocks: torch.Tensor | None, width: int | None):
+        """(idx, features) per step; idx (slices, batch) rows of the training split (see step_rows, slice_rows)."""
         for step in range(steps):
-            idx = order[:, step * batch:(step + 1) * batch]
+            idx = step_rows(order, shared, step, batch)
             yield idx, slice_rows(self.x["train"], idx, blocks, width)
 
     def eval_chunks(self, split: str, rows: int = EVAL_CHUNK_ROWS):
@@ -1885,7 +1897,8 @@ class StreamedFeatures:
     def _rows(self, rows: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(self.features[np.sort(rows)])).to(self.device)
 
-    def epoch_batches(self, order: torch.Tensor, batch: int, steps: int, blocks: torch.Tensor | None, width: int | None):
+    def epoch_batches(self, order: torch.Tensor, shared: torch.Tensor | None, batch: int, steps: int,
+                      blocks: torch.Tensor | None, width: int | None):
         per_block = max(1, self.block_rows // (order.shape[0] * batch))  # steps whose rows are read together
         spans = [(first, min(first + per_block, steps)) for first in range(0, steps, per_block)]
         visits = self.splits["train"][order.cpu().numpy()]  # one copy per epoch, not per step
@@ -1894,7 +1907,7 @@ class StreamedFeatures:
             read = torch.from_numpy(read_rows).to(self.device, non_blocking=True)
             x = (rows.to(self.device, non_blocking=True) - self.mean) / self.std
             for step in range(first, last):
-                idx = order[:, step * batch:(step + 1) * batch]
+                idx = step_rows(order, shared, step, batch)
                 yield idx, slice_rows(x, torch.searchsorted(read, self.train_rows[idx]), blocks, width)
 
     def eval_chunks(self, split: str, chunk_rows: int = EVAL_CHUNK_ROWS):
@@ -2106,7 +2119,7 @@ class StackedNetwork(Classifier):
     def peak_bytes(self, data: SplitData, cfg: Config, slices: int, amp: torch.dtype | None) -> int:
         """The most device memory training one ensemble should take: standardising (the features and a float64
         chunk of the statistics), or training: features (resident, or a streamed block or evaluation chunk),
-        labels and each epoch's order, per slice its parameters, their gradients, Adam's moments and best
+        labels and each epoch's order per seed, per slice its parameters, their gradients, Adam's moments and best
         copy, plus the largest of a step's activations and update temporaries, an epoch's order being
         drawn, and an evaluation chunk's layer outputs."""
         f32, sizes = 4, self.sizes(data.input_dim, data.num_classes, cfg)
@@ -2120,7 +2133,7 @@ class StackedNetwork(Classifier):
             eval_rows = min(eval_rows, rows_in_chunk(data.feature_dim, 4))
             block = min(max(rows_in_chunk(data.feature_dim, f32), slices * batch), n_train)
             features = max(2 * block, 3 * eval_rows) * row_bytes
-        order = slices * n_train * 8
+        order = min(slices, cfg.runs) * n_train * 8  # one per seed (SeedStreams): the runs', whatever the grid
         held = features + rows * 8 + order + slices * (5 * sizes.params + 2 * sizes.buffers) * f32
         cast = 2 if amp is not None else 0  # autocast's half-precision copies of the first layer's input and weights
         update = sizes.largest * (f32 * (4 if amp == torch.float16 else 1) + cast)  # Adam's temporary (+ fp16 rollback)
@@ -2550,10 +2563,32 @@ def epoch_end(histories: list[RunHistory], active: list[int], val_acc: list[floa
     return improved, keep
 
 
+class SeedStreams:
+    """The random streams of an ensemble's slices (their shuffling and dropout): one generator per distinct
+    seed.  Slices with the same seed (in the layer map, one run of every module at every L2 strength) would
+    draw the same numbers in the same order for as long as they train, so each draw is made once and
+    shared: the numbers of a generator per slice, at a fraction of the draws and of the memory."""
+
+    def __init__(self, seeds: list[int], device: torch.device):
+        distinct = {seed: i for i, seed in enumerate(dict.fromkeys(seeds))}
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in distinct]
+        self.of_slice = [distinct[seed] for seed in seeds]
+        self.device = device
+
+    def drawing(self, active: list[int]) -> tuple[list[torch.Generator], torch.Tensor | None]:
+        """The generators the active slices draw from, and each active slice's row among their draws (see
+        for_slices)."""
+        used = sorted({self.of_slice[r] for r in active})
+        row = {stream: i for i, stream in enumerate(used)}
+        rows = [row[self.of_slice[r]] for r in active]
+        shared = None if rows == list(range(len(rows))) else torch.tensor(rows, device=self.device)
+        return [self.generators[stream] for stream in used], shared
+
+
 def dropout_scales(generators: list[torch.Generator], rows: int, shape: tuple[int, ...], p: float,
                    device: torch.device) -> torch.Tensor:
-    """(slices, rows, *shape): each unit dropped with probability p (0), kept scaled by 1 / (1 - p) so its
-    expected value is unchanged, drawn from each slice's own generator."""
+    """(streams, rows, *shape): each unit dropped with probability p (0), kept scaled by 1 / (1 - p) so its
+    expected value is unchanged, drawn from each stream's generator."""
     draws = torch.stack([torch.rand(rows, *shape, generator=g, device=device) for g in generators])
     return (draws >= p).float().mul_(1.0 / (1.0 - p))
 
@@ -2568,7 +2603,7 @@ def train_ensemble(data: SplitData, cfg: Config, slices: Slices, classifier: Sta
     compiled_before = compile_seconds(models.training_forward)
     histories = [RunHistory(seed=s, lr=classifier.lr or cfg.lr, setting=l2) for s, l2 in zip(slices.seeds, slices.setting)]
     dropout = classifier.dropout_shape(cfg)
-    generators = [torch.Generator(device=device).manual_seed(s) for s in slices.seeds]
+    streams = SeedStreams(slices.seeds, device)
     y_train, n_train = data.y["train"], data.size("train")
     batch = min(cfg.batch_size, n_train)
     # BatchNorm cannot normalise a batch of one row: a trailing batch of one is dropped
@@ -2579,10 +2614,11 @@ def train_ensemble(data: SplitData, cfg: Config, slices: Slices, classifier: Sta
         epoch_started = time.perf_counter()
         active = models.active
         lr = torch.tensor([histories[r].lr for r in active], device=device)
-        order = epoch_order(n_train, [generators[r] for r in active], device)
+        generators, shared = streams.drawing(active)
+        order = epoch_order(n_train, generators, device)
         loss_sum = torch.zeros(len(active), device=device)
-        for idx, x in data.features.epoch_batches(order, batch, steps, models.per_slice.get("blocks"), data.block_width):
-            scales = dropout_scales([generators[r] for r in active], idx.shape[1], dropout, cfg.dropout, device) if dropout else None
+        for idx, x in data.features.epoch_batches(order, shared, batch, steps, models.per_slice.get("blocks"), data.block_width):
+            scales = for_slices(dropout_scales(generators, idx.shape[1], dropout, cfg.dropout, device), shared) if dropout else None
             logits = models.forward(x, scales)
             losses = F.cross_entropy(logits.flatten(0, 1), y_train[idx].flatten(), reduction="none").view(len(active), -1).mean(1)
             models.step(losses, lr)

@@ -281,6 +281,25 @@ def test_dropout_drops_each_unit_with_the_configured_rate_and_rescales_the_rest(
     low = vae.dropout_scales([torch.Generator().manual_seed(1)], 200, MLP.dropout_shape(cfg), 0.2, CPU)
     assert (low == 0).float().mean().item() == pytest.approx(0.2, abs=0.01) and low.max().item() == pytest.approx(1.25)
 
+def test_slices_sharing_a_seed_draw_what_generators_of_their_own_would_as_slices_stop():
+    """The layer map stacks one run of every module and L2 strength: those slices share one generator, and
+    every epoch's order and every step's dropout are still those of a generator per slice."""
+    seeds = [7, 8, 7, 9, 8, 7]
+    streams, own = vae.SeedStreams(seeds, CPU), [torch.Generator().manual_seed(s) for s in seeds]
+    active, drawn = list(range(len(seeds))), []
+    for stopping in ([], [0, 4, 5], [2], []):  # leaves slices 1, 2, 3: seeds 8, 7, 9, out of first-seen order
+        generators, shared = streams.drawing(active)
+        drawn.append(len(generators))
+        for_slices = lambda draws: vae.for_slices(draws, shared)
+        assert torch.equal(for_slices(vae.epoch_order(40, generators, CPU)),
+                           vae.epoch_order(40, [own[r] for r in active], CPU))
+        for _ in range(2):  # steps
+            assert torch.equal(for_slices(vae.dropout_scales(generators, 16, (3, 4), 0.5, CPU)),
+                               vae.dropout_scales([own[r] for r in active], 16, (3, 4), 0.5, CPU))
+        active = [r for r in active if r not in stopping]
+    assert drawn == [3, 3, 3, 2]
+
+
 
 def test_layers_start_as_nn_linear_does_uniform_within_one_over_the_root_of_fan_in():
     fan_in = 400
