@@ -27,9 +27,10 @@ side by side on the same data:
    (`sequential_runs=True`), same features (`stats`, all layers, by default), default MLP,
    default max_epochs / patience.
 5. Cached rerun: extraction with the feature cache into a fresh directory, then again.
-6. Layer map: a linear probe per module on that module's features alone (the same representation
-   as 4, every module's runs and L2 strengths stacked as one ensemble), against 4's ensemble
-   training of the all-layers MLP entry; the target is a map cheaper than five such entries.
+6. Layer map: a linear probe on each probe's features alone at every level (each module's down
+   tensor, up tensor and pair, each block, position and factor; the same representation as 4, a
+   level's probes, runs and L2 strengths stacked as one ensemble), against 4's ensemble training of
+   the all-layers MLP entry; the target is a map cheaper than five such entries.
 
 Timings on a machine shared with other work are noisy: the load average at the start is
 recorded with the results.  With more torch threads than idle cores, OpenMP threads spin at
@@ -607,7 +608,7 @@ def benchmark_layout(layout: str, rows: int, args, machine: dict) -> dict:
     copy_rate, copy_buffer = memory_copy_rate(dataset_bytes)
     log(f"[{layout}] training: {args.runs} runs as one ensemble, then one at a time")
     training = compare_training(loaded, modules, store, cfg, device, args.training_representation)
-    log(f"[{layout}] layer map of {args.training_representation}: a linear probe per module, stacked")
+    log(f"[{layout}] layer map of {args.training_representation}: every level's linear probes, stacked")
     layer_map = time_layer_map(loaded, modules, store, cfg, device, args.training_representation)
     log(f"[{layout}] cached extraction, first and second run")
     cache = cached_rerun(loaded, modules, cfg, device, args.workdir)
