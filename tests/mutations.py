@@ -33,6 +33,7 @@ MUTATIONS = [
  ("summary 2 std", "return mean, (std, std) if math.isfinite(std) else None", "return mean, (2 * std, 2 * std) if math.isfinite(std) else None", "tests/test_reports.py -k summary"),
  ("summary median", "        mean, std = entry_accuracy(results, g, *row)\n", "        mean, std = entry_accuracy(results, g, *row)\n        mean = median_accuracy(find_entry(results, g, *row))\n", "tests/test_reports.py -k summary"),
  ("fingerprint ignores size and mtime", 'keys = [f"{os.path.realpath(f)}:{st.st_size}:{st.st_mtime_ns}" for f, st in zip(files, map(os.stat, files))]', 'keys = [f"{os.path.realpath(f)}" for f, st in zip(files, map(os.stat, files))]', "tests/test_data.py -k fingerprint or rewritten"),
+ ("one generator per slice assumed in order", "shared = None if rows == list(range(len(rows))) else", "shared = None if len(used) == len(rows) else", "tests/test_training.py -k sharing_a_seed"),
  ("resume ignores changed data", '        changed.append("the dataset\'s data")', "        pass", "tests/test_reliability.py -k rewritten"),
 ]
 

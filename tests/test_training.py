@@ -290,11 +290,11 @@ def test_slices_sharing_a_seed_draw_what_generators_of_their_own_would_as_slices
     for stopping in ([], [0, 4, 5], [2], []):  # leaves slices 1, 2, 3: seeds 8, 7, 9, out of first-seen order
         generators, shared = streams.drawing(active)
         drawn.append(len(generators))
-        for_slices = lambda draws: vae.for_slices(draws, shared)
-        assert torch.equal(for_slices(vae.epoch_order(40, generators, CPU)),
+        per_slice = lambda draws: vae.for_slices(draws, shared)
+        assert torch.equal(per_slice(vae.epoch_order(40, generators, CPU)),
                            vae.epoch_order(40, [own[r] for r in active], CPU))
         for _ in range(2):  # steps
-            assert torch.equal(for_slices(vae.dropout_scales(generators, 16, (3, 4), 0.5, CPU)),
+            assert torch.equal(per_slice(vae.dropout_scales(generators, 16, (3, 4), 0.5, CPU)),
                                vae.dropout_scales([own[r] for r in active], 16, (3, 4), 0.5, CPU))
         active = [r for r in active if r not in stopping]
     assert drawn == [3, 3, 3, 2]
