@@ -1790,10 +1790,12 @@ def rows_in_chunk(num_features: int, itemsize: int) -> int:
 
 def slice_rows(x: torch.Tensor, idx: torch.Tensor, blocks: torch.Tensor | None, width: int | None) -> torch.Tensor:
     """Rows idx (slices, batch) of x, each slice's own: all columns, or with blocks (the layer map) only
-    columns blocks[slice] * width onwards, its module's."""
+    columns blocks[slice] * width onwards, its module's.  One index_select of whole rows (for the layer map,
+    of x seen as one module's width per row): on a CPU a third of the time of indexing two dimensions."""
     if blocks is None:
-        return x[idx]
-    return x.view(x.shape[0], -1, width)[idx, blocks[:, None]]
+        return x.index_select(0, idx.flatten()).view(*idx.shape, x.shape[1])
+    module_rows = idx * (x.shape[1] // width) + blocks[:, None]
+    return x.view(-1, width).index_select(0, module_rows.flatten()).view(*idx.shape, width)
 
 
 def epoch_order(n_train: int, generators: list[torch.Generator], device: torch.device) -> torch.Tensor:

@@ -186,6 +186,17 @@ def test_a_slice_with_a_block_reads_only_its_modules_columns_both_when_gathered_
         torch.testing.assert_close(shared[s], alone)
 
 
+def test_each_slice_gathers_its_own_rows_and_with_a_block_only_its_modules_columns():
+    torch.manual_seed(0)
+    width, x = 3, torch.randn(7, 4 * 3)
+    idx, blocks = torch.randint(0, 7, (5, 6)), torch.tensor([3, 0, 2, 3, 1])
+    gathered, whole = vae.slice_rows(x, idx, blocks, width), vae.slice_rows(x, idx, None, None)
+    for s, block in enumerate(blocks.tolist()):
+        for j, row in enumerate(idx[s].tolist()):
+            assert torch.equal(gathered[s, j], x[row, block * width:(block + 1) * width])
+            assert torch.equal(whole[s, j], x[row])
+
+
 # --- blocks of the network --------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, block, position", [
